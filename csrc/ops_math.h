@@ -1,0 +1,218 @@
+// Per-element and per-task arithmetic of every imaml_ext op, written once and
+// called by both the CPU loops (csrc/cpu) and the CUDA kernels (csrc/cuda), so
+// that the CPU tests exercise the very arithmetic the GPU runs.
+//
+// Only c10 macros here: this header is compiled by nvcc, and torch's full
+// headers cost minutes there.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace imaml_ext {
+
+// Work unit of every op: at most kChunkSize consecutive elements of ONE task
+// of ONE tensor. Chunks never straddle tasks, so a per-task scalar (lr, lam,
+// CG alpha/beta) is read once per chunk and a chunk's partial sum belongs to
+// exactly one task.
+constexpr int64_t kChunkSize = 4096;
+
+// Tensors described per launch. Their metadata travels as a kernel argument
+// (no host-to-device copy, so launches are CUDA-graph capturable); at 48
+// tensors the largest argument struct stays under the classic 4 KiB limit.
+// Longer lists take several launches that share one partial-sum buffer.
+constexpr int kMaxTensorsPerLaunch = 48;
+
+// CG status bits, per task. A task with any bit set no longer updates.
+constexpr int32_t kCgConverged = 1;
+constexpr int32_t kCgBreakdown = 2;
+
+// Columns of the per-task CG scalar state ([T, kCgNumScalars]).
+enum CgScalar : int {
+  kCgGamma = 0,      // r.r of the current residual
+  kCgGammaPrev = 1,  // r.r of the previous residual
+  kCgAlpha = 2,      // step length of the last update; 0 before the first
+  kCgBeta = 3,       // direction update factor of the next update
+  kCgBNorm2 = 4,     // ||b||^2, the reference of the relative tolerance
+  kCgNumScalars = 5,
+};
+
+template <typename T>
+struct OpMath {
+  using type = T;
+};
+
+// Where a chunk lives: tensor index within the launch, task, first element
+// (relative to the tensor's start), element count and its column in the
+// task's row of partial sums.
+struct ChunkLocation {
+  int tensor;
+  int64_t task;
+  int64_t offset;
+  int64_t length;
+  int64_t within_tensor;  // element offset inside the task's slice
+  int64_t partial_index;  // chunk's column in its task's partial-sum row
+};
+
+C10_HOST_DEVICE inline int64_t chunks_per_task(int64_t numel_per_task) {
+  return (numel_per_task + kChunkSize - 1) / kChunkSize;
+}
+
+// chunk_start has n_tensors + 1 entries (launch-local prefix sums of chunk
+// counts); task_chunk_offset[j] is where tensor j's chunks start in a task's
+// row of partial sums.
+C10_HOST_DEVICE inline ChunkLocation locate_chunk(
+    int64_t chunk,
+    const int64_t* chunk_start,
+    const int64_t* numel_per_task,
+    const int64_t* task_chunk_offset,
+    int n_tensors) {
+  // Last tensor whose first chunk is <= chunk; empty tensors share their
+  // start with the next one, so they are never picked.
+  int lo = 0;
+  int hi = n_tensors;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (chunk_start[mid] <= chunk) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const int64_t numel = numel_per_task[lo];
+  const int64_t cpt = chunks_per_task(numel);
+  const int64_t local = chunk - chunk_start[lo];
+  const int64_t task = local / cpt;
+  const int64_t c = local - task * cpt;
+  ChunkLocation loc;
+  loc.tensor = lo;
+  loc.task = task;
+  loc.within_tensor = c * kChunkSize;
+  loc.offset = task * numel + loc.within_tensor;
+  const int64_t remaining = numel - loc.within_tensor;
+  loc.length = remaining < kChunkSize ? remaining : kChunkSize;
+  loc.partial_index = task_chunk_offset[lo] + c;
+  return loc;
+}
+
+// ---------------------------------------------------------------------------
+// Proximal SGD: phi <- phi - lr * d, d = g + lam * (phi - theta), with
+// PyTorch's SGD momentum (dampening 0, buffer starting at zero) on d.
+template <bool kMomentum, typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline void prox_sgd_element(
+    scalar_t& phi,
+    scalar_t& momentum_buffer,
+    scalar_t grad,
+    scalar_t anchor,
+    acc_t lr,
+    acc_t lam,
+    acc_t momentum) {
+  const acc_t p = static_cast<acc_t>(phi);
+  acc_t d = static_cast<acc_t>(grad) + lam * (p - static_cast<acc_t>(anchor));
+  if constexpr (kMomentum) {
+    d = momentum * static_cast<acc_t>(momentum_buffer) + d;
+    momentum_buffer = static_cast<scalar_t>(d);
+  }
+  phi = static_cast<scalar_t>(p - lr * d);
+}
+
+// ---------------------------------------------------------------------------
+// Batched CG for (I + H/lam) x = b in the Chronopoulos-Gear form: one HVP of
+// the residual r per iteration, the direction p and s = A p kept by
+// recurrence. Then all vector work of an iteration is one reduction
+// (r.Hr, which gives r.Ar) followed by one fused update whose own reduction
+// (r.r of the new residual) is finished in the same launch: two launches per
+// iteration, every scalar on the device. Equal to textbook CG in exact
+// arithmetic (same iterates x_k after k HVPs).
+
+// The fused update of one element. Returns the new residual.
+template <typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline acc_t cg_update_element(
+    scalar_t& x,
+    scalar_t& r,
+    scalar_t& p,
+    scalar_t& s,
+    scalar_t hr,
+    acc_t inv_lam,
+    acc_t alpha,
+    acc_t beta) {
+  const acc_t r_old = static_cast<acc_t>(r);
+  const acc_t ar = r_old + static_cast<acc_t>(hr) * inv_lam;  // A r
+  // beta == 0 starts a fresh direction; selecting (not multiplying) keeps a
+  // non-finite leftover in p or s from leaking in.
+  const acc_t p_new = beta == acc_t(0) ? r_old : r_old + beta * static_cast<acc_t>(p);
+  const acc_t s_new = beta == acc_t(0) ? ar : ar + beta * static_cast<acc_t>(s);
+  const acc_t r_new = r_old - alpha * s_new;
+  p = static_cast<scalar_t>(p_new);
+  s = static_cast<scalar_t>(s_new);
+  x = static_cast<scalar_t>(static_cast<acc_t>(x) + alpha * p_new);
+  r = static_cast<scalar_t>(r_new);
+  return static_cast<acc_t>(r);
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline bool cg_isfinite(acc_t v) {
+  return v - v == acc_t(0);  // false for NaN and +-Inf, without <cmath> on device
+}
+
+// After the initial reduction gamma = ||b||^2.
+template <typename acc_t>
+C10_HOST_DEVICE inline void cg_finalize_init(
+    acc_t* scalars, int32_t* status, acc_t gamma, acc_t tol) {
+  scalars[kCgGamma] = gamma;
+  scalars[kCgGammaPrev] = gamma;
+  scalars[kCgAlpha] = acc_t(0);
+  scalars[kCgBeta] = acc_t(0);
+  scalars[kCgBNorm2] = gamma;
+  if (!cg_isfinite(gamma)) {
+    *status = kCgBreakdown;
+  } else if (gamma <= tol * tol * gamma) {  // b == 0, or tol >= 1
+    *status = kCgConverged;
+  } else {
+    *status = 0;
+  }
+}
+
+// After the reduction r_hr = r.(H r): the step length of this iteration.
+template <typename acc_t>
+C10_HOST_DEVICE inline void cg_finalize_alpha(
+    acc_t* scalars, int32_t* status, acc_t r_hr, acc_t inv_lam) {
+  if (*status != 0) {
+    return;
+  }
+  const acc_t gamma = scalars[kCgGamma];
+  const acc_t delta = gamma + r_hr * inv_lam;  // r.(A r)
+  const acc_t alpha_prev = scalars[kCgAlpha];
+  const bool first = alpha_prev == acc_t(0);
+  const acc_t beta = first ? acc_t(0) : gamma / scalars[kCgGammaPrev];
+  const acc_t p_ap = first ? delta : delta - beta * gamma / alpha_prev;  // p.(A p)
+  const acc_t alpha = gamma / p_ap;
+  if (!(p_ap > acc_t(0)) || !cg_isfinite(p_ap) || !cg_isfinite(alpha) ||
+      !cg_isfinite(beta) || alpha == acc_t(0)) {
+    *status |= kCgBreakdown;
+    return;
+  }
+  scalars[kCgAlpha] = alpha;
+  scalars[kCgBeta] = beta;
+}
+
+// After the update's reduction gamma_new = r.r of the new residual.
+template <typename acc_t>
+C10_HOST_DEVICE inline void cg_finalize_update(
+    acc_t* scalars, int32_t* status, int64_t* iterations, acc_t gamma_new, acc_t tol) {
+  if (*status != 0) {
+    return;
+  }
+  *iterations += 1;
+  scalars[kCgGammaPrev] = scalars[kCgGamma];
+  scalars[kCgGamma] = gamma_new;
+  if (!cg_isfinite(gamma_new)) {
+    *status |= kCgBreakdown;
+  } else if (gamma_new <= tol * tol * scalars[kCgBNorm2]) {
+    *status |= kCgConverged;
+  }
+}
+
+}  // namespace imaml_ext

@@ -1,0 +1,130 @@
+"""Builds imaml_ext and its compiled operators (imaml_ext._C).
+
+The CPU kernels are always built. The CUDA kernels are built when torch is a
+CUDA build and a CUDA toolkit is found, or when IMAML_EXT_FORCE_CUDA=1 (which
+makes a missing toolkit an error, so CI proves the CUDA code compiles on a
+machine without a GPU). IMAML_EXT_NO_CUDA=1 skips them.
+
+torch must already be installed: build with `pip install --no-build-isolation .`
+so the extension is compiled against the torch it will run with.
+"""
+
+import glob
+import os
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _import_torch():
+    """The torch of the environment being installed into.
+
+    Under pip's default build isolation the build runs with that environment's
+    interpreter but its site-packages hidden; a torch pip might install into
+    the isolated environment would be another build than the one the
+    extension will run with, so find the environment's own and use it.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+        probe = subprocess.run(
+            [sys.executable, "-c", "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"],
+            env=env, capture_output=True, text=True, check=False,
+        )
+        if probe.returncode != 0:
+            sys.exit(
+                "imaml_ext: torch must be installed before building this package: install torch, "
+                "then `pip install --no-build-isolation .`"
+            )
+        sys.path.append(probe.stdout.strip())
+        print(f"imaml_ext: building against the environment's torch in {probe.stdout.strip()}")
+    import torch
+    from torch.utils import cpp_extension
+
+    return torch, cpp_extension
+
+
+torch, cpp_extension = _import_torch()
+
+
+def _env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _want_cuda():
+    if _env_flag("IMAML_EXT_NO_CUDA"):
+        return False
+    if _env_flag("IMAML_EXT_FORCE_CUDA"):
+        if cpp_extension.CUDA_HOME is None:
+            sys.exit("imaml_ext: IMAML_EXT_FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME")
+        if torch.version.cuda is None:
+            sys.exit("imaml_ext: IMAML_EXT_FORCE_CUDA=1 but this torch is not a CUDA build")
+        return True
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _wheel_cuda_includes():
+    """Headers that torch's CUDA headers include (cusparse.h, cublas_v2.h, ...)
+    ship in the nvidia pip wheels rather than in a bare nvcc install."""
+    dirs = []
+    for entry in sys.path:
+        for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
+            for path in sorted(glob.glob(os.path.join(entry, pattern))):
+                if os.path.isfile(os.path.join(path, "cusparse.h")) or os.path.isfile(
+                    os.path.join(path, "cublas_v2.h")
+                ):
+                    dirs.append(path)
+    return list(dict.fromkeys(dirs))
+
+
+def _extensions():
+    with_cuda = _want_cuda()
+    sources = [
+        "csrc/imaml_ext.cpp",
+        "csrc/tensor_lists.cpp",
+        "csrc/cpu/ops_cpu.cpp",
+    ]
+    cxx_flags = ["-O3", "-fdiagnostics-color=always"]
+    define_macros = []
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not with_cuda:
+        return [
+            cpp_extension.CppExtension(
+                "imaml_ext._C",
+                sources,
+                include_dirs=include_dirs,
+                define_macros=define_macros,
+                extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=[],
+            )
+        ]
+    # Ampere and Hopper machine code, and PTX so that newer GPUs can JIT it.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    sources += ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/kernels.cu"]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    return [
+        cpp_extension.CUDAExtension(
+            "imaml_ext._C",
+            sources,
+            include_dirs=include_dirs + _wheel_cuda_includes(),
+            define_macros=define_macros + [("IMAML_EXT_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    ]
+
+
+setup(
+    name="imaml_ext",
+    version="0.1.0",
+    description="Implicit MAML for PyTorch with fused C++/CUDA kernels and a Betty-compatible API",
+    packages=find_packages(include=["imaml_ext", "imaml_ext.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
