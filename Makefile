@@ -1,0 +1,58 @@
+# Set-up on a fresh machine is `make demo` or `make test`: both create .venv,
+# install what the project needs and build the extension on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.extension-built
+SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+# The CUDA kernels are compiled whenever a CUDA toolkit is here, even without a
+# GPU, so a CUDA compile error fails `make test`. REQUIRE_CUDA_BUILD=1 (CI)
+# makes a missing toolkit an error instead of a CPU-only build.
+NVCC := $(or $(shell command -v nvcc 2>/dev/null),$(wildcard $(CUDA_HOME)/bin/nvcc),$(wildcard /usr/local/cuda/bin/nvcc))
+ifneq ($(NVCC),)
+CUDA_ENV := CUDA_HOME=$(abspath $(dir $(NVCC))/..) IMAML_EXT_FORCE_CUDA=1 IMAML_EXT_EXPECT_CUDA_KERNELS=1
+else ifeq ($(REQUIRE_CUDA_BUILD),1)
+$(error REQUIRE_CUDA_BUILD=1 but no CUDA toolkit (nvcc) was found: set CUDA_HOME)
+else
+CUDA_ENV := IMAML_EXT_NO_CUDA=1
+endif
+RUN := PATH=$(abspath $(VENV))/bin:$$PATH $(CUDA_ENV)
+
+.PHONY: demo test build bench gpu-check clean
+
+demo: $(BUILD_STAMP)
+	$(RUN) $(PY) -m imaml_ext.demo
+
+test: $(BUILD_STAMP)
+	$(RUN) $(PY) -m pytest python_tests
+
+build: $(BUILD_STAMP)
+
+bench: $(BUILD_STAMP)
+	$(RUN) $(PY) benchmarks/bench_ops.py --device cpu
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): requirements-dev.txt scripts/install_learn2learn.sh | $(PY)
+	$(PY) -m pip install --disable-pip-version-check -r requirements-dev.txt
+	bash scripts/install_learn2learn.sh $(PY)
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	@echo "imaml_ext: building the extension ($(if $(findstring FORCE_CUDA,$(CUDA_ENV)),CPU + CUDA kernels with $(NVCC),CPU kernels only: no CUDA toolkit found))"
+	$(RUN) $(PY) setup.py -q build_ext --inplace
+	touch $@
+
+# On a machine with a GPU and a CUDA build of torch already installed: builds
+# against that python3 and torch (installs nothing), runs the CUDA tests and
+# the op benchmarks, and prints a short table. Results land in $(GPU_OUT).
+GPU_OUT ?= benchmarks/results
+gpu-check:
+	bash scripts/gpu_check.sh "$(GPU_OUT)"
+
+clean:
+	rm -rf build imaml_ext/_C*.so $(BUILD_STAMP)

@@ -1,0 +1,36 @@
+import os
+import random
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device and the CUDA kernels")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    """Fresh random inputs each run; the seed is printed (shown on failure) and
+    IMAML_TEST_SEED replays it."""
+    seed = int(os.environ.get("IMAML_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"IMAML_TEST_SEED={seed}")
+    torch.manual_seed(seed)
+    random.seed(seed)
+    yield seed
+
+
+def devices():
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out

@@ -1,0 +1,48 @@
+"""The compiled extension is found, and its absence is said once, not hidden."""
+
+import warnings
+
+import pytest
+import torch
+
+import imaml_ext.ops as ops
+from imaml_ext.ops import _extension, reference
+
+
+def test_cpu_kernels_are_built():
+    assert _extension.LOAD_ERROR is None, f"imaml_ext._C failed to load: {_extension.LOAD_ERROR}"
+    assert ops.has_compiled_kernels("cpu")
+
+
+def test_missing_extension_warns_once_and_runs_the_reference(monkeypatch):
+    monkeypatch.setattr(_extension, "_C", None)
+    monkeypatch.setattr(_extension, "LOAD_ERROR", ImportError("simulated"))
+    monkeypatch.setattr(_extension, "_warned", set())
+    calls = []
+    original = reference.prox_sgd_step_
+    monkeypatch.setattr(reference, "prox_sgd_step_", lambda *a: (calls.append(1), original(*a)))
+    params = [torch.randn(2, 3, dtype=torch.float64)]
+    expected = [params[0].clone()]
+    grads, anchors = [torch.randn(2, 3, dtype=torch.float64)], [torch.randn(3, dtype=torch.float64)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ops.prox_sgd_step_(params, grads, anchors, 0.1, 0.2)
+        ops.prox_sgd_step_(params, grads, anchors, 0.1, 0.2)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert "simulated" in messages[0] and "make build" in messages[0] and "pure-PyTorch reference" in messages[0]
+    assert len(calls) == 2
+    original(expected, grads, anchors, [], 0.1, 0.2, 0.0, None, None)
+    original(expected, grads, anchors, [], 0.1, 0.2, 0.0, None, None)
+    torch.testing.assert_close(params[0], expected[0], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA-kernels message on CPU-only machines")
+def test_cuda_kernels_registered_when_built_with_cuda():
+    # The CI build forces the CUDA kernels (IMAML_EXT_FORCE_CUDA=1): they must
+    # be registered even though they cannot run here.
+    import os
+
+    if os.environ.get("IMAML_EXT_EXPECT_CUDA_KERNELS") != "1":
+        pytest.skip("set IMAML_EXT_EXPECT_CUDA_KERNELS=1 when the build forced the CUDA kernels")
+    assert ops.has_compiled_kernels("cuda")
