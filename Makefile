@@ -11,9 +11,10 @@ SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cp
 # The CUDA kernels are compiled whenever a CUDA toolkit is here, even without a
 # GPU, so a CUDA compile error fails `make test`. REQUIRE_CUDA_BUILD=1 (CI)
 # makes a missing toolkit an error instead of a CPU-only build.
-NVCC := $(or $(shell command -v nvcc 2>/dev/null),$(wildcard $(CUDA_HOME)/bin/nvcc),$(wildcard /usr/local/cuda/bin/nvcc))
+# setup.py asks nvcc where its toolkit is, or takes CUDA_HOME.
+NVCC := $(or $(wildcard $(CUDA_HOME)/bin/nvcc),$(shell command -v nvcc 2>/dev/null),$(wildcard /usr/local/cuda/bin/nvcc))
 ifneq ($(NVCC),)
-CUDA_ENV := CUDA_HOME=$(abspath $(dir $(NVCC))/..) IMAML_EXT_FORCE_CUDA=1 IMAML_EXT_EXPECT_CUDA_KERNELS=1
+CUDA_ENV := IMAML_EXT_FORCE_CUDA=1 IMAML_EXT_EXPECT_CUDA_KERNELS=1
 else ifeq ($(REQUIRE_CUDA_BUILD),1)
 $(error REQUIRE_CUDA_BUILD=1 but no CUDA toolkit (nvcc) was found: set CUDA_HOME)
 else

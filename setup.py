@@ -11,6 +11,7 @@ so the extension is compiled against the torch it will run with.
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -48,6 +49,26 @@ def _import_torch():
     return torch, cpp_extension
 
 
+def _locate_cuda_home():
+    """Sets CUDA_HOME (before torch reads it) to the toolkit nvcc belongs to.
+
+    torch derives it from nvcc's directory, which is wrong when `nvcc` on the
+    PATH is a wrapper script (e.g. /usr/local/bin/nvcc); nvcc itself knows.
+    """
+    if os.environ.get("CUDA_HOME") or shutil.which("nvcc") is None:
+        return
+    probe = subprocess.run(
+        ["nvcc", "--dryrun", "-x", "cu", "-E", os.devnull], capture_output=True, text=True, check=False
+    )
+    for line in (probe.stdout + probe.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            top = os.path.realpath(line.split("=", 1)[1].strip())
+            if os.path.isfile(os.path.join(top, "include", "cuda_runtime_api.h")):
+                os.environ["CUDA_HOME"] = top
+            return
+
+
+_locate_cuda_home()
 torch, cpp_extension = _import_torch()
 
 
@@ -67,9 +88,14 @@ def _want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def _wheel_cuda_includes():
+def _wheel_cuda_include_flags():
     """Headers that torch's CUDA headers include (cusparse.h, cublas_v2.h, ...)
-    ship in the nvidia pip wheels rather than in a bare nvcc install."""
+    ship in the nvidia pip wheels rather than in a bare nvcc install. Searched
+    after every other directory (-idirafter): the wheels' copies of the
+    toolkit's own headers are incomplete and must not shadow it."""
+    toolkit_include = os.path.join(cpp_extension.CUDA_HOME or "", "include")
+    if os.path.isfile(os.path.join(toolkit_include, "cusparse.h")):
+        return []
     dirs = []
     for entry in sys.path:
         for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
@@ -78,7 +104,7 @@ def _wheel_cuda_includes():
                     os.path.join(path, "cublas_v2.h")
                 ):
                     dirs.append(path)
-    return list(dict.fromkeys(dirs))
+    return [flag for d in dict.fromkeys(dirs) for flag in ("-idirafter", d)]
 
 
 def _extensions():
@@ -105,14 +131,16 @@ def _extensions():
     # Ampere and Hopper machine code, and PTX so that newer GPUs can JIT it.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     sources += ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/kernels.cu"]
+    wheel_flags = _wheel_cuda_include_flags()
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc_flags += [f"-Xcompiler={a}" for a in wheel_flags]
     return [
         cpp_extension.CUDAExtension(
             "imaml_ext._C",
             sources,
-            include_dirs=include_dirs + _wheel_cuda_includes(),
+            include_dirs=include_dirs,
             define_macros=define_macros + [("IMAML_EXT_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags + wheel_flags, "nvcc": nvcc_flags},
         )
     ]
 

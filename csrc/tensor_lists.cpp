@@ -18,6 +18,24 @@ std::string describe(const at::Tensor& t) {
   return out.str();
 }
 
+void check_length(const char* op, const char* name, at::TensorList list,
+                  const char* like_name, at::TensorList like) {
+  TORCH_CHECK_VALUE(list.size() == like.size(), op, ": ", name, " must hold one tensor per ",
+                    like_name, " tensor (", like.size(), "); got ", list.size());
+}
+
+// t (list entry i of `name`) has ref's dtype and device, and is contiguous.
+void check_matches(const char* op, const char* name, size_t i, const at::Tensor& t,
+                   const char* like_name, const at::Tensor& ref) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, "[", i,
+                   "] must have the dtype of ", like_name, "[", i, "] (", ref.scalar_type(),
+                   "); got ", describe(t));
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, "[", i, "] must be on the device of ",
+                    like_name, "[", i, "] (", ref.device(), "); got ", describe(t));
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, "[", i,
+                    "] must be contiguous; got strides ", t.strides());
+}
+
 }  // namespace
 
 ListLayout make_layout(at::TensorList tensors) {
@@ -64,41 +82,27 @@ int64_t check_task_list(const char* op, const char* name, at::TensorList list) {
 void check_same_list(
     const char* op, const char* name, at::TensorList list,
     const char* like_name, at::TensorList like) {
-  TORCH_CHECK_VALUE(list.size() == like.size(), op, ": ", name, " must hold one tensor per ",
-                    like_name, " tensor (", like.size(), "); got ", list.size());
+  check_length(op, name, list, like_name, like);
   for (size_t i = 0; i < list.size(); ++i) {
     const at::Tensor& t = list[i];
     const at::Tensor& ref = like[i];
     TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, "[", i, "] must have the shape of ",
                       like_name, "[", i, "] ", ref.sizes(), "; got ", describe(t));
-    TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, "[", i,
-                     "] must have the dtype of ", like_name, "[", i, "] (", ref.scalar_type(),
-                     "); got ", describe(t));
-    TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, "[", i, "] must be on the device of ",
-                      like_name, "[", i, "] (", ref.device(), "); got ", describe(t));
-    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, "[", i,
-                      "] must be contiguous; got strides ", t.strides());
+    check_matches(op, name, i, t, like_name, ref);
   }
 }
 
 void check_anchor_list(
     const char* op, const char* name, at::TensorList anchors,
     const char* like_name, at::TensorList like) {
-  TORCH_CHECK_VALUE(anchors.size() == like.size(), op, ": ", name, " must hold one tensor per ",
-                    like_name, " tensor (", like.size(), "); got ", anchors.size());
+  check_length(op, name, anchors, like_name, like);
   for (size_t i = 0; i < anchors.size(); ++i) {
     const at::Tensor& t = anchors[i];
     const at::Tensor& ref = like[i];
     TORCH_CHECK_VALUE(t.sizes() == ref.sizes().slice(1), op, ": ", name, "[", i,
                       "] must have the shape of ", like_name, "[", i, "] without its task dimension ",
                       ref.sizes().slice(1), "; got ", describe(t));
-    TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, "[", i,
-                     "] must have the dtype of ", like_name, "[", i, "] (", ref.scalar_type(),
-                     "); got ", describe(t));
-    TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, "[", i, "] must be on the device of ",
-                      like_name, "[", i, "] (", ref.device(), "); got ", describe(t));
-    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, "[", i,
-                      "] must be contiguous; got strides ", t.strides());
+    check_matches(op, name, i, t, like_name, ref);
   }
 }
 

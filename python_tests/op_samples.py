@@ -31,6 +31,15 @@ LAYOUTS = {
 }
 
 
+def deep_clone(sample):
+    """A copy of a sample dataclass with every tensor (and list of tensors) cloned."""
+    def copy(v):
+        if isinstance(v, list):
+            return [t.clone() for t in v]
+        return v.clone() if isinstance(v, Tensor) else v
+    return type(sample)(**{f.name: copy(getattr(sample, f.name)) for f in dataclasses.fields(sample)})
+
+
 def task_list(num_tasks: int, shapes, dtype, device) -> List[Tensor]:
     return [torch.randn((num_tasks,) + tuple(s), dtype=dtype, device=device) for s in shapes]
 
@@ -53,11 +62,7 @@ class ProxSample:
                 self.momentum, self.lr_per_task, self.lam_per_task)
 
     def clone(self) -> "ProxSample":
-        def c(v):
-            if isinstance(v, list):
-                return [t.clone() for t in v]
-            return v.clone() if isinstance(v, Tensor) else v
-        return ProxSample(**{f.name: c(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        return deep_clone(self)
 
 
 def prox_sample_inputs(device="cpu", dtype=torch.float64, layouts=None):
@@ -100,11 +105,7 @@ class CGState:
     tol: float
 
     def clone(self) -> "CGState":
-        def c(v):
-            if isinstance(v, list):
-                return [t.clone() for t in v]
-            return v.clone() if isinstance(v, Tensor) else v
-        return CGState(**{f.name: c(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        return deep_clone(self)
 
     def init_args(self):
         return (self.r, self.scalars, self.status, self.counter, self.tol)

@@ -57,45 +57,39 @@ def check_task_list(op: str, name: str, tensors: Sequence[Tensor]) -> int:
     return num_tasks
 
 
-def check_same_list(op: str, name: str, tensors: Sequence[Tensor], like_name: str, like: Sequence[Tensor]) -> None:
+def _check_length(op: str, name: str, tensors: Sequence[Tensor], like_name: str, like: Sequence[Tensor]) -> None:
     if len(tensors) != len(like):
         raise ValueError(
             f"{op}: {name} must hold one tensor per {like_name} tensor ({len(like)}); got {len(tensors)}"
         )
+
+
+def _check_matches(op: str, name: str, t: Tensor, like_name: str, ref: Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} must have the dtype of {like_name} ({ref.dtype}); got {describe(t)}")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} must be on the device of {like_name} ({ref.device}); got {describe(t)}")
+
+
+def check_same_list(op: str, name: str, tensors: Sequence[Tensor], like_name: str, like: Sequence[Tensor]) -> None:
+    _check_length(op, name, tensors, like_name, like)
     for i, (t, ref) in enumerate(zip(tensors, like)):
         if t.shape != ref.shape:
             raise ValueError(
                 f"{op}: {name}[{i}] must have the shape of {like_name}[{i}] {tuple(ref.shape)}; got {describe(t)}"
             )
-        if t.dtype != ref.dtype:
-            raise TypeError(
-                f"{op}: {name}[{i}] must have the dtype of {like_name}[{i}] ({ref.dtype}); got {describe(t)}"
-            )
-        if t.device != ref.device:
-            raise ValueError(
-                f"{op}: {name}[{i}] must be on the device of {like_name}[{i}] ({ref.device}); got {describe(t)}"
-            )
+        _check_matches(op, f"{name}[{i}]", t, f"{like_name}[{i}]", ref)
 
 
 def check_anchor_list(op: str, name: str, anchors: Sequence[Tensor], like_name: str, like: Sequence[Tensor]) -> None:
-    if len(anchors) != len(like):
-        raise ValueError(
-            f"{op}: {name} must hold one tensor per {like_name} tensor ({len(like)}); got {len(anchors)}"
-        )
+    _check_length(op, name, anchors, like_name, like)
     for i, (t, ref) in enumerate(zip(anchors, like)):
         if t.shape != ref.shape[1:]:
             raise ValueError(
                 f"{op}: {name}[{i}] must have the shape of {like_name}[{i}] without its task dimension "
                 f"{tuple(ref.shape[1:])}; got {describe(t)}"
             )
-        if t.dtype != ref.dtype:
-            raise TypeError(
-                f"{op}: {name}[{i}] must have the dtype of {like_name}[{i}] ({ref.dtype}); got {describe(t)}"
-            )
-        if t.device != ref.device:
-            raise ValueError(
-                f"{op}: {name}[{i}] must be on the device of {like_name}[{i}] ({ref.device}); got {describe(t)}"
-            )
+        _check_matches(op, f"{name}[{i}]", t, f"{like_name}[{i}]", ref)
 
 
 def check_number(op: str, name: str, value: object, *, positive: bool = False) -> float:
