@@ -114,7 +114,9 @@ def _extensions():
         "csrc/tensor_lists.cpp",
         "csrc/cpu/ops_cpu.cpp",
     ]
-    cxx_flags = ["-O3", "-fdiagnostics-color=always"]
+    # -fopenmp: at::parallel_for in the CPU kernels is OpenMP; without it they run on one thread.
+    cxx_flags = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
+    link_flags = ["-fopenmp"]
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
@@ -125,7 +127,7 @@ def _extensions():
                 include_dirs=include_dirs,
                 define_macros=define_macros,
                 extra_compile_args={"cxx": cxx_flags},
-                extra_link_args=[],
+                extra_link_args=link_flags,
             )
         ]
     # Ampere and Hopper machine code, and PTX so that newer GPUs can JIT it.
@@ -141,6 +143,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros + [("IMAML_EXT_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags + wheel_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     ]
 

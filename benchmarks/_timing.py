@@ -8,7 +8,10 @@ and other load hit all of them alike.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import platform
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -131,7 +134,7 @@ def count_cuda_kernels(fn: Fn, device: torch.device) -> Optional[int]:
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         sync(device)
     gpu_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -156,6 +159,36 @@ def count_dispatched_ops(fn: Fn) -> int:
     with _Counter():
         fn()
     return _Counter.count
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Makes glibc keep freed memory in the process instead of returning it to the OS.
+
+    Otherwise every large temporary of an eager CPU op is a fresh mmap whose
+    page faults can cost more than the op (and, in VMs, stall for tens of ms),
+    which charges the allocating baselines for the OS rather than for their
+    arithmetic. This is what the CUDA caching allocator does anyway. Returns
+    False where it does not apply (not glibc).
+    """
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    max_mmap_threshold = 32 * 2**20  # glibc's upper limit on 64-bit
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(m_mmap_threshold, max_mmap_threshold)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def cpu_cores() -> int:

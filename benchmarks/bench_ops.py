@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import sys
@@ -45,6 +46,8 @@ from _timing import (  # noqa: E402
     count_dispatched_ops,
     count_host_syncs,
     cpu_cores,
+    cpu_model,
+    keep_freed_cpu_memory,
     machine_name,
 )
 
@@ -55,6 +58,9 @@ CG_LAM, CG_ITERS, CG_TOL = 1.0, 5, 0.0
 PROX_BYTES_FORMULA = (
     "bytes = 4 * (3*T*P + P) without momentum, 4 * (5*T*P + P) with it "
     "(phi read+write, g read, momentum buffer read+write, theta read once; P = parameters per task)"
+)
+CG_ITERATION_BYTES_FORMULA = (
+    "bytes = 4 * 11*T*P (cg_alpha_ reads r, Hr; cg_update_ reads x, r, p, s, Hr and writes x, r, p, s)"
 )
 
 
@@ -160,6 +166,11 @@ def prox_ours(c: ProxCase) -> None:
     imaml_ext.ops.prox_sgd_step_(c.params, c.grads, c.anchors, LR, LAM, c.momentum, c.buffers or None)
 
 
+def prox_op(c: ProxCase) -> None:
+    """The compiled op without the wrapper's Python argument checks."""
+    torch.ops.imaml_ext.prox_sgd_step_(c.params, c.grads, c.anchors, c.buffers, LR, LAM, c.momentum, None, None)
+
+
 def prox_loop(c: ProxCase) -> None:
     """The way a user writes it: plain torch ops, tensor by tensor."""
     for i, (p, g, a) in enumerate(zip(c.params, c.grads, c.anchors)):
@@ -180,14 +191,13 @@ def prox_foreach(c: ProxCase, anchors: List[Tensor]) -> None:
     torch._foreach_add_(c.params, d, alpha=-LR)
 
 
-_compiled_reference_prox = None
+@functools.lru_cache(maxsize=None)
+def compiled_reference_prox():
+    return torch.compile(reference.prox_sgd_step_)
 
 
 def prox_compiled(c: ProxCase) -> None:
-    global _compiled_reference_prox
-    if _compiled_reference_prox is None:
-        _compiled_reference_prox = torch.compile(reference.prox_sgd_step_)
-    _compiled_reference_prox(c.params, c.grads, c.anchors, c.buffers, LR, LAM, c.momentum, None, None)
+    compiled_reference_prox()(c.params, c.grads, c.anchors, c.buffers, LR, LAM, c.momentum, None, None)
 
 
 class CompileGate:
@@ -230,6 +240,11 @@ def prox_min_bytes(num_params: int, tasks: int, momentum: float) -> int:
     return 4 * (streams * tasks * num_params + num_params)
 
 
+def add_bandwidth(rec: dict, moved: int, copy_gbs: float) -> None:
+    rec["gbs"] = moved / (rec["median_ms"] * 1e-3) / 1e9
+    rec["pct_of_copy"] = 100.0 * rec["gbs"] / copy_gbs
+
+
 def bench_prox(ctx: Context, tasks: int, momentum: float, copy_gbs: float) -> dict:
     c = make_prox_case(ctx, tasks, momentum)
     expanded = [a.expand_as(p) for a, p in zip(c.anchors, c.params)]
@@ -237,6 +252,7 @@ def bench_prox(ctx: Context, tasks: int, momentum: float, copy_gbs: float) -> di
     materialized = [e.contiguous() for e in expanded]
     variants = {
         "ours": Variant(lambda: prox_ours(c)),
+        "ours_op": Variant(lambda: prox_op(c)),
         "loop": Variant(lambda: prox_loop(c)),
         "foreach": Variant(lambda: prox_foreach(c, expanded)),
         "foreach_mat": Variant(lambda: prox_foreach(c, materialized)),
@@ -252,16 +268,10 @@ def bench_prox(ctx: Context, tasks: int, momentum: float, copy_gbs: float) -> di
     for name, diff in checks.items():
         records[name]["max_abs_diff_vs_ours"] = diff
     moved = prox_min_bytes(ctx.num_params, tasks, momentum)
-    ours_gbs = moved / (records["ours"]["median_ms"] * 1e-3) / 1e9
-    return {
-        "tasks": tasks,
-        "momentum": momentum,
-        "variants": records,
-        "compile_note": compile_note,
-        "ours_min_bytes": moved,
-        "ours_gbs": ours_gbs,
-        "ours_pct_of_copy": 100.0 * ours_gbs / copy_gbs,
-    }
+    for name in ("ours", "ours_op"):
+        add_bandwidth(records[name], moved, copy_gbs)
+    return {"tasks": tasks, "momentum": momentum, "variants": records, "compile_note": compile_note,
+            "ours_min_bytes": moved}
 
 
 # --------------------------------------------------------------------------- 2./3. CG
@@ -363,7 +373,7 @@ def add_host_syncs_by_construction(records: Dict[str, dict], host: HostScalars, 
     records["betty_item"]["host_syncs_by_construction"] = host.reads_per_call(betty_item)
 
 
-def bench_cg_iteration(ctx: Context, tasks: int) -> dict:
+def bench_cg_iteration(ctx: Context, tasks: int, copy_gbs: float) -> dict:
     b = per_task_like(ctx.theta, tasks, 1.0)
     diag = [torch.rand_like(t) * 2.0 for t in b]  # a positive diagonal H keeps every task active
     state = CgState.start(b)
@@ -393,7 +403,9 @@ def bench_cg_iteration(ctx: Context, tasks: int) -> dict:
     records = measure(ctx, variants)
     add_host_syncs_by_construction(records, host, variants["betty_item"].fn)
     records["reference"]["max_abs_diff_vs_ours"] = checks["reference"]
-    return {"tasks": tasks, "variants": records}
+    moved = 4 * 11 * tasks * ctx.num_params
+    add_bandwidth(records["ours"], moved, copy_gbs)
+    return {"tasks": tasks, "variants": records, "ours_min_bytes": moved}
 
 
 def bench_cg_solve(ctx: Context, tasks: int) -> dict:
@@ -451,7 +463,7 @@ def cell(records: Dict[str, dict], name: str) -> str:
     rec = records.get(name)
     if rec is None:
         return "-"
-    if name == "ours":
+    if name.startswith("ours"):
         return fmt_ms(rec["median_ms"])
     return f"{fmt_ms(rec['median_ms'])} ({rec['ours_speedup']:.1f}x)"
 
@@ -478,21 +490,30 @@ def render(result: dict) -> str:
         f"after {meta['warmup']} warm-up calls; ms per call, (x) = ours' speed-up over that variant.",
         "",
         f"Copy bandwidth (dst.copy_(src), {meta['copy']['buffer_mib']} MiB, read+write): "
-        f"{meta['copy']['gbs']:.1f} GB/s.",
+        f"{meta['copy']['gbs']:.1f} GB/s. Percentages of it can pass 100%: the probe's buffer is far larger "
+        "than the caches (small T fits in them), and a copy also pays write-allocate reads that are not counted.",
         "",
+    ]
+    if meta["cpu_malloc_keeps_freed_memory"]:
+        lines += ["glibc keeps freed memory (mallopt; --os-malloc to disable): temporaries of the plain-PyTorch "
+                  "variants reuse touched pages, as with the CUDA caching allocator, instead of paying fresh page faults.",
+                  ""]
+    lines += [
         "## 1. Proximal SGD step, phi <- phi - lr*(g + lam*(phi - theta))",
         "",
-        f"GB/s of ours from the minimum traffic: {PROX_BYTES_FORMULA}.",
+        "ours = imaml_ext.ops.prox_sgd_step_ (public wrapper, Python argument checks included); "
+        "ours_op = torch.ops.imaml_ext.prox_sgd_step_ called directly; speed-ups are of ours (the wrapper).",
+        f"GB/s from the minimum traffic: {PROX_BYTES_FORMULA}.",
         "",
     ]
-    names = ["loop", "foreach", "foreach_mat", "compile"]
-    rows = [
-        [str(r["tasks"]), str(r["momentum"]), cell(r["variants"], "ours"), *[cell(r["variants"], n) for n in names],
-         f"{r['ours_gbs']:.1f}", f"{r['ours_pct_of_copy']:.0f}%"]
-        for r in result["prox"]
-    ]
-    lines += md_table(["T", "momentum", "ours", "loop", "foreach (expand)", "foreach (theta repeated)",
-                       "compile(reference)", "ours GB/s", "% of copy"], rows)
+    names = ["ours", "ours_op", "loop", "foreach", "foreach_mat", "compile"]
+    rows = []
+    for r in result["prox"]:
+        ours, op = r["variants"]["ours"], r["variants"]["ours_op"]
+        rows.append([str(r["tasks"]), str(r["momentum"]), *[cell(r["variants"], n) for n in names],
+                     f"{ours['gbs']:.1f} / {op['gbs']:.1f}", f"{ours['pct_of_copy']:.0f}% / {op['pct_of_copy']:.0f}%"])
+    lines += md_table(["T", "momentum", "ours", "ours_op", "loop", "foreach (expand)", "foreach (theta repeated)",
+                       "compile(reference)", "GB/s ours / ours_op", "% of copy ours / ours_op"], rows)
     notes = sorted({r["compile_note"] for r in result["prox"] if r["compile_note"]})
     lines += [""] + [f"compile: {n}" for n in notes] + ([""] if notes else [])
 
@@ -506,23 +527,26 @@ def render(result: dict) -> str:
         f"Counts per iteration as {'/'.join(cg_names)}: host syncs "
         f"({'measured, sync debug mode' if cuda else 'by construction: float() of a device value'}), "
         "dispatched ops (ATen + custom, views included)" + (", CUDA kernels." if cuda else "."),
+        f"GB/s of ours: {CG_ITERATION_BYTES_FORMULA}.",
         "",
     ]
     count_headers = ["host syncs", "dispatched ops"] + (["CUDA kernels"] if cuda else [])
     count_keys = [syncs_key, "dispatched_ops"] + (["cuda_kernels"] if cuda else [])
     rows = [
         [str(r["tasks"]), *[cell(r["variants"], n) for n in cg_names],
+         f"{r['variants']['ours']['gbs']:.1f} ({r['variants']['ours']['pct_of_copy']:.0f}%)",
          *[counts(r["variants"], cg_names, k) for k in count_keys]]
         for r in result["cg_iteration"]
     ]
-    lines += md_table(["T", *cg_names, *count_headers], rows)
+    lines += md_table(["T", *cg_names, "ours GB/s (% of copy)", *count_headers], rows)
 
     solve_names = ["ours", "betty", "betty_item"]
     lines += [
         "",
         f"## 3. Whole CG solve, {CG_ITERS} iterations, diagonal HVP",
         "",
-        "ours = imaml_ext.ops.cg_solve (all tasks at once); betty/betty_item = a Python loop over tasks as in 2.",
+        "ours = imaml_ext.ops.cg_solve (all tasks at once, HVP = one torch._foreach_mul over the [T, ...] lists); "
+        "betty/betty_item = a Python loop over tasks as in 2. (HVP = per-task multiplies).",
         "",
     ]
     rows = [
@@ -549,6 +573,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="stop sampling a comparison after this long (default 15; 2 with --quick)")
     parser.add_argument("--compile-budget", type=float, default=None,
                         help="seconds of torch.compile allowed in all (default 240; 0 = skip, the --quick default)")
+    parser.add_argument("--os-malloc", action="store_true",
+                        help="on CPU, let glibc return freed memory to the OS (default: keep it, see _timing)")
     parser.add_argument("--quick", action="store_true", help="few samples, no torch.compile: a smoke test")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/ops-<machine>-<date>.json); .md beside it")
@@ -571,6 +597,7 @@ def main(argv=None) -> None:
         sys.exit("--device cuda: no CUDA device available")
     if not imaml_ext.ops.has_compiled_kernels(device.type):
         sys.exit(f"imaml_ext has no compiled {device.type} kernels: 'ours' would be the reference. Build it first.")
+    malloc_cache = device.type == "cpu" and not args.os_malloc and keep_freed_cpu_memory()
     torch.manual_seed(0)
     ctx = Context(device, conv4_parameters(device), args.repeats, warmup=1 if args.quick else 3,
                   max_seconds=args.max_seconds, compile_gate=CompileGate(args.compile_budget))
@@ -583,7 +610,7 @@ def main(argv=None) -> None:
             print(f"prox step T={tasks} momentum={momentum}", file=sys.stderr)
             prox.append(bench_prox(ctx, tasks, momentum, copy["gbs"]))
         print(f"CG iteration and solve T={tasks}", file=sys.stderr)
-        cg_iteration.append(bench_cg_iteration(ctx, tasks))
+        cg_iteration.append(bench_cg_iteration(ctx, tasks, copy["gbs"]))
         cg_solve.append(bench_cg_solve(ctx, tasks))
 
     date = datetime.date.today().isoformat()
@@ -598,7 +625,7 @@ def main(argv=None) -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
             "device": device.type,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
             "cores": cpu_cores(),
             "torch_threads": torch.get_num_threads(),
             "dtype": "float32",
@@ -610,6 +637,7 @@ def main(argv=None) -> None:
             "warmup": ctx.warmup,
             "max_seconds_per_comparison": args.max_seconds,
             "quick": args.quick,
+            "cpu_malloc_keeps_freed_memory": malloc_cache,
             "lr": LR, "lam": LAM, "momentum": MOMENTUM, "cg_lam": CG_LAM, "cg_iters": CG_ITERS,
             "copy": copy,
             "prox_bytes_formula": PROX_BYTES_FORMULA,

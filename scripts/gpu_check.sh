@@ -27,6 +27,9 @@ set +e
 tests=${PIPESTATUS[0]}
 set -e
 
-"$PY" benchmarks/bench_ops.py --device cuda --out-dir "$out" | tee "$out/gpu-check-bench.log"
+# Default name: benchmarks/results/ops-<card>-<date>.json (and .md).
+bench_out=()
+[ "$out" = benchmarks/results ] || bench_out=(--out "$out/ops-gpu-check.json")
+"$PY" benchmarks/bench_ops.py --device cuda "${bench_out[@]}" | tee "$out/gpu-check-bench.log"
 echo "gpu-check: tests exit $tests, total $((SECONDS - start)) s"
 exit "$tests"
