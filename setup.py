@@ -148,6 +148,33 @@ def _extensions():
     ]
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, then a check that the extension uses the process's libstdc++.
+
+    A compiler configured to link libstdc++ statically puts a second copy of
+    std::ostream into the extension. Next to torch's (shared) libstdc++ that copy
+    segfaults the first time the extension formats a number into an error
+    message (seen with /opt/gcc on the GPU machines; the system g++ is fine), so
+    such a build is refused here instead of crashing a user's first bad call.
+    """
+
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        nm = shutil.which("nm")
+        path = self.get_ext_fullpath(ext.name)
+        if nm is None or not os.path.exists(path):
+            return
+        symbols = subprocess.run([nm, "--defined-only", path], capture_output=True, text=True).stdout
+        if "_ZNSo9_M_insertIlEERSoT_" in symbols:
+            os.remove(path)
+            compiler = os.environ.get("CXX", "c++")
+            raise RuntimeError(
+                f"{path}: the C++ compiler (CXX={compiler}) linked its own copy of libstdc++ into the "
+                "extension (it defines std::ostream::_M_insert), which crashes next to torch's libstdc++. "
+                "Build with the system compiler, e.g. CC=/usr/bin/gcc CXX=/usr/bin/g++."
+            )
+
+
 setup(
     name="imaml_ext",
     version="0.1.0",
@@ -156,6 +183,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     ext_modules=_extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )

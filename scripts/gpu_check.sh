@@ -14,6 +14,13 @@ assert torch.cuda.is_available(), "gpu-check needs a CUDA device"
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")
 PYEOF
 
+# The image's default CXX (/opt/gcc) links libstdc++ statically, and such an
+# extension segfaults on its first error message (setup.py refuses it); the
+# system compiler matches torch's shared libstdc++.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+    export CC=/usr/bin/gcc CXX=/usr/bin/g++
+fi
+
 start=$SECONDS
 cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 # This card's architecture only: a faster build than the default list.
