@@ -1,0 +1,45 @@
+"""Few-shot data: Omniglot as device-resident tensors, a batched task sampler, and
+learn2learn tasksets over the same arrays.
+
+Typical use::
+
+    from imaml_ext.data import omniglot_tasks
+    tasks = omniglot_tasks(ways=5, shots=1, query=15, device="cuda", seed=0)
+    support_x, support_y, query_x, query_y = tasks.train.sample(32)   # 32 tasks at once
+"""
+
+from .l2l import ClassRotation, OmniglotDataset, from_l2l_taskset, l2l_tasksets, split_task
+from .omniglot import (
+    NUM_CLASSES,
+    NUM_DRAWERS,
+    PROTOCOLS,
+    SPLITS,
+    OmniglotTasks,
+    default_cache_dir,
+    find_data_root,
+    load_omniglot,
+    omniglot_tasks,
+    split_classes,
+)
+from .sampler import TaskBatch, TaskIndices, TaskSampler
+
+__all__ = [
+    "ClassRotation",
+    "NUM_CLASSES",
+    "NUM_DRAWERS",
+    "PROTOCOLS",
+    "SPLITS",
+    "OmniglotDataset",
+    "OmniglotTasks",
+    "TaskBatch",
+    "TaskIndices",
+    "TaskSampler",
+    "default_cache_dir",
+    "find_data_root",
+    "from_l2l_taskset",
+    "l2l_tasksets",
+    "load_omniglot",
+    "omniglot_tasks",
+    "split_classes",
+    "split_task",
+]
