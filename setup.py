@@ -182,6 +182,7 @@ setup(
     packages=find_packages(include=["imaml_ext", "imaml_ext.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
+    extras_require={"tensorboard": ["tensorboard"], "data": ["Pillow", "learn2learn"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

@@ -1,0 +1,217 @@
+"""Betty-compatible configurations: ``Config`` (one per problem) and ``EngineConfig``.
+
+Same field names and defaults as Betty's GitHub version, so a Betty script's
+configs run unchanged; a misspelt or unknown field is an error that lists the
+valid ones (Betty's dataclasses raise a bare TypeError). Fields added here are
+marked "imaml_ext" below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+HYPERGRADIENT_TYPES = ("cg", "darts", "neumann")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOGGER_TYPES = ("none", "tensorboard")
+STRATEGIES = ("default",)
+
+
+def _strict_init(cls):
+    """Wraps the dataclass __init__ so unknown keywords name the valid fields."""
+    init = cls.__init__
+    valid = [f.name for f in fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}: unknown field {unknown[0]!r}; valid fields are: {', '.join(valid)}"
+            )
+        if len(args) > len(valid):
+            raise TypeError(f"{cls.__name__} takes at most {len(valid)} fields; got {len(args)} positional values")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def _check_int(owner: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def _check_float(owner: str, name: str, value, minimum: float, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    if not ok:
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(f"{owner}.{name} must be a finite number {bound}; got {value!r}")
+
+
+def _check_choice(owner: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+@_strict_init
+@dataclass
+class Config:
+    """Training configuration of one ``Problem``.
+
+    ``type`` is the hypergradient method used when this problem is the lower
+    level of a dependency: "cg", "neumann" or "darts".
+
+    cg: solves H x = v by conjugate gradient (H = the Hessian of this
+    problem's loss in its own parameters), ``cg_iterations`` steps, with the
+    fused vector work of ``imaml_ext.ops.cg_solve``. ``cg_alpha`` scales the
+    system CG runs on, (cg_alpha H) y = v with x = cg_alpha y, as in Betty; CG
+    is invariant to that scale, so every cg_alpha > 0 gives the same x (Betty's
+    own code is right only at 1.0). ``cg_tol`` (imaml_ext) stops a solve
+    early once ||r|| <= cg_tol ||v||, checked on the device.
+
+    neumann: x = alpha sum_{k=0..K} (I - alpha H)^k v, K = neumann_iterations,
+    alpha = neumann_alpha (converges when alpha < 2 / largest eigenvalue of H).
+
+    darts: the one-step approximation H^-1 ~ I; the mixed second derivative
+    is taken by central differences with step darts_alpha / ||v||.
+
+    ``proximal_lambda`` (imaml_ext): declares that this problem's loss (what
+    training_step returns) holds the proximal term (lambda / 2) ||phi - theta||^2,
+    theta being the parent's trainable parameters in the same order. The
+    hypergradient then uses it analytically: cg solves (I + H_task / lambda) x = v
+    (the implicit-MAML system) and the mixed second derivative, -lambda I, is
+    never differentiated. The tutorial's reg * ||phi - theta||^2 is
+    proximal_lambda = 2 * reg. The declaration is checked against the loss the
+    first time it is used.
+    """
+
+    type: str = "darts"
+    unroll_steps: int = 1
+    first_order: bool = True
+    retain_graph: bool = False
+    allow_unused: bool = True
+
+    # gradient accumulation
+    gradient_accumulation: int = 1
+
+    # precision: "fp32", "bf16" or "fp16" (autocast; fp16 adds a GradScaler).
+    precision: str = "fp32"
+    fp16: bool = False  # Betty's older switch, the same as precision="fp16"
+    initial_dynamic_scale: float = 4096.0
+    scale_factor: float = 2.0
+
+    gradient_clipping: float = 0.0
+    warmup_steps: int = 0
+
+    # logging
+    log_step: int = -1
+    log_local_step: bool = False
+
+    # darts
+    darts_alpha: float = 0.01
+
+    # neumann
+    neumann_iterations: int = 1
+    neumann_alpha: float = 1.0
+
+    # cg
+    cg_iterations: int = 1
+    cg_alpha: float = 1.0
+    cg_tol: float = 0.0  # imaml_ext
+
+    # imaml_ext: the loss holds (proximal_lambda / 2) ||phi - theta||^2 to the parent.
+    proximal_lambda: Optional[float] = None
+
+    def __post_init__(self):
+        owner = "Config"
+        _check_choice(owner, "type", self.type, HYPERGRADIENT_TYPES)
+        _check_int(owner, "unroll_steps", self.unroll_steps, 1)
+        _check_int(owner, "gradient_accumulation", self.gradient_accumulation, 1)
+        _check_int(owner, "warmup_steps", self.warmup_steps, 0)
+        if isinstance(self.log_step, bool) or not isinstance(self.log_step, int):
+            raise ValueError(f"Config.log_step must be an integer (<= 0 turns logging off); got {self.log_step!r}")
+        if self.fp16:
+            if self.precision not in ("fp32", "fp16"):
+                raise ValueError(f"Config.fp16=True contradicts Config.precision={self.precision!r}")
+            self.precision = "fp16"
+        _check_choice(owner, "precision", self.precision, PRECISIONS)
+        self.fp16 = self.precision == "fp16"
+        _check_float(owner, "initial_dynamic_scale", self.initial_dynamic_scale, 0.0, strict=True)
+        _check_float(owner, "scale_factor", self.scale_factor, 1.0, strict=True)
+        _check_float(owner, "gradient_clipping", self.gradient_clipping, 0.0)
+        _check_float(owner, "darts_alpha", self.darts_alpha, 0.0, strict=True)
+        _check_int(owner, "neumann_iterations", self.neumann_iterations, 0)
+        _check_float(owner, "neumann_alpha", self.neumann_alpha, 0.0, strict=True)
+        _check_int(owner, "cg_iterations", self.cg_iterations, 1)
+        _check_float(owner, "cg_alpha", self.cg_alpha, 0.0, strict=True)
+        _check_float(owner, "cg_tol", self.cg_tol, 0.0)
+        if self.proximal_lambda is not None:
+            _check_float(owner, "proximal_lambda", self.proximal_lambda, 0.0, strict=True)
+
+    def replace(self, **changes) -> "Config":
+        # precision and its older alias fp16 move together.
+        if "precision" in changes and "fp16" not in changes:
+            changes["fp16"] = changes["precision"] == "fp16"
+        elif "fp16" in changes and "precision" not in changes:
+            changes["precision"] = "fp16" if changes["fp16"] else "fp32"
+        return dataclasses.replace(self, **changes)
+
+
+@_strict_init
+@dataclass
+class EngineConfig:
+    """Configuration of the ``Engine``: Betty's fields and defaults.
+
+    ``device`` (imaml_ext): where problems and the env live; None picks "cuda"
+    when available, else "cpu", as Betty does. ``log_dir`` (imaml_ext): the
+    tensorboard folder when logger_type="tensorboard" (None: runs/<time>).
+    """
+
+    train_iters: int = 50000
+    valid_step: int = 500
+
+    # logger
+    logger_type: str = "none"
+    log_dir: Optional[str] = None
+
+    # roll back (Betty's warm-start re-run of the lower step): not supported here
+    roll_back: bool = False
+
+    # distributed training: one process here; torch.distributed runs go through imaml_ext.train
+    strategy: str = "default"
+    backend: str = "nccl"
+
+    # early stopping on a validation metric
+    early_stopping: bool = False
+    early_stopping_mode: str = "min"
+    early_stopping_tolerance: int = 5
+    early_stopping_metric: str = "loss"
+
+    device: Optional[str] = None
+
+    def __post_init__(self):
+        owner = "EngineConfig"
+        _check_int(owner, "train_iters", self.train_iters, 0)
+        if isinstance(self.valid_step, bool) or not isinstance(self.valid_step, int):
+            raise ValueError(f"EngineConfig.valid_step must be an integer (<= 0 turns validation off); got {self.valid_step!r}")
+        _check_choice(owner, "logger_type", self.logger_type, LOGGER_TYPES)
+        if self.roll_back:
+            raise ValueError(
+                "EngineConfig.roll_back=True is not supported by imaml_ext (Betty's warm-start re-run "
+                "of the lower step after each upper step); use roll_back=False"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"EngineConfig.strategy must be one of {', '.join(map(repr, STRATEGIES))}; got {self.strategy!r} "
+                "(data-parallel runs go through torchrun -m imaml_ext.train)"
+            )
+        _check_choice(owner, "early_stopping_mode", self.early_stopping_mode, ("min", "max"))
+        _check_int(owner, "early_stopping_tolerance", self.early_stopping_tolerance, 1)
+
+
+__all__ = ["Config", "EngineConfig", "HYPERGRADIENT_TYPES", "PRECISIONS"]

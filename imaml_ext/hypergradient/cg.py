@@ -1,0 +1,56 @@
+"""Conjugate-gradient hypergradient on the fused batched CG of imaml_ext.ops."""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .utils import gradient_with_graph, hvp_fn, mixed_vjp, verify_proximal
+
+
+def cg(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
+    """Without proximal_lambda: x solves (cg_alpha H) y = v, x = cg_alpha y
+    (= H^-1 v for every cg_alpha), and the result is -(d^2 L/dtheta dphi)^T x.
+    With it: (I + H_task / lambda) x = v is solved directly, H_task = H - lambda I,
+    and x is the result ((-(-lambda I)) (H_task + lambda I)^-1 v)."""
+    config = curr.config
+    params, in_grad = gradient_with_graph(curr)
+    hvp = hvp_fn(in_grad, params)
+    b = [v.detach().to(p.dtype).unsqueeze(0) for v, p in zip(vector, params)]
+    lam = config.proximal_lambda
+
+    if lam is not None:
+        verify_proximal(curr, prev, in_grad, lam)
+
+        def task_hvp(batch: Sequence[Tensor]) -> List[Tensor]:
+            hv = hvp([t[0] for t in batch])
+            return [(h - lam * t[0]).unsqueeze(0) for h, t in zip(hv, batch)]
+
+        x, info = ops.cg_solve(task_hvp, b, lam, config.cg_iterations, config.cg_tol)
+        result = [t[0] for t in x]
+    else:
+        alpha = config.cg_alpha
+
+        def scaled_shifted_hvp(batch: Sequence[Tensor]) -> List[Tensor]:
+            # cg_solve solves (I + A / 1) y = b; A = alpha H - I gives (alpha H) y = b.
+            hv = hvp([t[0] for t in batch])
+            return [(alpha * h - t[0]).unsqueeze(0) for h, t in zip(hv, batch)]
+
+        y, info = ops.cg_solve(scaled_shifted_hvp, b, 1.0, config.cg_iterations, config.cg_tol)
+        x = [alpha * t[0] for t in y]
+        result = [-g for g in mixed_vjp(in_grad, prev.trainable_parameters(), x)]
+    curr.last_hypergradient_info["cg"] = info
+    if bool(info.breakdown.any()):  # one sync per hypergradient, as the per-step loss.item()
+        curr.cg_breakdowns = getattr(curr, "cg_breakdowns", 0) + 1
+        if curr.cg_breakdowns == 1:
+            warnings.warn(
+                f'problem "{curr.name}": CG broke down (p.Ap <= 0 or a non-finite value: the Hessian of its loss '
+                "is not positive definite here); the hypergradient uses the last good iterate. "
+                "A larger proximal_lambda (or a smaller cg_iterations) avoids it; lower.cg_breakdowns counts them.",
+                stacklevel=3,
+            )
+    return result

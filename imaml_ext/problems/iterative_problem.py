@@ -1,0 +1,202 @@
+"""``IterativeProblem``: a level whose updates stay in the autograd graph, so
+its parents differentiate through its whole unrolled trajectory (MAML)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .problem import Problem
+
+SUPPORTED_OPTIMIZERS = ("SGD", "Adam")
+
+
+class _FastWeightsModule(nn.Module):
+    """Calls the wrapped module with the problem's differentiable weights;
+    state_dict / load_state_dict are the wrapped module's own (no prefix), so
+    ``self.module.load_state_dict(self.upper.module.state_dict())`` works."""
+
+    def __init__(self, module: nn.Module, problem: "IterativeProblem"):
+        super().__init__()
+        self.inner = module
+        object.__setattr__(self, "_problem", problem)
+
+    def forward(self, *args, **kwargs):
+        weights = self._problem._named_weights()
+        if weights is None:
+            return self.inner(*args, **kwargs)
+        return functional_call(self.inner, weights, args, kwargs, strict=False)
+
+    def state_dict(self, *args, **kwargs):
+        return self.inner.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.inner.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class IterativeProblem(Problem):
+    """A Betty ``IterativeProblem``.
+
+    Its parameters during an inner loop are tensors in the graph: each local
+    step computes phi <- update(phi, dL/dphi) with the optimizer's rule
+    written in differentiable form (torch.optim.SGD with momentum, dampening,
+    nesterov and weight decay; torch.optim.Adam). With
+    ``Config(first_order=False)`` the gradients keep their graph (second
+    order); with the default ``first_order=True`` they are detached (first-order
+    MAML). The parent's loss is then differentiated through the trajectory.
+
+    An inner loop starts from this problem's module parameters (after
+    ``on_inner_loop_start``, e.g. a ``load_state_dict`` copy of the upper's,
+    which carries no graph), or, for standard MAML, from the upper's
+    parameters themselves with the graph kept: call
+    ``self.start_from(self.upper.trainable_parameters())`` in
+    ``on_inner_loop_start``. ``Config.type`` means nothing here.
+    """
+
+    differentiable_updates = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._weights: Optional[List[Tensor]] = None
+        self._opt_state: List[Dict[str, Tensor]] = []
+        self._grad_sum: Optional[List[Tensor]] = None
+        self._started_from: Optional[List[Tensor]] = None
+
+    def initialize(self, engine) -> None:
+        super().initialize(engine)
+        if self.config.type != "darts":
+            warnings.warn(
+                f'problem "{self.name}": Config.type={self.config.type!r} is ignored for an IterativeProblem '
+                "(its parents differentiate through its unrolled updates)",
+                stacklevel=2,
+            )
+        if self.config.precision == "fp16":
+            raise ValueError(
+                f'problem "{self.name}": precision="fp16" needs a GradScaler, which cannot scale a differentiable '
+                'update; use precision="bf16" or "fp32" for an IterativeProblem'
+            )
+        name = type(self.optimizer).__name__
+        if type(self.optimizer) not in (torch.optim.SGD, torch.optim.Adam):
+            raise ValueError(
+                f'problem "{self.name}": an IterativeProblem unrolls its optimizer as differentiable tensor maths, '
+                f"which is written for {', '.join(SUPPORTED_OPTIMIZERS)}; got {name}"
+            )
+        for group in self.optimizer.param_groups:
+            for flag in ("amsgrad", "maximize"):
+                if group.get(flag):
+                    raise ValueError(f'problem "{self.name}": {name}({flag}=True) cannot be unrolled here; set {flag}=False')
+        self._param_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        self._module_params = [p for p in self.module.parameters() if p.requires_grad]
+        self._groups = []
+        for p in self._module_params:
+            group = next((g for g in self.optimizer.param_groups if any(q is p for q in g["params"])), None)
+            if group is None:
+                raise ValueError(f'problem "{self.name}": a trainable parameter of its module is not in its optimizer')
+            self._groups.append(group)
+        self.module = _FastWeightsModule(self.module, self)
+
+    # ----- the differentiable weights -----
+    def _named_weights(self) -> Optional[Dict[str, Tensor]]:
+        if self._weights is None:
+            return None
+        return dict(zip(self._param_names, self._weights))
+
+    def parameters(self) -> List[Tensor]:
+        return list(self._weights) if self._weights is not None else list(self.module.parameters())
+
+    def trainable_parameters(self) -> List[Tensor]:
+        if self._weights is not None:
+            return list(self._weights)
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def start_from(self, params: Sequence[Tensor]) -> None:
+        """Start this inner loop at ``params`` (e.g. the upper's parameters) with
+        their graph: the parent's gradient then includes d phi_0 / d theta = I."""
+        params = list(params)
+        shapes = [tuple(p.shape) for p in self._module_params]
+        if [tuple(p.shape) for p in params] != shapes:
+            raise ValueError(
+                f'problem "{self.name}": start_from needs tensors of its parameters\' shapes {shapes}; '
+                f"got {[tuple(p.shape) for p in params]}"
+            )
+        self._started_from = params
+
+    def start_inner_loop(self) -> None:
+        self._started_from = None
+        self.on_inner_loop_start()
+        if self._started_from is not None:
+            self._weights = list(self._started_from)
+        else:
+            self._weights = [p.detach().clone().requires_grad_(True) for p in self._module_params]
+        self._opt_state = [{} for _ in self._weights]
+        self._grad_sum = None
+
+    # ----- one local step -----
+    def one_step_descent(self) -> dict:
+        if self._weights is None:
+            self.start_inner_loop()
+        self.cur_batch = self.get_batch()
+        loss, stats = self.get_loss(self.cur_batch)
+        create_graph = not self.config.first_order
+        grads = torch.autograd.grad(loss, self._weights, create_graph=create_graph, allow_unused=True)
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, self._weights)]
+        if not create_graph:
+            grads = [g.detach() for g in grads]
+        self._grad_sum = grads if self._grad_sum is None else [a + g for a, g in zip(self._grad_sum, grads)]
+        if self._count % self.gas == 0:
+            grads, self._grad_sum = self._grad_sum, None
+            self.grad_callback(grads)
+            if self.config.gradient_clipping > 0:
+                norm = torch.sqrt(sum((g * g).sum() for g in grads))
+                scale = torch.clamp(self.config.gradient_clipping / (norm + 1e-6), max=1.0)
+                grads = [g * scale for g in grads]
+            self._weights = self._update(self._weights, grads)
+            self.param_callback(self._weights)
+            with torch.no_grad():  # the module shows the current weights (eval, state_dict)
+                for p, w in zip(self._module_params, self._weights):
+                    p.copy_(w)
+        return stats
+
+    def _update(self, weights: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
+        out = []
+        adam = isinstance(self.optimizer, torch.optim.Adam)
+        for w, g, group, state in zip(weights, grads, self._groups, self._opt_state):
+            lr = float(group["lr"])
+            if group.get("weight_decay", 0):
+                g = g + group["weight_decay"] * w
+            if adam:
+                beta1, beta2 = group["betas"]
+                step = state.get("step", 0) + 1
+                state["step"] = step
+                m = state.get("m", torch.zeros_like(w)) * beta1 + (1 - beta1) * g
+                v = state.get("v", torch.zeros_like(w)) * beta2 + (1 - beta2) * g * g
+                state["m"], state["v"] = m, v
+                # sqrt has an infinite slope at 0: a tiny floor keeps the graph finite.
+                denom = torch.sqrt(v + 1e-30) / math.sqrt(1 - beta2**step) + group["eps"]
+                out.append(w - (lr / (1 - beta1**step)) * m / denom)
+            else:
+                momentum = group.get("momentum", 0)
+                if momentum:
+                    buf = state.get("buf")
+                    buf = g if buf is None else momentum * buf + (1 - group.get("dampening", 0)) * g
+                    state["buf"] = buf
+                    g = g + momentum * buf if group.get("nesterov") else buf
+                out.append(w - lr * g)
+        return out
+
+    def step_normal(self, global_step: Optional[int] = None) -> None:
+        unrolled = self.config.unroll_steps * self.gas
+        will_finish = self._training and (self._count + 1) % unrolled == 0 and self._count + 1 > self.config.warmup_steps
+        super().step_normal(global_step)
+        if will_finish and self._inner_loop_start:
+            # The parents have differentiated through this loop: drop its graph.
+            self._weights = None
+            self._opt_state = []
+
+
+__all__ = ["IterativeProblem"]

@@ -1,0 +1,399 @@
+"""The ``Problem`` base class: one level of a multilevel optimisation, stepped
+as Betty steps it (local steps, unrolling, gradient accumulation, parents
+stepped after ``unroll_steps * gradient_accumulation`` local steps)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..configs import Config
+from ..logging import format_stats, get_logger
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def to_device(batch: Any, device) -> Any:
+    """Moves the tensors of a (nested) batch to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class Problem:
+    """One level: a module, its optimizer and scheduler, its data, its loss.
+
+    Subclasses define ``training_step(batch)`` returning the loss (a scalar
+    tensor) or a dict with ``"loss"`` and other metrics to log. Data come from
+    ``train_data_loader`` (one loader or a list) or an overridden ``get_batch()``.
+    Hooks: ``on_inner_loop_start``, ``configure_module / optimizer / scheduler /
+    train_data_loader`` (used when the constructor argument is None),
+    ``grad_callback(params)`` (gradients complete, before clipping) and
+    ``param_callback(params)`` (after the optimizer step).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: Optional[Config] = None,
+        module: Optional[nn.Module] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        scheduler=None,
+        train_data_loader=None,
+        extra_config: Optional[dict] = None,
+    ):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"Problem name must be a Python identifier (it becomes an attribute); got {name!r}")
+        if config is None:
+            config = Config()
+        if not isinstance(config, Config):
+            raise TypeError(f'problem "{name}": config must be an imaml_ext Config; got {type(config).__name__}')
+        self.name = name
+        self.config = config
+        self.module = module
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_data_loader = train_data_loader
+        self.extra_config = extra_config or {}
+
+        self.device = None
+        self.engine = None
+        self.env = None
+        self.cur_batch = None
+        self.scaler = None
+        self._count = 0
+        self._global_step = None
+        self._parents: List[Problem] = []
+        self._children: List[Problem] = []
+        self._paths: List[List[Problem]] = []
+        self.ready: List[bool] = []
+        self._inner_loop_start = True
+        self._training = True
+        self._data_iterators = None
+        self._logger = get_logger()
+        self.last_hypergradient_info: Dict[str, Any] = {}
+
+    # ----- graph (set by the Engine) -----
+    @property
+    def parents(self) -> List["Problem"]:
+        return self._parents
+
+    @property
+    def children(self) -> List["Problem"]:
+        return self._children
+
+    @property
+    def paths(self) -> List[List["Problem"]]:
+        return self._paths
+
+    @property
+    def count(self) -> int:
+        """Local steps taken."""
+        return self._count
+
+    @property
+    def gas(self) -> int:
+        return self.config.gradient_accumulation
+
+    def add_parent(self, problem: "Problem") -> None:
+        if problem not in self._parents:
+            self._parents.append(problem)
+
+    def add_child(self, problem: "Problem") -> None:
+        if problem not in self._children:
+            self._children.append(problem)
+            self.ready.append(False)
+
+    def add_path(self, path: List["Problem"]) -> None:
+        self._paths.append(path)
+
+    # ----- set-up -----
+    def initialize(self, engine) -> None:
+        """Called once by the Engine: device, configure_* hooks, scaler."""
+        self.engine = engine
+        self.device = engine.device
+        if self.module is None:
+            self.module = self.configure_module()
+        if self.module is None:
+            raise ValueError(f'problem "{self.name}" has no module: pass module= or override configure_module()')
+        self.module.to(self.device)
+        if self.optimizer is None:
+            self.optimizer = self.configure_optimizer()
+        if self.optimizer is None and self.trainable_parameters():
+            raise ValueError(f'problem "{self.name}" has no optimizer: pass optimizer= or override configure_optimizer()')
+        if self.scheduler is None:
+            self.scheduler = self.configure_scheduler()
+        if self.train_data_loader is None:
+            self.train_data_loader = self.configure_train_data_loader()
+        if self.config.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(
+                torch.device(self.device).type,
+                init_scale=self.config.initial_dynamic_scale,
+                growth_factor=self.config.scale_factor,
+            )
+        self.ready = [False] * len(self._children)
+
+    def configure_module(self):
+        return None
+
+    def configure_optimizer(self):
+        return None
+
+    def configure_scheduler(self):
+        return None
+
+    def configure_train_data_loader(self):
+        return None
+
+    # ----- user-facing -----
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def training_step(self, batch):
+        raise NotImplementedError(
+            f'problem "{self.name}" ({type(self).__name__}) must define training_step(batch) '
+            'returning a loss tensor or a dict with "loss"'
+        )
+
+    def on_inner_loop_start(self) -> None:
+        pass
+
+    def start_inner_loop(self) -> None:
+        self.on_inner_loop_start()
+
+    def grad_callback(self, params: Sequence[Tensor]) -> None:
+        pass
+
+    def param_callback(self, params: Sequence[Tensor]) -> None:
+        pass
+
+    def parameters(self) -> List[Tensor]:
+        return list(self.module.parameters())
+
+    def trainable_parameters(self) -> List[Tensor]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def train(self) -> None:
+        self._training = True
+        self.module.train()
+
+    def eval(self) -> None:
+        self._training = False
+        self.module.eval()
+
+    def state_dict(self) -> dict:
+        state = {"module": self.module.state_dict(), "count": self._count}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self._count = state.get("count", self._count)
+        if self.optimizer is not None and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    # ----- data -----
+    def get_batch(self):
+        loaders = self.train_data_loader
+        if loaders is None:
+            raise ValueError(
+                f'problem "{self.name}" has no train_data_loader: pass one (or a list) or override get_batch()'
+            )
+        single = not isinstance(loaders, (list, tuple))
+        loaders = [loaders] if single else list(loaders)
+        if self._data_iterators is None:
+            self._data_iterators = [iter(loader) for loader in loaders]
+        batches = []
+        for i, loader in enumerate(loaders):
+            try:
+                batch = next(self._data_iterators[i])
+            except StopIteration:  # a new epoch
+                self._data_iterators[i] = iter(loader)
+                batch = next(self._data_iterators[i])
+            batches.append(to_device(batch, self.device))
+        return batches[0] if single else tuple(batches)
+
+    # ----- one local step -----
+    def autocast(self):
+        dtype = _DTYPES.get(self.config.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=dtype)
+
+    def training_step_exec(self, batch):
+        with self.autocast():
+            return self.training_step(batch)
+
+    def parse_loss(self, out, where: str = "training_step"):
+        """(loss tensor, metrics dict) from what training_step returned."""
+        if isinstance(out, Tensor):
+            loss, metrics = out, {}
+        elif isinstance(out, dict) and "loss" in out:
+            loss, metrics = out["loss"], {k: v for k, v in out.items() if k != "loss"}
+            if not isinstance(loss, Tensor):
+                raise TypeError(
+                    f'problem "{self.name}": {where} returned a dict whose "loss" is a {type(loss).__name__}; '
+                    "it must be a scalar tensor attached to the graph"
+                )
+        else:
+            got = f"a dict with keys {sorted(out)}" if isinstance(out, dict) else f"a {type(out).__name__}"
+            raise TypeError(
+                f'problem "{self.name}": {where} must return a scalar loss tensor or a dict with "loss"; got {got}'
+            )
+        if loss.numel() != 1:
+            raise ValueError(
+                f'problem "{self.name}": {where} must return a scalar loss; got a tensor of shape {tuple(loss.shape)}'
+            )
+        return loss.reshape(()), metrics
+
+    def loss_for_hypergradient(self) -> Tensor:
+        """This problem's loss on its last batch at its current parameters."""
+        if self.cur_batch is None:
+            raise RuntimeError(f'problem "{self.name}" has taken no step yet, so it has no loss to differentiate')
+        loss, _ = self.parse_loss(self.training_step_exec(self.cur_batch))
+        return loss.float()
+
+    def get_loss(self, batch):
+        loss, metrics = self.parse_loss(self.training_step_exec(batch))
+        value = loss.item()  # Betty logs every loss; the same sync catches non-finite values
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f'problem "{self.name}": training_step returned a non-finite loss ({value}) '
+                f"at local step {self._count} (global step {self._global_step})"
+            )
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss = loss / self.gas
+        return loss, {"loss": value, **metrics}
+
+    def set_grads(self, params: Sequence[Tensor], grads: Sequence[Optional[Tensor]]) -> None:
+        for param, grad in zip(params, grads):
+            if grad is None:
+                continue
+            grad = grad.detach()
+            if param.grad is None:
+                param.grad = grad.clone() if grad.dtype == param.dtype else grad.to(param.dtype)
+            else:
+                param.grad.add_(grad.to(param.grad.dtype))
+
+    def backward(self, loss: Tensor) -> None:
+        """Direct gradient of this problem's loss, plus, for every path to a
+        lower problem, the hypergradient through it (the lower's Config.type)."""
+        from ..hypergradient import get_grads
+
+        params = self.trainable_parameters()
+        # An IterativeProblem below keeps its updates in the graph, so the direct
+        # gradient already goes through it.
+        paths = [path for path in self._paths if not getattr(path[1], "differentiable_updates", False)]
+        try:
+            grads = torch.autograd.grad(
+                loss,
+                params,
+                retain_graph=bool(paths) or self.config.retain_graph,
+                create_graph=not self.config.first_order,
+                allow_unused=self.config.allow_unused,
+            )
+        except RuntimeError as error:
+            raise RuntimeError(f'problem "{self.name}": computing the gradient of its loss failed: {error}') from error
+        self.set_grads(params, grads)
+        for i, path in enumerate(paths):
+            retain = i < len(paths) - 1 or self.config.retain_graph
+            self.set_grads(params, get_grads(loss, path, retain_graph=retain))
+
+    def zero_grad(self) -> None:
+        for param in self.trainable_parameters():
+            param.grad = None
+
+    def optimizer_step(self) -> None:
+        params = self.trainable_parameters()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        self.grad_callback(params)
+        if self.config.gradient_clipping > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.gradient_clipping)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def one_step_descent(self) -> dict:
+        self.cur_batch = self.get_batch()
+        loss, stats = self.get_loss(self.cur_batch)
+        self.backward(loss)
+        if self._count % self.gas == 0:
+            self.optimizer_step()
+            self.param_callback(self.trainable_parameters())
+            self.zero_grad()
+        return stats
+
+    def check_ready(self) -> bool:
+        return all(self.ready)
+
+    def log(self, stats: dict, global_step: Optional[int]) -> None:
+        where = f"[Local Step {self._count}]" if global_step is None else f"[Global Step {global_step}] [Local Step {self._count}]"
+        self._logger.info(f'[Problem "{self.name}"] {where} {format_stats(stats)}')
+        if self.engine is not None:
+            step = self._count if self.config.log_local_step or global_step is None else global_step
+            self.engine.logger.log(stats, tag=self.name, step=step)
+
+    def step_normal(self, global_step: Optional[int] = None) -> None:
+        if not self.check_ready():
+            return
+        self._global_step = global_step
+        if self._inner_loop_start:
+            self.start_inner_loop()
+            self._inner_loop_start = False
+        if self._training:
+            self._count += 1
+        stats = self.one_step_descent()
+        if self.scheduler is not None:
+            with warnings.catch_warnings():
+                # Betty steps the scheduler every local step, also between the
+                # accumulation boundaries where the optimizer does not step.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.scheduler.step()
+        if self.config.log_step > 0 and self._count % self.config.log_step == 0:
+            self.log(stats, global_step)
+        if (
+            self._training
+            and self._count % (self.config.unroll_steps * self.gas) == 0
+            and self._count > self.config.warmup_steps
+        ):
+            for parent in self._parents:
+                parent.ready[parent.children.index(self)] = True
+                parent.step_normal(global_step=global_step)
+            self._inner_loop_start = True
+        self.ready = [False] * len(self._children)
+
+    def step(self, global_step: Optional[int] = None) -> None:
+        """One local step (data, loss, gradient, update); then the parents' step
+        when this problem has unrolled ``unroll_steps * gradient_accumulation``."""
+        self._global_step = global_step
+        self.step_normal(global_step=global_step)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(name="{self.name}")'
