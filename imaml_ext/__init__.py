@@ -3,6 +3,7 @@ Betty-compatible multilevel API (Env, ImplicitProblem, IterativeProblem,
 Engine, Config, EngineConfig)."""
 
 from . import ops
+from .batched import IMAML, MetaStepResult, TaskBatchedModule
 from .configs import Config, EngineConfig
 from .engine import Engine
 from .envs import Env
@@ -12,6 +13,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ops",
+    "IMAML",
+    "MetaStepResult",
+    "TaskBatchedModule",
     "Config",
     "EngineConfig",
     "Engine",

@@ -1,0 +1,255 @@
+"""``IMAML``: the batched implicit-MAML meta-step, every task of a meta-batch at once.
+
+The maths, per task t: phi_t starts at theta and takes ``inner_steps`` steps
+phi <- phi - inner_lr * (grad L_support(phi) + lam * (phi - theta)) (L = mean
+cross-entropy). The meta-gradient is mean_t (I + H_t / lam)^-1 grad L_query(phi_t),
+H_t the Hessian of L_support at phi_t, added to theta's ``.grad``. (The
+tutorial's reg * ||phi - theta||^2 is lam = 2 * reg.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops import CGInfo
+from .module import TaskBatchedModule, check_num_tasks
+
+
+class MetaStepResult(NamedTuple):
+    """Tensors on the device: reading them (``.item()``) is the only host sync."""
+
+    loss: Tensor  # mean query loss over tasks, after adaptation
+    accuracy: Tensor  # mean query accuracy over tasks, in [0, 1]
+    support_loss: Tensor  # mean support loss at the end of the inner loop
+    cg: CGInfo  # per-task CG diagnostics
+
+
+def _check_positive(name: str, value, integer: bool = False, allow_zero: bool = False) -> None:
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    bad = bad or (integer and not isinstance(value, int)) or value < 0 or (value == 0 and not allow_zero)
+    if bad:
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"IMAML: {name} must be {kind} {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+
+
+class IMAML:
+    """Batched implicit MAML for a classification ``model`` (any nn.Module of
+    standard layers; its parameters are theta).
+
+    ``meta_step(support_x, support_y, query_x, query_y)`` takes ``[T, ...]``
+    batches, adds the meta-gradient to theta's ``.grad`` (as ``backward()``
+    would, so any torch optimizer steps it) and returns a
+    :class:`MetaStepResult`. ``adapt`` returns phi for evaluation.
+
+    - inner loop: one fused ``imaml_ext.ops.prox_sgd_step_`` per step for all
+      tasks; no graph is kept across steps, so memory is flat in ``inner_steps``;
+    - HVPs: double backward through one support-loss gradient graph built once
+      per solve (the linearisation is reused by every CG iteration);
+    - CG: ``imaml_ext.ops.cg_solve``, per-task scalars on the device;
+    - ``forward``: "vmap" (grouped convolutions, one launch per layer: the
+      GPU default), "loop" (dense per-task layers: faster on a CPU) or "auto";
+    - ``check_labels``: one host sync per call to check the labels' range
+      (out-of-range labels would give an unreadable device assert on CUDA);
+      turn it off for sync-free steps and CUDA-graph capture.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_steps: int = 5,
+        inner_lr: float = 0.1,
+        lam: float = 2.0,
+        cg_iterations: int = 5,
+        cg_tol: float = 0.0,
+        ways: Optional[int] = None,
+        check_labels: bool = True,
+        forward: str = "auto",
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"IMAML: model must be a torch.nn.Module; got {type(model).__name__}")
+        _check_positive("inner_steps", inner_steps, integer=True, allow_zero=True)
+        _check_positive("inner_lr", inner_lr)
+        _check_positive("lam", lam)
+        _check_positive("cg_iterations", cg_iterations, integer=True)
+        _check_positive("cg_tol", cg_tol, allow_zero=True)
+        if ways is not None:
+            _check_positive("ways", ways, integer=True)
+        self.model = model
+        self.inner_steps = inner_steps
+        self.inner_lr = float(inner_lr)
+        self.lam = float(lam)
+        self.cg_iterations = cg_iterations
+        self.cg_tol = float(cg_tol)
+        self.ways = ways
+        self.check_labels = check_labels
+        if forward not in TaskBatchedModule.FORWARDS:
+            raise ValueError(f"IMAML: forward must be one of {', '.join(map(repr, TaskBatchedModule.FORWARDS))}; got {forward!r}")
+        self.forward = forward
+        self._batched: Optional[TaskBatchedModule] = None
+
+    # ----- helpers -----
+    def batched(self, num_tasks: int) -> TaskBatchedModule:
+        if self._batched is None or self._batched.num_tasks != num_tasks:
+            self._batched = TaskBatchedModule(self.model, num_tasks, self.forward)
+        else:
+            self._batched.buffers = self._batched.fresh_buffers(num_tasks)
+        return self._batched
+
+    def _check_batch(self, support_x, support_y, query_x=None, query_y=None) -> int:
+        named = [("support_x", support_x), ("support_y", support_y)]
+        if query_x is not None:
+            named += [("query_x", query_x), ("query_y", query_y)]
+        for name, t in named:
+            if not isinstance(t, Tensor):
+                raise TypeError(f"IMAML: {name} must be a tensor; got {type(t).__name__}")
+            if t.dim() < (2 if name.endswith("y") else 3):
+                want = "[T, N]" if name.endswith("y") else "[T, N, ...]"
+                raise ValueError(f"IMAML: {name} must be {want} (tasks first); got shape {tuple(t.shape)}")
+        num_tasks = support_x.shape[0]
+        if num_tasks == 0:
+            raise ValueError("IMAML: the meta-batch must hold at least one task; got T = 0")
+        for name, t in named[1:]:
+            if t.shape[0] != num_tasks:
+                raise ValueError(
+                    f"IMAML: {name} must have the T = {num_tasks} tasks of support_x; got shape {tuple(t.shape)}"
+                )
+        for x_name, x, y_name, y in [(named[i][0], named[i][1], named[i + 1][0], named[i + 1][1]) for i in range(0, len(named), 2)]:
+            if y.shape[:2] != x.shape[:2]:
+                raise ValueError(
+                    f"IMAML: {y_name} must have one label per example of {x_name} {tuple(x.shape[:2])}; "
+                    f"got shape {tuple(y.shape)}"
+                )
+            if y.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"IMAML: {y_name} must hold integer class labels; got dtype {y.dtype}")
+        return num_tasks
+
+    def _num_classes(self, module: TaskBatchedModule, x: Tensor) -> int:
+        """ways, or the model's output width (one example through theta, once)."""
+        if getattr(self, "_classes", None) is None:
+            with torch.no_grad():
+                out = module.forward([p.detach().unsqueeze(0) for p in module.theta()], x[:1, :1],
+                                     {k: b[:1] for k, b in module.buffers.items()})
+            self._classes = out.shape[-1]
+        if self.ways is not None and self._classes != self.ways:
+            raise ValueError(f"IMAML: the model outputs {self._classes} classes but ways = {self.ways}")
+        return self._classes
+
+    def _check_label_range(self, module: TaskBatchedModule, x: Tensor, *labels: Tuple[str, Tensor]) -> None:
+        ways = self._num_classes(module, x)
+        bounds = torch.stack([v for _, y in labels for v in (y.min(), y.max())]).tolist()  # the one host sync
+        for (name, _), low, high in zip(labels, bounds[0::2], bounds[1::2]):
+            if low < 0 or high >= ways:
+                raise ValueError(
+                    f"IMAML: {name} must hold labels in [0, {ways - 1}] ({ways} ways); got labels in [{low}, {high}]"
+                )
+
+    @staticmethod
+    def task_losses(logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy per task: [T]."""
+        t, n = labels.shape[:2]
+        return F.cross_entropy(logits.reshape(t * n, -1), labels.reshape(-1), reduction="none").view(t, n).mean(1)
+
+    # ----- the inner loop -----
+    def adapt(self, support_x: Tensor, support_y: Tensor, inner_steps: Optional[int] = None):
+        """phi for every task after the proximal inner loop: a list of [T, *shape] tensors
+        (and the batched module whose forward runs them)."""
+        num_tasks = self._check_batch(support_x, support_y)
+        module = self.batched(num_tasks)
+        steps = self.inner_steps if inner_steps is None else inner_steps
+        phi = self._inner_loop(module, support_x, support_y, steps, check=self.check_labels)
+        return phi, module
+
+    def _inner_loop(self, module, support_x, support_y, steps, check):
+        theta = [p.detach() for p in module.theta()]
+        try:
+            phi = module.expand_theta()
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            raise self._too_big(error, module.num_tasks, theta) from error
+        if check:
+            self._check_label_range(module, support_x, ("support_y", support_y))
+        for _ in range(steps):
+            phi = [p.requires_grad_(True) for p in phi]
+            with torch.enable_grad():
+                loss = self.task_losses(module(phi, support_x), support_y).sum()
+                grads = torch.autograd.grad(loss, phi)
+            phi = [p.detach() for p in phi]
+            with torch.no_grad():
+                ops.prox_sgd_step_(phi, list(grads), theta, self.inner_lr, self.lam)
+        return phi
+
+    @staticmethod
+    def _too_big(error: Exception, num_tasks: int, theta: Sequence[Tensor]) -> Exception:
+        if isinstance(error, torch.OutOfMemoryError) or "allocate" in str(error) or "out of memory" in str(error):
+            per_task = sum(p.numel() * p.element_size() for p in theta)
+            device = theta[0].device
+            return MemoryError(
+                f"IMAML: a meta-batch of T = {num_tasks} tasks does not fit on {device}: each task holds "
+                f"{per_task / 2**20:.1f} MiB of parameters (x ~6 for phi, gradients and the CG vectors) plus "
+                f"its activations; use a smaller meta-batch (or split it over steps or devices). ({error})"
+            )
+        return error
+
+    # ----- the meta-step -----
+    def meta_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> MetaStepResult:
+        num_tasks = self._check_batch(support_x, support_y, query_x, query_y)
+        module = self.batched(num_tasks)
+        theta = module.theta()
+        try:
+            return self._meta_step(module, theta, num_tasks, support_x, support_y, query_x, query_y)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            raised = self._too_big(error, num_tasks, theta)
+            if raised is error:
+                raise
+            raise raised from error
+
+    def _meta_step(self, module, theta, num_tasks, support_x, support_y, query_x, query_y) -> MetaStepResult:
+        if self.check_labels:
+            self._check_label_range(module, support_x, ("support_y", support_y), ("query_y", query_y))
+        phi = self._inner_loop(module, support_x, support_y, self.inner_steps, check=False)
+
+        phi = [p.requires_grad_(True) for p in phi]
+        with torch.enable_grad():
+            query_logits = module(phi, query_x)
+            query_losses = self.task_losses(query_logits, query_y)
+            v = torch.autograd.grad(query_losses.sum(), phi)
+            # One support-gradient graph at phi serves every HVP of the solve.
+            support_losses = self.task_losses(module(phi, support_x), support_y)
+            support_grads = torch.autograd.grad(support_losses.sum(), phi, create_graph=True)
+
+        def hvp(vectors: List[Tensor]) -> List[Tensor]:
+            out = torch.autograd.grad(support_grads, phi, grad_outputs=vectors, retain_graph=True)
+            return [h.detach() for h in out]
+
+        x, info = ops.cg_solve(hvp, [g.detach() for g in v], self.lam, self.cg_iterations, self.cg_tol)
+        with torch.no_grad():
+            for p, xt in zip(theta, x):
+                mean = xt.mean(0).to(p.dtype)
+                if p.grad is None:
+                    p.grad = mean.clone()
+                else:
+                    p.grad.add_(mean)
+            accuracy = (query_logits.argmax(-1) == query_y).float().mean()
+        return MetaStepResult(
+            loss=query_losses.detach().mean(),
+            accuracy=accuracy,
+            support_loss=support_losses.detach().mean(),
+            cg=info,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+                 inner_steps: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """(mean query loss, mean query accuracy) after adapting every task: tensors."""
+        self._check_batch(support_x, support_y, query_x, query_y)
+        phi, module = self.adapt(support_x, support_y, inner_steps)
+        logits = module(phi, query_x)
+        return self.task_losses(logits, query_y).mean(), (logits.argmax(-1) == query_y).float().mean()
+
+
+__all__ = ["IMAML", "MetaStepResult"]

@@ -1,0 +1,342 @@
+"""The batched iMAML meta-step: equal to the Betty-API sequential path and to a
+dense solve, flat in memory over inner steps, rejecting bad input clearly,
+and learning on Omniglot."""
+
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import imaml_ext
+from imaml_ext import IMAML, Config, Engine, EngineConfig, Env, ImplicitProblem
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+f64 = torch.float64
+
+
+def conv4(ways=5, hidden=8, dtype=f64):
+    layers, channels = [], 1
+    for _ in range(4):
+        layers += [nn.Conv2d(channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden, track_running_stats=False),
+                   nn.ReLU(), nn.MaxPool2d(2)]
+        channels = hidden
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(hidden, ways)).to(dtype)
+
+
+def random_tasks(T, ways=5, shots=1, query=2, dtype=f64):
+    def part(k):
+        x = torch.randn(T, ways * k, 1, 28, 28, dtype=dtype)
+        y = torch.arange(ways).repeat_interleave(k).repeat(T, 1)
+        return x, y[:, torch.randperm(ways * k)]
+
+    return (*part(shots), *part(query))
+
+
+# ----- the Betty-API sequential path, the same maths one task at a time -----
+
+class TaskEnv(Env):
+    def __init__(self, tasks):
+        super().__init__()
+        self.tasks, self.index, self.batch = tasks, -1, None
+
+    def step(self):
+        self.index += 1
+        sx, sy, qx, qy = (t[self.index] for t in self.tasks)
+        self.batch = {"train": (sx, sy), "test": (qx, qy)}
+
+
+class Lower(ImplicitProblem):
+    def training_step(self, batch):
+        x, y = batch
+        lam = self.config.proximal_lambda
+        prox = sum(((p - q) ** 2).sum() for p, q in zip(self.parameters(), self.upper.parameters()))
+        return F.cross_entropy(self.module(x), y) + 0.5 * lam * prox
+
+    def get_batch(self):
+        return self.env.batch["train"]
+
+    def on_inner_loop_start(self):
+        self.module.load_state_dict(self.upper.module.state_dict())
+
+
+class Upper(ImplicitProblem):
+    def training_step(self, batch):
+        x, y = batch
+        return F.cross_entropy(self.lower(x), y)
+
+    def get_batch(self):
+        return self.env.batch["test"]
+
+
+def sequential_meta_gradient(model, tasks, inner_steps, inner_lr, lam, cg_iterations):
+    """theta's gradient after one meta-step of T tasks through imaml_ext.Engine."""
+    import copy
+
+    T = tasks[0].shape[0]
+    theta = copy.deepcopy(model)
+    captured = {}
+
+    class CapturingUpper(Upper):
+        def grad_callback(self, params):
+            captured["grads"] = [p.grad.clone() for p in params]
+
+    upper = CapturingUpper("upper", Config(gradient_accumulation=T), theta,
+                           torch.optim.SGD(theta.parameters(), lr=0.0))
+    phi = copy.deepcopy(model)
+    lower = Lower("lower", Config(type="cg", unroll_steps=inner_steps, cg_iterations=cg_iterations,
+                                  proximal_lambda=lam), phi, torch.optim.SGD(phi.parameters(), lr=inner_lr))
+
+    class TaskEngine(Engine):
+        def train_step(self):
+            if self.global_step % inner_steps == 1 or inner_steps == 1:
+                self.env.step()
+            for leaf in self.leaves:
+                leaf.step(global_step=self.global_step)
+
+    engine = TaskEngine([upper, lower], EngineConfig(device="cpu", train_iters=T * inner_steps),
+                        {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}, env=TaskEnv(tasks))
+    engine.run()
+    assert upper.count == T
+    return captured["grads"]
+
+
+@pytest.mark.parametrize("forward", ["loop", "vmap"])
+def test_batched_equals_betty_api_sequential_on_conv4_with_batchnorm(forward):
+    T, inner_steps, inner_lr, lam, cg_iterations = 3, 4, 0.1, 2.0, 4
+    model = conv4()
+    tasks = random_tasks(T)
+    expected = sequential_meta_gradient(model, tasks, inner_steps, inner_lr, lam, cg_iterations)
+    imaml = IMAML(model, inner_steps, inner_lr, lam, cg_iterations, forward=forward)
+    result = imaml.meta_step(*tasks)
+    got = [p.grad for p in model.parameters()]
+    for name, g, e in zip([n for n, _ in model.named_parameters()], got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: {m}")
+    # Every task ran all iterations, except one whose CG met non-positive curvature
+    # (a Conv4 Hessian after 4 steps can be indefinite; both paths then stop alike).
+    assert bool(((result.cg.iterations == cg_iterations) | result.cg.breakdown).all())
+    assert 0.0 <= result.accuracy.item() <= 1.0 and result.loss.item() > 0
+
+
+def test_meta_gradient_accumulates_into_existing_grad():
+    model = conv4()
+    tasks = random_tasks(2)
+    imaml = IMAML(model, 2, 0.1, 2.0, 3)
+    imaml.meta_step(*tasks)
+    once = [p.grad.clone() for p in model.parameters()]
+    imaml.meta_step(*tasks)
+    for p, g in zip(model.parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=1e-14)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5).double()
+        self.fc2 = nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_batched_equals_dense_solve_on_tiny_network():
+    T, inner_steps, inner_lr, lam = 3, 6, 0.2, 2.0
+    model = TinyMLP()
+    n = sum(p.numel() for p in model.parameters())
+    sx, qx = torch.randn(T, 6, 4, dtype=f64), torch.randn(T, 9, 4, dtype=f64)
+    sy, qy = torch.randint(0, 3, (T, 6)), torch.randint(0, 3, (T, 9))
+    imaml = IMAML(model, inner_steps, inner_lr, lam, cg_iterations=2 * n)
+    result = imaml.meta_step(sx, sy, qx, qy)
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def unflat(flat):
+        out, i = {}, 0
+        for k, s in zip(names, shapes):
+            out[k] = flat[i:i + math.prod(s)].reshape(s)
+            i += math.prod(s)
+        return out
+
+    def loss(flat, x, y):
+        return F.cross_entropy(torch.func.functional_call(model, unflat(flat), (x,)), y)
+
+    expected = torch.zeros(n, dtype=f64)
+    for t in range(T):
+        phi = theta.clone()
+        for _ in range(inner_steps):
+            g = torch.autograd.functional.jacobian(lambda f: loss(f, sx[t], sy[t]), phi)
+            phi = phi - inner_lr * (g + lam * (phi - theta))
+        H = torch.autograd.functional.hessian(lambda f: loss(f, sx[t], sy[t]), phi)
+        v = torch.autograd.functional.jacobian(lambda f: loss(f, qx[t], qy[t]), phi)
+        assert torch.linalg.eigvalsh(torch.eye(n, dtype=f64) + H / lam).min() > 0
+        expected += torch.linalg.solve(torch.eye(n, dtype=f64) + H / lam, v) / T
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    assert not result.cg.breakdown.any()
+
+
+def test_adapt_matches_the_proximal_inner_loop_and_evaluate_reports_it():
+    model = TinyMLP()
+    sx, sy = torch.randn(2, 6, 4, dtype=f64), torch.randint(0, 3, (2, 6))
+    imaml = IMAML(model, inner_steps=3, inner_lr=0.3, lam=0.5)
+    phi, module = imaml.adapt(sx, sy)
+    theta = [p.detach() for p in model.parameters()]
+    for t in range(2):
+        ref = [p.clone() for p in theta]
+        for _ in range(3):
+            ref = [p.requires_grad_(True) for p in ref]
+            out = torch.func.functional_call(model, dict(zip([k for k, _ in model.named_parameters()], ref)), (sx[t],))
+            grads = torch.autograd.grad(F.cross_entropy(out, sy[t]), ref)
+            ref = [(p - 0.3 * (g + 0.5 * (p - q))).detach() for p, g, q in zip(ref, grads, theta)]
+        for a, b in zip(phi, ref):
+            torch.testing.assert_close(a[t], b, rtol=1e-12, atol=1e-12)
+    loss, acc = imaml.evaluate(sx, sy, sx, sy)
+    assert loss.item() == pytest.approx(IMAML.task_losses(module(phi, sx), sy).mean().item(), rel=1e-12)
+
+
+# ----- bad input -----
+
+def test_bad_inputs_are_rejected_with_clear_errors():
+    model = TinyMLP()
+    imaml = IMAML(model, 1, 0.1, 1.0, 2)
+    sx, sy, qx, qy = torch.randn(2, 6, 4, dtype=f64), torch.randint(0, 3, (2, 6)), torch.randn(2, 9, 4, dtype=f64), torch.randint(0, 3, (2, 9))
+    with pytest.raises(ValueError, match=r"query_x must have the T = 2 tasks of support_x; got shape \(3, 9, 4\)"):
+        imaml.meta_step(sx, sy, torch.randn(3, 9, 4, dtype=f64), torch.randint(0, 3, (3, 9)))
+    with pytest.raises(ValueError, match=r"query_y must hold labels in \[0, 2\] \(3 ways\); got labels in \[0, 3\]"):
+        bad = qy.clone()
+        bad[0, 4] = 3
+        imaml.meta_step(sx, sy, qx, bad)
+    with pytest.raises(ValueError, match=r"support_y must hold labels in \[0, 2\] \(3 ways\); got labels in \[-1, 2\]"):
+        bad = sy.clone()
+        bad[1, 2] = -1
+        imaml.meta_step(sx, bad, qx, qy)
+    with pytest.raises(ValueError, match=r"at least one task; got T = 0"):
+        imaml.meta_step(sx[:0], sy[:0], qx[:0], qy[:0])
+    with pytest.raises(ValueError, match=r"support_y must have one label per example of support_x \(2, 6\); got shape \(2, 5\)"):
+        imaml.meta_step(sx, sy[:, :5], qx, qy)
+    with pytest.raises(TypeError, match=r"query_y must hold integer class labels; got dtype torch.float32"):
+        imaml.meta_step(sx, sy, qx, qy.float())
+    with pytest.raises(ValueError, match=r"support_x must be \[T, N, \.\.\.\] \(tasks first\); got shape \(6, 4\)"):
+        imaml.meta_step(sx[0], sy, qx, qy)
+    with pytest.raises(ValueError, match=r"IMAML: lam must be a finite number > 0; got 0"):
+        IMAML(model, 1, 0.1, 0, 2)
+    with pytest.raises(ValueError, match=r"IMAML: cg_iterations must be an integer > 0; got 1.5"):
+        IMAML(model, 1, 0.1, 1.0, 1.5)
+    with pytest.raises(ValueError, match=r"forward must be one of 'auto', 'vmap', 'loop'; got 'fast'"):
+        IMAML(model, forward="fast")
+    with pytest.raises(ValueError, match=r"the model outputs 3 classes but ways = 5"):
+        IMAML(model, 1, 0.1, 1.0, 2, ways=5).meta_step(sx, sy, qx, qy)
+    assert all(p.grad is None for p in model.parameters()), "a rejected step must not touch theta's grad"
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+@pytest.mark.parametrize(
+    "model, pattern",
+    [
+        (nn.Sequential(nn.Linear(4, 3), nn.LSTM(3, 3)), r"layer '1' \(LSTM\): recurrent layers"),
+        (nn.Sequential(nn.Linear(4, 3), Custom()), r"layer '1' \(Custom\): it is not a standard torch.nn layer"),
+    ],
+)
+def test_unbatchable_layers_are_named(model, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        IMAML(model).meta_step(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long),
+                               torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_meta_batch_that_does_not_fit_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 5))  # 16 MiB of parameters per task
+    imaml = IMAML(model, 1, 0.1, 1.0, 1, check_labels=False)
+    T = 2**20  # 16 TiB of phi
+    x = torch.zeros(1, 1, 2048).expand(T, 1, 2048)
+    y = torch.zeros(1, 1, dtype=torch.long).expand(T, 1)
+    with pytest.raises(MemoryError, match=r"a meta-batch of T = 1048576 tasks does not fit on cpu: each task holds 16\.0 MiB"):
+        imaml.meta_step(x, y, x, y)
+
+
+# ----- memory is flat in the number of inner steps -----
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, torch
+    from torch import nn
+    sys.path.insert(0, sys.argv[3])
+    from test_batched import conv4
+    from imaml_ext import IMAML
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    steps, mode = int(sys.argv[1]), sys.argv[2]
+    model = conv4(hidden=32, dtype=torch.float32)
+    T, n = 4, 25
+    sx, sy = torch.randn(T, n, 1, 28, 28), torch.randint(0, 5, (T, n))
+    if mode == "imaml":
+        IMAML(model, steps, 0.1, 2.0, 2, check_labels=False).meta_step(sx, sy, sx, sy)
+    else:  # unrolled MAML: the graph of every inner step is kept
+        im = IMAML(model, 0, 0.1, 2.0, 1, check_labels=False)
+        mod = im.batched(T)
+        phi = [p.requires_grad_(True) for p in mod.expand_theta()]
+        for _ in range(steps):
+            g = torch.autograd.grad(IMAML.task_losses(mod(phi, sx), sy).sum(), phi, create_graph=True)
+            phi = [p - 0.1 * q for p, q in zip(phi, g)]
+        IMAML.task_losses(mod(phi, sx), sy).sum().backward()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    """
+)
+
+
+def peak_rss_mib(steps, mode):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(steps), mode, str(ROOT / "python_tests")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_is_flat_in_inner_steps_while_unrolled_maml_grows():
+    imaml_5, imaml_50 = peak_rss_mib(5, "imaml"), peak_rss_mib(50, "imaml")
+    maml_2, maml_8 = peak_rss_mib(2, "maml"), peak_rss_mib(8, "maml")
+    print(f"peak RSS MiB: iMAML 5 steps {imaml_5}, 50 steps {imaml_50}; unrolled 2 steps {maml_2}, 8 steps {maml_8}")
+    # The same harness sees the unrolled graph grow by hundreds of MiB...
+    assert maml_8 > maml_2 + 150
+    # ...and iMAML's peak stay where it was with 10x the inner steps.
+    assert imaml_50 < imaml_5 * 1.1 + 20
+
+
+# ----- learning on Omniglot -----
+
+def test_short_omniglot_run_beats_fine_tuning_from_the_random_start():
+    from imaml_ext.data import find_data_root, omniglot_tasks
+
+    try:
+        find_data_root()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    seed = torch.initial_seed() % 2**31
+    tasks = omniglot_tasks(ways=5, shots=1, query=5, seed=seed)
+    model = conv4(hidden=32, dtype=torch.float32)
+    imaml = IMAML(model, inner_steps=5, inner_lr=0.1, lam=0.5, cg_iterations=3)
+    test_batch = tasks.test.sample(100)
+    loss0, acc0 = imaml.evaluate(*test_batch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        imaml.meta_step(*tasks.train.sample(8))
+        optimizer.step()
+    loss1, acc1 = imaml.evaluate(*test_batch)
+    assert loss1 < 0.9 * loss0, f"query loss {loss0.item():.3f} -> {loss1.item():.3f}"
+    assert acc1 > acc0 + 0.03, f"query accuracy {acc0.item():.3f} -> {acc1.item():.3f}"
