@@ -1068,7 +1068,8 @@ def test_proximal_lambda_needs_a_parent_with_the_same_shapes():
         Engine([p], EngineConfig(device="cpu"))
     lower, upper = ProxLower("lower", Config(proximal_lambda=1.0), dim=D), MetaUpper("upper", dim=D + 1)
     with pytest.raises(ValueError, match=rf'problem "lower": Config\.proximal_lambda declares a proximal term to '
-                                         rf'"upper"\'s parameters, .*same parameter shapes.*\(1, {D}\).*\(1, {D + 1}\)'):
+                                         rf'"upper"\'s parameters, so its parameter shapes must be \[\(1, {D + 1}\), \(1,\)\]; '
+                                         rf'got \[\(1, {D}\), \(1,\)\]'):
         Engine([lower, upper], EngineConfig(device="cpu"),
                dependencies={"l2u": {lower: [upper]}, "u2l": {upper: [lower]}})
 

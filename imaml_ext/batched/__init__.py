@@ -1,6 +1,6 @@
 """The batched fast path: every task of a meta-batch in one pass."""
 
 from .imaml import IMAML, MetaStepResult
-from .module import TaskBatchedModule, check_batchable
+from .module import BatchedModule, TaskBatchedModule, check_batchable, task_cross_entropy
 
-__all__ = ["IMAML", "MetaStepResult", "TaskBatchedModule", "check_batchable"]
+__all__ = ["IMAML", "MetaStepResult", "BatchedModule", "TaskBatchedModule", "check_batchable", "task_cross_entropy"]

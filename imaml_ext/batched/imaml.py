@@ -211,8 +211,18 @@ class IMAML:
     def _meta_step(self, module, theta, num_tasks, support_x, support_y, query_x, query_y) -> MetaStepResult:
         if self.check_labels:
             self._check_label_range(module, support_x, ("support_y", support_y), ("query_y", query_y))
-        phi = self._inner_loop(module, support_x, support_y, self.inner_steps, check=False)
+        meta_grads, result = self._meta_gradient(module, support_x, support_y, query_x, query_y)
+        with torch.no_grad():
+            for p, g in zip(theta, meta_grads):
+                if p.grad is None:
+                    p.grad = g.to(p.dtype)
+                else:
+                    p.grad.add_(g.to(p.grad.dtype))
+        return result
 
+    def _meta_gradient(self, module, support_x, support_y, query_x, query_y):
+        """(mean over tasks of (I + H_t/lam)^-1 grad L_query(phi_t), per theta tensor; result)."""
+        phi = self._inner_loop(module, support_x, support_y, self.inner_steps, check=False)
         phi = [p.requires_grad_(True) for p in phi]
         with torch.enable_grad():
             query_logits = module(phi, query_x)
@@ -228,19 +238,22 @@ class IMAML:
 
         x, info = ops.cg_solve(hvp, [g.detach() for g in v], self.lam, self.cg_iterations, self.cg_tol)
         with torch.no_grad():
-            for p, xt in zip(theta, x):
-                mean = xt.mean(0).to(p.dtype)
-                if p.grad is None:
-                    p.grad = mean.clone()
-                else:
-                    p.grad.add_(mean)
+            meta_grads = [xt.mean(0) for xt in x]
             accuracy = (query_logits.argmax(-1) == query_y).float().mean()
-        return MetaStepResult(
+        result = MetaStepResult(
             loss=query_losses.detach().mean(),
             accuracy=accuracy,
             support_loss=support_losses.detach().mean(),
             cg=info,
         )
+        return meta_grads, result
+
+    def capture(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+                warmup: int = 3) -> "CapturedMetaStep":
+        """The whole meta-step (inner loop, HVPs, CG) as one CUDA graph for batches
+        of these shapes: calling the result replays it with new batches and gives
+        the same numbers as ``meta_step``, without launch or Python overhead."""
+        return CapturedMetaStep(self, support_x, support_y, query_x, query_y, warmup)
 
     @torch.no_grad()
     def evaluate(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
@@ -252,4 +265,62 @@ class IMAML:
         return self.task_losses(logits, query_y).mean(), (logits.argmax(-1) == query_y).float().mean()
 
 
-__all__ = ["IMAML", "MetaStepResult"]
+class CapturedMetaStep:
+    """``IMAML.meta_step`` captured as a CUDA graph for fixed shapes.
+
+    ``step(support_x, support_y, query_x, query_y)`` copies the batches into the
+    graph's static inputs, replays it, and adds the meta-gradient to theta's
+    ``.grad`` (outside the graph, so ``optimizer.zero_grad()`` may free .grad).
+    The returned MetaStepResult's tensors are the graph's: the next replay
+    overwrites them. Labels are checked once, at capture.
+    """
+
+    def __init__(self, imaml: IMAML, support_x, support_y, query_x, query_y, warmup: int = 3):
+        inputs = (support_x, support_y, query_x, query_y)
+        num_tasks = imaml._check_batch(*inputs)
+        if support_x.device.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"IMAML.capture needs CUDA tensors (CUDA graphs); got tensors on {support_x.device}")
+        self.imaml = imaml
+        self.module = imaml.batched(num_tasks)
+        self.theta = self.module.theta()
+        if imaml.check_labels:
+            imaml._check_label_range(self.module, support_x, ("support_y", support_y), ("query_y", query_y))
+        self.static = [t.clone() for t in inputs]
+        self.names = ("support_x", "support_y", "query_x", "query_y")
+
+        def run():
+            grads, result = imaml._meta_gradient(self.module, *self.static)
+            return grads, result
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch requires
+            for _ in range(max(1, warmup)):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.meta_grads, self.result = run()
+
+    def step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> MetaStepResult:
+        for name, static, new in zip(self.names, self.static, (support_x, support_y, query_x, query_y)):
+            if not isinstance(new, Tensor) or new.shape != static.shape or new.dtype != static.dtype:
+                got = f"{tuple(new.shape)} {new.dtype}" if isinstance(new, Tensor) else type(new).__name__
+                raise ValueError(
+                    f"CapturedMetaStep: {name} must match the captured batch ({tuple(static.shape)} {static.dtype}); "
+                    f"got {got}: capture again for new shapes"
+                )
+            static.copy_(new)
+        self.graph.replay()
+        with torch.no_grad():
+            for p, g in zip(self.theta, self.meta_grads):
+                if p.grad is None:
+                    p.grad = g.to(p.dtype).clone()
+                else:
+                    p.grad.add_(g.to(p.grad.dtype))
+        return self.result
+
+    __call__ = step
+
+
+__all__ = ["IMAML", "MetaStepResult", "CapturedMetaStep"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
@@ -117,4 +118,78 @@ def check_num_tasks(num_tasks) -> None:
         raise ValueError(f"the number of tasks T must be an integer >= 1; got {num_tasks!r}")
 
 
-__all__ = ["TaskBatchedModule", "check_batchable"]
+
+
+class BatchedModule(nn.Module):
+    """An ``nn.Module`` holding T task copies of ``model``'s parameters as
+    ``[T, *shape]`` Parameters, for the Betty-compatible API: a lower problem's
+    module that adapts every task of a meta-batch at once.
+
+    ``forward(x)`` maps ``[T, B, ...]`` to ``[T, B, ...]`` (task t's inputs
+    through task t's parameters, BatchNorm statistics per task).
+    ``load_state_dict(model.state_dict())`` with the single model's keys copies
+    it into every task (the tutorial's ``on_inner_loop_start`` line works
+    unchanged); a BatchedModule's own state dict loads as usual.
+    """
+
+    def __init__(self, model: nn.Module, num_tasks: int, forward: str = "auto"):
+        super().__init__()
+        self._batched = TaskBatchedModule(model, num_tasks, forward)
+        self.num_tasks = num_tasks
+        self._keys = {n: n.replace(".", "__") for n in self._batched.names}
+        for name, phi in zip(self._batched.names, self._batched.expand_theta()):
+            self.register_parameter(self._keys[name], nn.Parameter(phi))
+        for name, buf in self._batched.buffers.items():
+            self.register_buffer(name.replace(".", "__"), buf)
+
+    def task_parameters(self) -> List[Tensor]:
+        return [getattr(self, self._keys[n]) for n in self._batched.names]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[0] != self.num_tasks:
+            raise ValueError(
+                f"BatchedModule: inputs must be [T, B, ...] with T = {self.num_tasks} tasks; got shape {tuple(x.shape)}"
+            )
+        buffers = {n: getattr(self, n.replace(".", "__")) for n in self._batched.buffer_names}
+        return self._batched.forward(self.task_parameters(), x, buffers)
+
+    @torch.no_grad()
+    def copy_from_(self, model: nn.Module) -> None:
+        """phi_t = theta for every task: one foreach copy over all tensors."""
+        source = dict(model.named_parameters())
+        missing = [n for n in self._batched.names if n not in source]
+        if missing:
+            raise ValueError(f"BatchedModule: the source model lacks parameters {missing}")
+        targets = self.task_parameters()
+        torch._foreach_copy_(targets, [source[n].detach().expand_as(t) for n, t in zip(self._batched.names, targets)])
+        for name, buf in model.named_buffers():
+            getattr(self, name.replace(".", "__")).copy_(buf.expand_as(getattr(self, name.replace(".", "__"))))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        template_keys = set(self._batched.model.state_dict().keys())
+        if template_keys and set(state_dict.keys()) == template_keys:
+            params = self.task_parameters()
+            with torch.no_grad():
+                torch._foreach_copy_(
+                    params, [state_dict[n].to(p.device, p.dtype).expand_as(p) for n, p in zip(self._batched.names, params)]
+                )
+                for name in self._batched.buffer_names:
+                    mine = getattr(self, name.replace(".", "__"))
+                    mine.copy_(state_dict[name].to(mine.device).expand_as(mine))
+            return None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def task_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of each task: logits [T, B, C], labels [T, B] -> [T].
+    Sum it for a batched lower problem's loss (each task's gradient is then its
+    own), average it for the upper's (the meta-gradient's mean over tasks)."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"task_cross_entropy: logits must be [T, B, C] and labels [T, B]; got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    t, b = labels.shape
+    return F.cross_entropy(logits.reshape(t * b, -1), labels.reshape(-1), reduction="none").view(t, b).mean(1)
+
+
+__all__ = ["TaskBatchedModule", "BatchedModule", "task_cross_entropy", "check_batchable"]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .utils import gradient_with_graph, hvp_fn, mixed_vjp, verify_proximal
+from .utils import gradient_with_graph, hvp_fn, mixed_vjp, reduce_tasks, task_count, verify_proximal
 
 
 def cg(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
@@ -20,28 +20,33 @@ def cg(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
     config = curr.config
     params, in_grad = gradient_with_graph(curr)
     hvp = hvp_fn(in_grad, params)
-    b = [v.detach().to(p.dtype).unsqueeze(0) for v, p in zip(vector, params)]
+    tasks = task_count(curr)
+    # cg_solve's layout is [T, ...]: a BatchedModule's tasks are solved each with
+    # its own CG scalars; a plain module is one task.
+    b = [v.detach().to(p.dtype) if tasks else v.detach().to(p.dtype).unsqueeze(0) for v, p in zip(vector, params)]
     lam = config.proximal_lambda
+    pack = (lambda ts: list(ts)) if tasks else (lambda ts: [t.unsqueeze(0) for t in ts])
+    unpack = (lambda ts: list(ts)) if tasks else (lambda ts: [t[0] for t in ts])
 
     if lam is not None:
         verify_proximal(curr, prev, in_grad, lam)
 
         def task_hvp(batch: Sequence[Tensor]) -> List[Tensor]:
-            hv = hvp([t[0] for t in batch])
-            return [(h - lam * t[0]).unsqueeze(0) for h, t in zip(hv, batch)]
+            vectors = unpack(batch)
+            return pack([h - lam * t for h, t in zip(hvp(vectors), vectors)])
 
         x, info = ops.cg_solve(task_hvp, b, lam, config.cg_iterations, config.cg_tol)
-        result = [t[0] for t in x]
+        result = reduce_tasks(unpack(x), tasks)
     else:
         alpha = config.cg_alpha
 
         def scaled_shifted_hvp(batch: Sequence[Tensor]) -> List[Tensor]:
             # cg_solve solves (I + A / 1) y = b; A = alpha H - I gives (alpha H) y = b.
-            hv = hvp([t[0] for t in batch])
-            return [(alpha * h - t[0]).unsqueeze(0) for h, t in zip(hv, batch)]
+            vectors = unpack(batch)
+            return pack([alpha * h - t for h, t in zip(hvp(vectors), vectors)])
 
         y, info = ops.cg_solve(scaled_shifted_hvp, b, 1.0, config.cg_iterations, config.cg_tol)
-        x = [alpha * t[0] for t in y]
+        x = [alpha * t for t in unpack(y)]
         result = [-g for g in mixed_vjp(in_grad, prev.trainable_parameters(), x)]
     curr.last_hypergradient_info["cg"] = info
     if bool(info.breakdown.any()):  # one sync per hypergradient, as the per-step loss.item()

@@ -8,7 +8,7 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
-from .utils import gradient_with_graph, verify_proximal, zeros_for_none
+from .utils import gradient_with_graph, reduce_tasks, task_count, verify_proximal, zeros_for_none
 
 
 def darts(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
@@ -18,7 +18,7 @@ def darts(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
         if not curr.last_hypergradient_info.get(("proximal_verified", prev.name)):
             _, in_grad = gradient_with_graph(curr)
             verify_proximal(curr, prev, in_grad, lam)
-        return [lam * v.detach() for v in vector]
+        return reduce_tasks([lam * v.detach() for v in vector], task_count(curr))
 
     params = curr.trainable_parameters()
     prev_params = prev.trainable_parameters()

@@ -6,7 +6,7 @@ from typing import List, Sequence
 
 from torch import Tensor
 
-from .utils import gradient_with_graph, hvp_fn, mixed_vjp, verify_proximal
+from .utils import gradient_with_graph, hvp_fn, mixed_vjp, reduce_tasks, task_count, verify_proximal
 
 
 def neumann(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
@@ -24,5 +24,5 @@ def neumann(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
     lam = config.proximal_lambda
     if lam is not None:
         verify_proximal(curr, prev, in_grad, lam)
-        return [lam * t for t in x]
+        return reduce_tasks([lam * t for t in x], task_count(curr))
     return [-g for g in mixed_vjp(in_grad, prev.trainable_parameters(), x)]

@@ -46,16 +46,30 @@ def mixed_vjp(in_grad: Sequence[Tensor], prev_params: Sequence[Tensor], x: Seque
     return [g.detach() for g in zeros_for_none(grads, prev_params)]
 
 
+def task_count(curr):
+    """T when curr's module is a BatchedModule (parameters [T, *shape], one
+    independent task per slice: CG then runs per task), else None."""
+    from ..batched.module import BatchedModule
+
+    return curr.module.num_tasks if isinstance(curr.module, BatchedModule) else None
+
+
+def reduce_tasks(tensors: Sequence[Tensor], tasks) -> List[Tensor]:
+    """theta is shared by the tasks: its gradient sums theirs."""
+    return list(tensors) if tasks is None else [t.sum(0) for t in tensors]
+
+
 def check_proximal_pairing(curr, prev) -> None:
-    """proximal_lambda pairs curr's parameters with prev's, one to one."""
-    mine = curr.trainable_parameters()
-    theirs = prev.trainable_parameters()
-    shapes = [tuple(p.shape) for p in mine]
-    other = [tuple(p.shape) for p in theirs]
-    if shapes != other:
+    """proximal_lambda pairs curr's parameters with prev's, one to one (or
+    each of curr's T task slices with prev's, for a BatchedModule)."""
+    mine = [tuple(p.shape) for p in curr.trainable_parameters()]
+    theirs = [tuple(p.shape) for p in prev.trainable_parameters()]
+    tasks = task_count(curr)
+    expected = theirs if tasks is None else [(tasks, *s) for s in theirs]
+    if mine != expected:
         raise ValueError(
             f'problem "{curr.name}": Config.proximal_lambda declares a proximal term to "{prev.name}"\'s parameters, '
-            f"so both must have the same parameter shapes in the same order; got {shapes} and {other}"
+            f"so its parameter shapes must be {expected}; got {mine}"
         )
 
 
@@ -80,6 +94,7 @@ def verify_proximal(curr, prev, in_grad: Sequence[Tensor], lam: float) -> None:
             "Add the term to training_step (the tutorial's reg_loss) or drop proximal_lambda."
         )
     mixed = zeros_for_none(mixed, prev_params)
+    u = reduce_tasks(u, task_count(curr))
     uu = sum((v.double() * v.double()).sum() for v in u)
     um = sum((v.double() * m.double()).sum() for v, m in zip(u, mixed))
     measured = float(-um / uu)
