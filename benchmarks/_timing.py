@@ -200,3 +200,41 @@ def machine_name(device: torch.device) -> str:
         name = torch.cuda.get_device_name(device)
         return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
     return f"cpu-{cpu_cores()}cores"
+
+
+def write_results(result: dict, out, default_path, render) -> None:
+    """Writes result as JSON and its rendered markdown beside it, and prints the table."""
+    import json
+    import sys
+    from pathlib import Path
+
+    out = Path(out) if out else Path(default_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = render(result)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+
+
+def run_metadata(device) -> dict:
+    """Machine, software and date of a benchmark run, for its JSON."""
+    import datetime
+    import platform
+
+    import numpy as np
+    import torch
+
+    return {
+        "machine": machine_name(device),
+        "date": datetime.date.today().isoformat(),
+        "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cores": cpu_cores(),
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -18,17 +18,14 @@ benchmarks/results/ops-<machine>-<date>.{json,md}. Needs only torch and numpy.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -39,16 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import imaml_ext.ops  # noqa: E402
 from imaml_ext.ops import reference  # noqa: E402
 from _timing import (  # noqa: E402
+    run_metadata,
+    write_results,
     Variant,
     compare,
     copy_bandwidth_gbs,
     count_cuda_kernels,
     count_dispatched_ops,
     count_host_syncs,
-    cpu_cores,
-    cpu_model,
     keep_freed_cpu_memory,
-    machine_name,
 )
 
 DTYPE = torch.float32
@@ -613,21 +609,11 @@ def main(argv=None) -> None:
         cg_iteration.append(bench_cg_iteration(ctx, tasks, copy["gbs"]))
         cg_solve.append(bench_cg_solve(ctx, tasks))
 
-    date = datetime.date.today().isoformat()
-    machine = machine_name(device)
+    meta = run_metadata(device)
+    date, machine = meta["date"], meta["machine"]
     result = {
         "meta": {
-            "machine": machine,
-            "date": date,
-            "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "device": device.type,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
-            "cores": cpu_cores(),
-            "torch_threads": torch.get_num_threads(),
+            **meta,
             "dtype": "float32",
             "num_tensors": len(ctx.theta),
             "num_params": ctx.num_params,
@@ -649,13 +635,7 @@ def main(argv=None) -> None:
         "cg_solve": cg_solve,
     }
     result["meta"]["run_seconds"] = time.perf_counter() - began
-    out = args.out or ROOT / "benchmarks" / "results" / f"ops-{machine}-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table = render(result)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    write_results(result, args.out, ROOT / "benchmarks" / "results" / f"ops-{machine}-{date}.json", render)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ echo "build: $((SECONDS - start)) s"
 
 set +e
 "$PY" -m pytest -q -p no:cacheprovider python_tests/test_cuda_ops.py python_tests/test_prox_sgd_step.py \
-    python_tests/test_cg_solve.py python_tests/test_extension.py 2>&1 | tee "$out/gpu-check-tests.log" | tail -n 25
+    python_tests/test_cg_solve.py python_tests/test_extension.py python_tests/test_batched.py -k "not omniglot" 2>&1 | tee "$out/gpu-check-tests.log" | tail -n 25
 tests=${PIPESTATUS[0]}
 set -e
 
@@ -38,5 +38,6 @@ set -e
 bench_out=()
 [ "$out" = benchmarks/results ] || bench_out=(--out "$out/ops-gpu-check.json")
 "$PY" benchmarks/bench_ops.py --device cuda "${bench_out[@]}" | tee "$out/gpu-check-bench.log"
+"$PY" benchmarks/meta_step_gpu_quick.py | tee "$out/gpu-check-meta-step.log"
 echo "gpu-check: tests exit $tests, total $((SECONDS - start)) s"
 exit "$tests"

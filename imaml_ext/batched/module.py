@@ -101,9 +101,10 @@ class TaskBatchedModule:
 
         mode = self.forward_mode
         if mode == "auto":
-            # Measured (benchmarks/bench_meta_step.py): on a CPU the per-task
-            # loop of dense convolutions beats vmap's grouped convolutions by
-            # about 3x in the HVP; on a GPU one vmapped launch per layer wins.
+            # Measured on the 2-core CPU: the per-task loop of dense convolutions
+            # beats vmap's grouped ones (about 3x in a 75-image HVP, 1.35-1.4x
+            # over a whole meta-step, benchmarks/results/meta_step-cpu-*); on a
+            # GPU one vmapped launch per layer wins (13x on an H200).
             mode = "loop" if x.device.type == "cpu" else "vmap"
         if mode == "loop":
             outs = [one_task([p[t] for p in phi], {k: b[t] for k, b in buffers.items()}, x[t]) for t in range(x.shape[0])]
