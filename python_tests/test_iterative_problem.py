@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imaml_ext import Config, Engine, EngineConfig, Env, ImplicitProblem, IterativeProblem
+from imaml_ext import Config, EngineConfig, ImplicitProblem, IterativeProblem
+from meta_problems import TaskEnv, per_task_engine
 
 l2l = pytest.importorskip("learn2learn")
 f64 = torch.float64
@@ -17,17 +18,6 @@ f64 = torch.float64
 
 def mlp():
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(f64)
-
-
-class TaskEnv(Env):
-    def __init__(self, tasks):
-        super().__init__()
-        self.tasks, self.index, self.batch = tasks, -1, None
-
-    def step(self):
-        self.index += 1
-        sx, sy, qx, qy = (t[self.index] for t in self.tasks)
-        self.batch = {"train": (sx, sy), "test": (qx, qy)}
 
 
 class Inner(IterativeProblem):
@@ -67,14 +57,7 @@ def test_maml_through_iterative_problem_equals_learn2learn(first_order):
     inner = Inner("lower", Config(unroll_steps=steps, first_order=first_order), phi,
                   torch.optim.SGD(phi.parameters(), lr=lr))
 
-    class MAMLEngine(Engine):
-        def train_step(self):
-            if self.global_step % steps == 1 or steps == 1:
-                self.env.step()
-            for leaf in self.leaves:
-                leaf.step(global_step=self.global_step)
-
-    MAMLEngine([outer, inner], EngineConfig(device="cpu", train_iters=T * steps),
+    per_task_engine(steps)([outer, inner], EngineConfig(device="cpu", train_iters=T * steps),
                {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}}, env=TaskEnv(tasks)).run()
 
     reference = copy.deepcopy(model)
