@@ -187,7 +187,9 @@ def test_hvp_returning_its_input_is_safe():
     x, info = ops.cg_solve(lambda v: v, b, lam, iters=2)
     for xi, bi in zip(x, b):
         torch.testing.assert_close(xi, bi * lam / (1 + lam), rtol=1e-14, atol=1e-14)
-    assert info.converged.tolist() == [False] * 3 and info.iterations.tolist() == [2] * 3
+    # A = (1 + 1/lam) I: one step solves it, and the residual can round to exactly 0,
+    # which (tol = 0) marks the task converged and stops its updates.
+    assert bool(((info.iterations == 2) | (info.converged & (info.iterations >= 1))).all())
 
 
 def test_float32_solve_is_close_to_float64_solution():
