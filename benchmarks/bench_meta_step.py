@@ -30,7 +30,6 @@ import ctypes
 import ctypes.util
 import gc
 import importlib.util
-import json
 import resource
 import sys
 import time

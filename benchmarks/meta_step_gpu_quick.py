@@ -2,10 +2,9 @@
 Omniglot-shaped 5-way 1-shot (15 query per class), Conv4-64, T=32, 5 inner steps, 5 CG, lam 2:
 our IMAML eager (vmap, loop), its CUDA-graph replay, and a plain PyTorch per-task loop
 (double-backward HVP, Betty-style CG on torch.cat-flattened vectors). Run from the repo root."""
-import sys, time, torch
+import sys, torch
 sys.path.insert(0, "examples/implicit_maml"); sys.path.insert(0, ".")
 from tutorial import ConvNet
-import imaml_ext
 from imaml_ext import IMAML
 torch.manual_seed(0)
 dev = "cuda"

@@ -217,7 +217,25 @@ def test_bad_inputs_are_rejected_with_clear_errors():
         IMAML(model, forward="fast")
     with pytest.raises(ValueError, match=r"the model outputs 3 classes but ways = 5"):
         IMAML(model, 1, 0.1, 1.0, 2, ways=5).meta_step(sx, sy, qx, qy)
+    with pytest.raises(TypeError, match=r"query_x must have the model's dtype \(torch.float64\); got torch.float32"):
+        imaml.meta_step(sx, sy, qx.float(), qy)
+    with pytest.raises(ValueError, match=r"support_x must be on the model's device \(cpu\); got meta"):
+        imaml.meta_step(sx.to("meta"), sy, qx, qy)
+    with pytest.raises(TypeError, match=r"IMAML: model must be a torch.nn.Module; got Tensor"):
+        IMAML(sx)
     assert all(p.grad is None for p in model.parameters()), "a rejected step must not touch theta's grad"
+
+
+def test_task_cross_entropy_per_task_and_its_shape_errors():
+    from imaml_ext.batched import task_cross_entropy
+
+    logits, labels = torch.randn(3, 4, 5, dtype=f64), torch.randint(0, 5, (3, 4))
+    expected = torch.stack([F.cross_entropy(logits[t], labels[t]) for t in range(3)])
+    torch.testing.assert_close(task_cross_entropy(logits, labels), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"logits must be \[T, B, C\] and labels \[T, B\]; got \(3, 4, 5\) and \(3, 5\)"):
+        task_cross_entropy(logits, torch.randint(0, 5, (3, 5)))
+    with pytest.raises(ValueError, match=r"got \(12, 5\) and \(3, 4\)"):
+        task_cross_entropy(logits.reshape(12, 5), labels)
 
 
 class Custom(nn.Module):
@@ -411,6 +429,10 @@ def test_batched_module_loads_a_single_models_state_into_every_task():
     torch.testing.assert_close(batched(x)[2], model(x[2]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"inputs must be \[T, B, \.\.\.\] with T = 4 tasks; got shape \(3, 3, 1, 28, 28\)"):
         batched(x[:3])
+    with pytest.raises(ValueError, match=r"forward must be one of 'auto', 'vmap', 'loop'; got 'grouped'"):
+        BatchedModule(conv4(), 2, forward="grouped")
+    with pytest.raises(ValueError, match=r"the number of tasks T must be an integer >= 1; got 0"):
+        BatchedModule(conv4(), 0)
 
 
 def test_batched_example_learns_on_omniglot():

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from imaml_ext import Config, Engine, EngineConfig, Env, ImplicitProblem, IterativeProblem, Problem
+from imaml_ext import Config, Engine, EngineConfig, Env, ImplicitProblem, IterativeProblem
 from imaml_ext.problems.problem import to_device
 
 D = 4  # input size of the toy regressions

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import CGInfo
-from .module import TaskBatchedModule, check_num_tasks
+from .module import TaskBatchedModule
 
 
 class MetaStepResult(NamedTuple):
@@ -92,6 +92,7 @@ class IMAML:
             raise ValueError(f"IMAML: forward must be one of {', '.join(map(repr, TaskBatchedModule.FORWARDS))}; got {forward!r}")
         self.forward = forward
         self._batched: Optional[TaskBatchedModule] = None
+        self._classes: Optional[int] = None
 
     # ----- helpers -----
     def batched(self, num_tasks: int) -> TaskBatchedModule:
@@ -119,7 +120,14 @@ class IMAML:
                 raise ValueError(
                     f"IMAML: {name} must have the T = {num_tasks} tasks of support_x; got shape {tuple(t.shape)}"
                 )
-        for x_name, x, y_name, y in [(named[i][0], named[i][1], named[i + 1][0], named[i + 1][1]) for i in range(0, len(named), 2)]:
+        theta = next(self.model.parameters())
+        for name, t in named:
+            if t.device != theta.device:
+                raise ValueError(f"IMAML: {name} must be on the model's device ({theta.device}); got {t.device}")
+        pairs = [(named[0], named[1])] + ([(named[2], named[3])] if len(named) == 4 else [])
+        for (x_name, x), (y_name, y) in pairs:
+            if x.dtype != theta.dtype:
+                raise TypeError(f"IMAML: {x_name} must have the model's dtype ({theta.dtype}); got {x.dtype}")
             if y.shape[:2] != x.shape[:2]:
                 raise ValueError(
                     f"IMAML: {y_name} must have one label per example of {x_name} {tuple(x.shape[:2])}; "
@@ -131,7 +139,7 @@ class IMAML:
 
     def _num_classes(self, module: TaskBatchedModule, x: Tensor) -> int:
         """ways, or the model's output width (one example through theta, once)."""
-        if getattr(self, "_classes", None) is None:
+        if self._classes is None:
             with torch.no_grad():
                 out = module.forward([p.detach().unsqueeze(0) for p in module.theta()], x[:1, :1],
                                      {k: b[:1] for k, b in module.buffers.items()})

@@ -4,7 +4,7 @@ and every layer sees only its own task's data (BatchNorm statistics included).""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -153,18 +153,6 @@ class BatchedModule(nn.Module):
             )
         buffers = {n: getattr(self, n.replace(".", "__")) for n in self._batched.buffer_names}
         return self._batched.forward(self.task_parameters(), x, buffers)
-
-    @torch.no_grad()
-    def copy_from_(self, model: nn.Module) -> None:
-        """phi_t = theta for every task: one foreach copy over all tensors."""
-        source = dict(model.named_parameters())
-        missing = [n for n in self._batched.names if n not in source]
-        if missing:
-            raise ValueError(f"BatchedModule: the source model lacks parameters {missing}")
-        targets = self.task_parameters()
-        torch._foreach_copy_(targets, [source[n].detach().expand_as(t) for n, t in zip(self._batched.names, targets)])
-        for name, buf in model.named_buffers():
-            getattr(self, name.replace(".", "__")).copy_(buf.expand_as(getattr(self, name.replace(".", "__"))))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         template_keys = set(self._batched.model.state_dict().keys())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from typing import List, Sequence
 
-import torch
 from torch import Tensor
 
 from .. import ops
