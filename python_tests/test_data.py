@@ -123,6 +123,7 @@ def test_find_data_root_explicit_env_and_search(tmp_path, monkeypatch):
 
 def test_find_data_root_not_found_names_every_place(tmp_path, monkeypatch):
     monkeypatch.delenv(omni.DATA_ENV, raising=False)
+    monkeypatch.setenv(omni.CACHE_ENV, str(tmp_path / "cache"))  # the download folder is searched too
     work = tmp_path / "a" / "work"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
@@ -230,6 +231,8 @@ def test_damaged_cache_is_rebuilt(data_root, tmp_path, monkeypatch):
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
+    from imaml_ext._io import atomic_write
+
     target = tmp_path / "x.bin"
     target.write_bytes(b"old")
 
@@ -238,10 +241,10 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        omni._atomic_write(target, fail)
+        atomic_write(target, fail)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
-    omni._atomic_write(target, lambda f: f.write(b"new"))
+    atomic_write(target, lambda f: f.write(b"new"))
     assert target.read_bytes() == b"new"
 
 

@@ -1,6 +1,9 @@
 """Few-shot data: Omniglot as device-resident tensors, a batched task sampler, and
 learn2learn tasksets over the same arrays.
 
+Omniglot is read from the .npz arrays, the official folders or zips, or downloaded
+(``load_omniglot(download=True)``, :func:`download_omniglot`).
+
 Typical use::
 
     from imaml_ext.data import omniglot_tasks
@@ -8,14 +11,18 @@ Typical use::
     support_x, support_y, query_x, query_y = tasks.train.sample(32)   # 32 tasks at once
 """
 
+from .download import OFFICIAL_MD5, OFFICIAL_URL, DownloadError, download_omniglot
 from .l2l import ClassRotation, OmniglotDataset, from_l2l_taskset, l2l_tasksets, split_task
 from .omniglot import (
     NUM_CLASSES,
     NUM_DRAWERS,
+    PIXEL_SHA256,
     PROTOCOLS,
     SPLITS,
     OmniglotTasks,
     default_cache_dir,
+    default_download_dir,
+    default_search_paths,
     find_data_root,
     load_omniglot,
     omniglot_tasks,
@@ -25,16 +32,23 @@ from .sampler import TaskBatch, TaskIndices, TaskSampler
 
 __all__ = [
     "ClassRotation",
+    "DownloadError",
     "NUM_CLASSES",
     "NUM_DRAWERS",
+    "OFFICIAL_MD5",
+    "OFFICIAL_URL",
     "PROTOCOLS",
     "SPLITS",
     "OmniglotDataset",
     "OmniglotTasks",
+    "PIXEL_SHA256",
     "TaskBatch",
     "TaskIndices",
     "TaskSampler",
     "default_cache_dir",
+    "default_download_dir",
+    "default_search_paths",
+    "download_omniglot",
     "find_data_root",
     "from_l2l_taskset",
     "l2l_tasksets",

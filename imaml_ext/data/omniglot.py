@@ -1,31 +1,45 @@
-"""Omniglot: finding the arrays, resizing them as learn2learn does, caching, class splits.
+"""Omniglot: finding the data, reading it, resizing it as learn2learn does, caching, class splits.
 
-The data are the two NumPy archives described in ``shared/data/omniglot/README.md``:
-``images_background.npz`` (bool ``[964, 20, 105, 105]``) and ``images_evaluation.npz``
-(bool ``[659, 20, 105, 105]``), ``True`` being white paper. :func:`load_omniglot` returns all
-1623 characters (background, then evaluation, i.e. official character id ``c + 1`` at index
-``c``) as one float32 tensor ``[1623, 20, S, S]`` in ``[0, 1]`` with strokes equal to 1.
+A data folder holds Omniglot in one of these layouts (see :func:`find_data_root`):
+
+- the NumPy arrays described in ``shared/data/omniglot/README.md``: ``images_background.npz``
+  (bool ``[964, 20, 105, 105]``) and ``images_evaluation.npz`` (bool ``[659, 20, 105, 105]``),
+  ``True`` being white paper; checked by the files' sha256;
+- the official layout: ``images_background/<Alphabet>/characterNN/XXXX_YY.png`` and
+  ``images_evaluation/...`` (XXXX the official character id 1..1623, YY the drawer 1..20), as
+  folders or as the official zips ``images_background.zip`` / ``images_evaluation.zip``
+  (:func:`imaml_ext.data.download_omniglot` fetches those); also torchvision's ``omniglot-py/``.
+  Checked by the sha256 of the decoded pixels (:data:`PIXEL_SHA256`).
+
+:func:`load_omniglot` returns all 1623 characters (background, then evaluation, i.e. official
+character id ``c + 1`` at index ``c``) as one float32 tensor ``[1623, 20, S, S]`` in ``[0, 1]``
+with strokes equal to 1, the same whichever layout it came from.
 
 Pixel values match learn2learn's ``omniglot`` benchmark exactly: it opens each PNG as a PIL
 ``"L"`` image (0 or 255), applies ``transforms.Resize(28, interpolation=LANCZOS)``, then
 ``ToTensor()`` (``uint8 / 255`` in float32) and ``1 - x``. The resized ``uint8`` images are
-cached on disk, since resizing 32,460 images takes seconds.
+cached on disk, since resizing 32,460 images takes seconds, and so are the decoded PNGs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
-import tempfile
+import re
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from . import download as _download
+from .._io import atomic_write
 from .sampler import DeviceLike, TaskSampler
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -42,6 +56,21 @@ SOURCES: Dict[str, str] = {
     "images_evaluation.npz": "0b84c7ffd94c4841c0040e529c86a82eaaccb986d8eadad5673f7991b7475276",
 }
 
+#: The two sets of the official layout (folder names, and zip names without ``.zip``).
+SETS: Tuple[str, str] = ("images_background", "images_evaluation")
+_SET_CLASSES = {"images_background": NUM_BACKGROUND, "images_evaluation": NUM_EVALUATION}
+_FIRST_ID = {"images_background": 1, "images_evaluation": NUM_BACKGROUND + 1}
+
+#: sha256 of each set's pixels: ``np.packbits(paper)`` of the bool ``[C, 20, 105, 105]`` array
+#: (``True`` = white paper, C order), i.e. of the official PNGs and of the .npz arrays alike.
+#: Background's bit count is a multiple of 8, so hashing background's bytes then evaluation's
+#: gives the digest of all 1623 characters packed together
+#: (aa53f27e879e57ce9d0788d05aa99e972d01cc6b14a2e9224127b8403413ed02).
+PIXEL_SHA256: Dict[str, str] = {
+    "images_background": "50ac3e2043f457516ed8e84151b2d85718f4bbccc0a17ad355cd3b6f0c4ed5f3",
+    "images_evaluation": "03b046317776af65e56eb1a168e35feb5e254765b51ce5fd1383ec242a5767f3",
+}
+
 DATA_ENV = "IMAML_DATA"
 CACHE_ENV = "IMAML_CACHE"
 
@@ -52,25 +81,64 @@ SPLITS = ("train", "validation", "test")
 _CACHE_FORMAT = 1
 _VERIFIED_MARKER = "omniglot-verified.json"
 
+_LAYOUTS = (
+    "images_background.npz and images_evaluation.npz, or images_background and images_evaluation "
+    "as folders or as .zip files (the official layout)"
+)
+
 
 # --------------------------------------------------------------------------- finding the data
+
+
+class _Source(NamedTuple):
+    """Where one copy of Omniglot lives."""
+
+    folder: Path
+    layout: str  # "npz" or "official"
+    parts: Tuple[Path, Path]  # background, evaluation: the .npz files, or the folders / zips
 
 
 def _repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def _omniglot_dir(candidate: Path) -> Optional[Path]:
-    """``candidate`` itself or ``candidate/omniglot`` if it holds both archives."""
-    for folder in (candidate, candidate / "omniglot"):
-        if all((folder / name).is_file() for name in SOURCES):
-            return folder
+def _detect(folder: Path) -> Optional[_Source]:
+    """The layout ``folder`` itself holds, if any: both .npz files win over the official layout
+    (their sha256 check is cheaper); per set of the latter a zip wins over a folder (torchvision
+    keeps both, and the zip is the file a download checked)."""
+    if all((folder / name).is_file() for name in SOURCES):
+        return _Source(folder, "npz", tuple(folder / name for name in SOURCES))
+    parts = []
+    for which in SETS:
+        if (folder / f"{which}.zip").is_file():
+            parts.append(folder / f"{which}.zip")
+        elif (folder / which).is_dir():
+            parts.append(folder / which)
+        else:
+            return None
+    return _Source(folder, "official", tuple(parts))
+
+
+def _source_in(candidate: Path) -> Optional[_Source]:
+    """``candidate`` itself, ``candidate/omniglot`` or torchvision's ``candidate/omniglot-py``."""
+    for folder in (candidate, candidate / "omniglot", candidate / "omniglot-py"):
+        found = _detect(folder)
+        if found is not None:
+            return found
     return None
 
 
+def default_download_dir() -> Path:
+    """Where ``load_omniglot(download=True)`` puts the zips when neither ``root`` nor
+    ``IMAML_DATA`` is given: ``default_cache_dir()/data/omniglot`` (searched by default)."""
+    return default_cache_dir() / "data" / "omniglot"
+
+
 def default_search_paths() -> List[Path]:
-    """Where :func:`find_data_root` looks when neither ``root`` nor ``IMAML_DATA`` is given."""
-    paths = [Path("data"), Path("..") / "shared" / "data", _repo_root().parent / "shared" / "data"]
+    """Where :func:`find_data_root` looks when neither ``root`` nor ``IMAML_DATA`` is given:
+    ``./data``, ``../shared/data``, ``<repo>/../shared/data``, ``default_cache_dir()/data``."""
+    paths = [Path("data"), Path("..") / "shared" / "data", _repo_root().parent / "shared" / "data",
+             default_download_dir().parent]
     out: List[Path] = []
     for p in paths:
         p = p.resolve()
@@ -79,43 +147,53 @@ def default_search_paths() -> List[Path]:
     return out
 
 
-def find_data_root(root: Optional[PathLike] = None) -> Path:
-    """The folder holding ``images_background.npz`` and ``images_evaluation.npz``.
-
-    ``root`` (or else the ``IMAML_DATA`` environment variable) may name that folder or its
-    parent (the folder holding ``omniglot/``); when given it is the only place looked at.
-    Otherwise ``./data``, ``../shared/data`` and ``<repo>/../shared/data`` are searched for an
-    ``omniglot`` folder. Raises ``FileNotFoundError`` naming every place searched.
-    """
+def _given_root(root: Optional[PathLike]) -> Optional[Tuple[str, Path]]:
     if root is not None:
-        given: Optional[Tuple[str, Path]] = ("root=", Path(root).expanduser())
-    elif os.environ.get(DATA_ENV):
-        given = (f"${DATA_ENV}", Path(os.environ[DATA_ENV]).expanduser())
-    else:
-        given = None
+        return ("root=", Path(root).expanduser())
+    if os.environ.get(DATA_ENV):
+        return (f"${DATA_ENV}", Path(os.environ[DATA_ENV]).expanduser())
+    return None
 
-    files = " and ".join(SOURCES)
+
+def _locate(root: Optional[PathLike]) -> _Source:
+    given = _given_root(root)
     if given is not None:
         how, path = given
-        found = _omniglot_dir(path)
+        found = _source_in(path)
         if found is None:
             raise FileNotFoundError(
                 f"Omniglot data not found: {how} is {str(path)!r}, but neither it nor "
-                f"{str(path / 'omniglot')!r} holds {files}."
+                f"{str(path / 'omniglot')!r} nor {str(path / 'omniglot-py')!r} holds {_LAYOUTS}. "
+                f"Pass download=True (--download in the examples) to download the official zips "
+                f"into {str(path)!r}."
             )
-        return found.resolve()
+        return found
 
     searched = default_search_paths()
     for candidate in searched:
-        found = _omniglot_dir(candidate / "omniglot")
+        found = _source_in(candidate / "omniglot") or _detect(candidate / "omniglot-py")
         if found is not None:
-            return found.resolve()
+            return found
     places = ", ".join(repr(str(p / "omniglot")) for p in searched)
     raise FileNotFoundError(
-        f"Omniglot data not found: no folder holding {files} at {places}. "
-        f"Pass root=<folder> or set {DATA_ENV}=<folder> (the folder with the two .npz files, "
-        f"or its parent holding omniglot/)."
+        f"Omniglot data not found: no folder holding {_LAYOUTS} at {places} (nor omniglot-py/ "
+        f"beside them). Pass root=<folder> or set {DATA_ENV}=<folder> (the folder with the data, "
+        f"or its parent holding omniglot/), or pass download=True (--download in the examples) "
+        f"to download the official zips into {str(default_download_dir())!r}."
     )
+
+
+def find_data_root(root: Optional[PathLike] = None) -> Path:
+    """The folder holding Omniglot in any layout of this module's docstring.
+
+    ``root`` (or else the ``IMAML_DATA`` environment variable) may name that folder or its
+    parent (the folder holding ``omniglot/`` or torchvision's ``omniglot-py/``); when given it
+    is the only place looked at. Otherwise ``./data``, ``../shared/data``,
+    ``<repo>/../shared/data`` and ``default_cache_dir()/data`` (where downloads go) are
+    searched for an ``omniglot`` (or ``omniglot-py``) folder. Raises ``FileNotFoundError``
+    naming every place searched.
+    """
+    return _locate(root).folder.resolve()
 
 
 # --------------------------------------------------------------------------- cache
@@ -135,21 +213,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace``, so a reader
-    (or a concurrent writer) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+def _read_marker(cache_dir: Optional[Path]) -> Dict[str, Dict[str, object]]:
+    path = cache_dir / _VERIFIED_MARKER if cache_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # a damaged marker only costs a re-check
+    return marker if isinstance(marker, dict) else {}
+
+
+def _write_marker(cache_dir: Path, marker: Dict[str, Dict[str, object]]) -> None:
+    data = json.dumps(marker, indent=1, sort_keys=True).encode()
+    atomic_write(cache_dir / _VERIFIED_MARKER, lambda f: f.write(data))
 
 
 def _verify_sources(folder: Path, cache_dir: Optional[Path]) -> None:
@@ -158,14 +235,7 @@ def _verify_sources(folder: Path, cache_dir: Optional[Path]) -> None:
     With a cache, a file already verified (same resolved path, size and mtime) is not hashed
     again: the marker file in the cache remembers it.
     """
-    marker_path = cache_dir / _VERIFIED_MARKER if cache_dir is not None else None
-    marker: Dict[str, Dict[str, object]] = {}
-    if marker_path is not None and marker_path.is_file():
-        try:
-            marker = json.loads(marker_path.read_text())
-        except (OSError, ValueError):
-            marker = {}  # a damaged marker only costs a re-hash
-
+    marker = _read_marker(cache_dir)
     changed = False
     for name, expected in SOURCES.items():
         path = (folder / name).resolve()
@@ -182,63 +252,283 @@ def _verify_sources(folder: Path, cache_dir: Optional[Path]) -> None:
         marker[str(path)] = stamp
         changed = True
 
-    if changed and marker_path is not None:
-        data = json.dumps(marker, indent=1, sort_keys=True).encode()
-        _atomic_write(marker_path, lambda f: f.write(data))
+    if changed and cache_dir is not None:
+        _write_marker(cache_dir, marker)
 
 
 def _cache_file(cache_dir: Path, image_size: int) -> Path:
+    # The .npz digests name the content, not the layout: every layout is checked to hold these
+    # very pixels before its resized images are written or read, so all share one cache file.
     digests = "-".join(SOURCES[name][:16] for name in sorted(SOURCES))
     return cache_dir / f"omniglot-v{_CACHE_FORMAT}-{image_size}px-{digests}.npy"
+
+
+def _read_resized_cache(cache_dir: Path, image_size: int) -> Optional[np.ndarray]:
+    cached = _cache_file(cache_dir, image_size)
+    if not cached.is_file():
+        return None
+    try:
+        arr = np.load(cached)
+    except (OSError, ValueError):
+        return None  # unreadable cache: the caller rebuilds it
+    if arr.shape == (NUM_CLASSES, NUM_DRAWERS, image_size, image_size) and arr.dtype == np.uint8:
+        return arr
+    return None
+
+
+def _decoded_cache_file(cache_dir: Path, which: str) -> Path:
+    return cache_dir / f"omniglot-v{_CACHE_FORMAT}-{SOURCE_SIZE}px-{which}-{PIXEL_SHA256[which][:16]}.npy"
+
+
+def _pixel_digest(paper: np.ndarray) -> str:
+    return hashlib.sha256(np.packbits(paper).tobytes()).hexdigest()
+
+
+def _read_decoded_cache(cache_dir: Path, which: str) -> Optional[np.ndarray]:
+    """One set's decoded PNGs (stored bit-packed: 45 MB for both, not 358), checked against
+    :data:`PIXEL_SHA256` on every read (a fraction of a second), ``None`` if absent or bad."""
+    path = _decoded_cache_file(cache_dir, which)
+    if not path.is_file():
+        return None
+    try:
+        packed = np.load(path)
+    except (OSError, ValueError):
+        return None
+    shape = (_SET_CLASSES[which], NUM_DRAWERS, SOURCE_SIZE, SOURCE_SIZE)
+    if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != -(-int(np.prod(shape)) // 8):
+        return None
+    if hashlib.sha256(packed.tobytes()).hexdigest() != PIXEL_SHA256[which]:
+        return None
+    return np.unpackbits(packed, count=int(np.prod(shape))).view(np.bool_).reshape(shape)
+
+
+# --------------------------------------------------------------------------- the official layout
+
+
+_PNG_NAME = re.compile(r"(\d{4})_(\d{2})\.png")
+
+
+def _official_stamp(path: Path, which: str) -> Dict[str, object]:
+    """What the marker remembers of a verified zip (size, mtime) or folder (every file's
+    relative path, size and mtime, hashed: ~32k stat calls, far cheaper than decoding)."""
+    if path.is_file():
+        st = path.stat()
+        return {"zip_size": st.st_size, "mtime_ns": st.st_mtime_ns, "pixels": PIXEL_SHA256[which]}
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, name))
+            rel = os.path.relpath(os.path.join(dirpath, name), path)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"listing": h.hexdigest(), "pixels": PIXEL_SHA256[which]}
+
+
+def _decode_set(names: Sequence[str], read: Callable[[str], bytes], label: str, which: str) -> np.ndarray:
+    """The bool paper array ``[C, 20, 105, 105]`` of one set from its files' relative paths
+    (``<Alphabet>/characterNN/XXXX_YY.png``) and a reader; ``label`` names the set's folder or
+    zip in errors. File names are checked for completeness before anything is decoded."""
+    from PIL import Image
+
+    first, count = _FIRST_ID[which], _SET_CLASSES[which]
+    where: Dict[Tuple[int, int], str] = {}
+    folder_of: Dict[int, str] = {}
+    for rel in sorted(names):
+        parts = rel.split("/")
+        base = parts[-1]
+        if base.startswith(".") or not base.lower().endswith(".png"):
+            continue  # .DS_Store, Thumbs.db, macOS "._" twins: not images
+        m = _PNG_NAME.fullmatch(base)
+        if len(parts) != 3 or m is None:
+            raise ValueError(
+                f"{label}: unexpected image {rel!r}; expected <Alphabet>/characterNN/XXXX_YY.png "
+                f"(XXXX the character id, YY the drawer)"
+            )
+        cid, drawer = int(m[1]), int(m[2])
+        if not first <= cid < first + count:
+            raise ValueError(
+                f"{label}: {rel!r} has character id {cid}; {which} holds ids {first}..{first + count - 1}"
+            )
+        if not 1 <= drawer <= NUM_DRAWERS:
+            raise ValueError(f"{label}: {rel!r} has drawer {drawer}; expected 01..{NUM_DRAWERS}")
+        if (cid, drawer) in where:
+            raise ValueError(
+                f"{label}: character {cid:04d}, drawer {drawer:02d} appears twice: "
+                f"{where[cid, drawer]!r} and {rel!r}"
+            )
+        parent = "/".join(parts[:2])
+        if folder_of.setdefault(cid, parent) != parent:
+            raise ValueError(
+                f"{label}: character {cid:04d} has images in two folders, {folder_of[cid]!r} and {parent!r}"
+            )
+        where[cid, drawer] = rel
+
+    missing = [(c, d) for c in range(first, first + count) for d in range(1, NUM_DRAWERS + 1) if (c, d) not in where]
+    if missing:
+        shown = ", ".join(
+            f"{folder_of[c]}/{c:04d}_{d:02d}.png" if c in folder_of else f"{c:04d}_{d:02d}.png (no image of character {c:04d})"
+            for c, d in missing[:5]
+        )
+        raise ValueError(
+            f"{label}: {len(missing)} of {count * NUM_DRAWERS} images missing: {shown}"
+            + (", ..." if len(missing) > 5 else "")
+        )
+
+    paper = np.empty((count, NUM_DRAWERS, SOURCE_SIZE, SOURCE_SIZE), dtype=np.bool_)
+    for (cid, drawer), rel in sorted(where.items()):
+        try:
+            with Image.open(io.BytesIO(read(rel))) as img:
+                size = img.size
+                # What torchvision's Omniglot does with each PNG.
+                gray = np.asarray(img.convert("L"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{label}: cannot decode {rel!r} as an image ({e})") from e
+        if size != (SOURCE_SIZE, SOURCE_SIZE):
+            raise ValueError(f"{label}: {rel!r} is {size[0]}x{size[1]} pixels; expected {SOURCE_SIZE}x{SOURCE_SIZE}")
+        white = gray == 255
+        if not (white | (gray == 0)).all():
+            raise ValueError(
+                f"{label}: {rel!r} has gray levels other than 0 and 255; the official images are black and white"
+            )
+        paper[cid - first, drawer - 1] = white
+    return paper
+
+
+def _read_official_set(path: Path, which: str) -> np.ndarray:
+    """One set from its folder or zip (top-level folder ``<which>/``), as bool paper."""
+    if path.is_dir():
+        names = []
+        for dirpath, _, filenames in os.walk(path):
+            rel_dir = Path(dirpath).relative_to(path).as_posix()
+            names += [name if rel_dir == "." else f"{rel_dir}/{name}" for name in filenames]
+        return _decode_set(names, lambda rel: (path / rel).read_bytes(), repr(str(path)), which)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = []
+            for info in zf.infolist():
+                name = info.filename
+                if info.is_dir() or name.startswith("__MACOSX/"):
+                    continue
+                if not name.startswith(which + "/"):
+                    if name.lower().endswith(".png"):
+                        raise ValueError(
+                            f"{str(path)!r}: unexpected entry {name!r}; every image of the zip must be "
+                            f"under its top-level folder {which}/"
+                        )
+                    continue
+                names.append(name[len(which) + 1:])
+            return _decode_set(names, lambda rel: zf.read(f"{which}/{rel}"), f"{str(path)!r} ({which}/)", which)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ValueError(
+            f"{str(path)!r} is not a readable zip file ({e}): it is truncated or damaged. Delete it and "
+            f"download it again (load_omniglot(download=True) or download_omniglot)."
+        ) from e
+
+
+def _official_paper(src: _Source, cache_dir: Optional[Path], stamps: Optional[Dict[str, Dict[str, object]]]) -> np.ndarray:
+    """All 1623 characters of an official-layout source as bool paper, each set checked against
+    :data:`PIXEL_SHA256`; sets already verified (marker) come from the decoded cache."""
+    marker = _read_marker(cache_dir)
+    parts = []
+    for which, path in zip(SETS, src.parts):
+        key = str(path.resolve())
+        paper = None
+        if cache_dir is not None and marker.get(key) == stamps[which]:
+            paper = _read_decoded_cache(cache_dir, which)
+        if paper is None:
+            paper = _read_official_set(path, which)
+            digest = _pixel_digest(paper)
+            if digest != PIXEL_SHA256[which]:
+                raise ValueError(
+                    f"{str(path)!r}: its decoded pixels have sha256 {digest}, expected {PIXEL_SHA256[which]}: "
+                    f"not the official Omniglot images ({which})."
+                )
+            if cache_dir is not None:
+                packed = np.packbits(paper)
+                atomic_write(_decoded_cache_file(cache_dir, which), lambda f: np.save(f, packed))
+                marker[key] = stamps[which]
+                _write_marker(cache_dir, marker)
+        parts.append(paper)
+    return np.concatenate(parts, axis=0)
+
+
+def _load_official_uint8(src: _Source, image_size: int, cache_dir: Optional[Path]) -> np.ndarray:
+    stamps = {which: _official_stamp(path, which) for which, path in zip(SETS, src.parts)} if cache_dir else None
+    if cache_dir is not None and image_size != SOURCE_SIZE:
+        marker = _read_marker(cache_dir)
+        if all(marker.get(str(path.resolve())) == stamps[which] for which, path in zip(SETS, src.parts)):
+            cached = _read_resized_cache(cache_dir, image_size)
+            if cached is not None:
+                return cached  # verified source, resized already: nothing to decode
+    paper = _official_paper(src, cache_dir, stamps)
+    if cache_dir is not None and image_size != SOURCE_SIZE:
+        cached = _read_resized_cache(cache_dir, image_size)  # e.g. written from the .npz layout
+        if cached is not None:
+            return cached
+    arr = _resize(paper, image_size)
+    if cache_dir is not None and image_size != SOURCE_SIZE:
+        atomic_write(_cache_file(cache_dir, image_size), lambda f: np.save(f, arr))
+    return arr
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _resize_archive(path: Path, image_size: int) -> np.ndarray:
-    """One archive as uint8 ``[C, 20, S, S]``: paper 255, ink 0, resized like torchvision."""
+def _resize(paper: np.ndarray, image_size: int) -> np.ndarray:
+    """Bool paper ``[C, 20, 105, 105]`` as uint8 ``[C, 20, S, S]``: paper 255, ink 0, resized
+    like torchvision."""
     from PIL import Image
 
-    with np.load(path) as archive:
-        paper = archive["images"]
-    if paper.dtype != np.bool_ or paper.ndim != 4 or paper.shape[1:] != (NUM_DRAWERS, SOURCE_SIZE, SOURCE_SIZE):
-        raise ValueError(
-            f"{str(path)!r}: 'images' must be bool [C, {NUM_DRAWERS}, {SOURCE_SIZE}, {SOURCE_SIZE}]; "
-            f"got {paper.dtype} {list(paper.shape)}"
-        )
     # The same 0/255 "L" image torchvision's Omniglot gets from Image.open(png).convert("L").
     # np.where, not a uint8 view: the archives' True bytes need not be 1.
-    gray = np.where(paper, np.uint8(255), np.uint8(0))
     if image_size == SOURCE_SIZE:
-        return gray
+        return np.where(paper, np.uint8(255), np.uint8(0))
     out = np.empty(paper.shape[:2] + (image_size, image_size), dtype=np.uint8)
     for c in range(paper.shape[0]):
-        for d in range(NUM_DRAWERS):
-            img = Image.fromarray(gray[c, d])
+        gray = np.where(paper[c], np.uint8(255), np.uint8(0))
+        for d in range(paper.shape[1]):
+            img = Image.fromarray(gray[d])
             # transforms.Resize(28) on a square PIL image is exactly this call.
             out[c, d] = np.asarray(img.resize((image_size, image_size), Image.LANCZOS))
     return out
 
 
+def _resize_archive(path: Path, image_size: int) -> np.ndarray:
+    """One archive as uint8 ``[C, 20, S, S]``: paper 255, ink 0, resized like torchvision."""
+    with np.load(path) as archive:
+        if "images" not in archive.files:
+            raise ValueError(f"{str(path)!r} has no 'images' array; it holds {sorted(archive.files)}")
+        paper = archive["images"]
+    classes = {f"{which}.npz": n for which, n in _SET_CLASSES.items()}.get(path.name)
+    if (paper.dtype != np.bool_ or paper.ndim != 4 or paper.shape[1:] != (NUM_DRAWERS, SOURCE_SIZE, SOURCE_SIZE)
+            or (classes is not None and paper.shape[0] != classes)):
+        raise ValueError(
+            f"{str(path)!r}: 'images' must be bool [{classes or 'C'}, {NUM_DRAWERS}, {SOURCE_SIZE}, {SOURCE_SIZE}]; "
+            f"got {paper.dtype} {list(paper.shape)}"
+        )
+    return _resize(paper, image_size)
+
+
 def _load_uint8(folder: Path, image_size: int, cache_dir: Optional[Path]) -> np.ndarray:
+    """The .npz layout as uint8 ``[1623, 20, S, S]`` (the archives already verified)."""
     if image_size == SOURCE_SIZE:
         cache_dir = None  # nothing to resize: reading the archives is as fast as a cache
     if cache_dir is not None:
-        cached = _cache_file(cache_dir, image_size)
-        if cached.is_file():
-            try:
-                arr = np.load(cached)
-                if arr.shape == (NUM_CLASSES, NUM_DRAWERS, image_size, image_size) and arr.dtype == np.uint8:
-                    return arr
-            except (OSError, ValueError):
-                pass  # unreadable cache: rebuild it below
+        cached = _read_resized_cache(cache_dir, image_size)
+        if cached is not None:
+            return cached
     parts = [_resize_archive(folder / name, image_size) for name in SOURCES]
     arr = np.concatenate(parts, axis=0)
     if arr.shape[0] != NUM_CLASSES:
         raise ValueError(f"Omniglot archives in {str(folder)!r} hold {arr.shape[0]} characters, expected {NUM_CLASSES}")
     if cache_dir is not None:
-        _atomic_write(_cache_file(cache_dir, image_size), lambda f: np.save(f, arr))
+        atomic_write(_cache_file(cache_dir, image_size), lambda f: np.save(f, arr))
     return arr
+
+
+def _download_dest(root: Optional[PathLike]) -> Path:
+    given = _given_root(root)
+    return given[1] if given is not None else default_download_dir()
 
 
 def load_omniglot(
@@ -246,26 +536,56 @@ def load_omniglot(
     image_size: int = 28,
     cache: bool = True,
     cache_dir: Optional[PathLike] = None,
+    download: bool = False,
+    progress: bool = True,
 ) -> Tensor:
     """All 1623 Omniglot characters as float32 ``[1623, 20, image_size, image_size]`` in [0, 1].
 
     Strokes are 1, paper 0. Index ``c`` is official character id ``c + 1`` (the background
     set's 964 characters, then the evaluation set's 659); index ``d`` on dim 1 is the drawer.
     The values are bitwise those of learn2learn's Omniglot benchmark transform
-    (``Resize(image_size, LANCZOS)``, ``ToTensor()``, ``1 - x``).
+    (``Resize(image_size, LANCZOS)``, ``ToTensor()``, ``1 - x``), whichever layout the data
+    come in.
 
     Args:
         root: the data folder (see :func:`find_data_root`).
         image_size: side of the returned images; 105 returns the originals.
-        cache: keep the resized images (uint8) and the checksum marker in ``cache_dir``.
+        cache: keep the resized images (uint8), the decoded PNGs of the official layout and
+            the checksum marker in ``cache_dir``.
         cache_dir: defaults to :func:`default_cache_dir`.
+        download: when no data are found, download the official zips (checked by md5) into
+            ``root``, else ``$IMAML_DATA``, else :func:`default_download_dir`, and read them.
+            Data found but damaged raise instead: nothing is overwritten.
+        progress: show a progress bar while downloading.
+
+    Raises:
+        FileNotFoundError: no data found (and ``download`` is False).
+        ValueError: data found but not Omniglot's (checksum, shapes, missing or extra images).
+        imaml_ext.data.DownloadError: the download failed (an ``OSError``).
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= SOURCE_SIZE:
         raise ValueError(f"load_omniglot: image_size must be an int in [1, {SOURCE_SIZE}]; got {image_size!r}")
-    folder = find_data_root(root)
+    if not isinstance(download, bool):
+        raise TypeError(f"load_omniglot: download must be a bool; got {type(download).__name__} {download!r}")
+    try:
+        src = _locate(root)
+    except FileNotFoundError:
+        if not download:
+            raise
+        dest = _download_dest(root)
+        # Module attributes, read now: a mirror (or a test) may replace them.
+        _download.download_omniglot(dest, base_url=_download.OFFICIAL_URL, md5s=_download.OFFICIAL_MD5,
+                                    progress=progress)
+        src = _detect(dest)
+        if src is None:  # download_omniglot returned, so both zips are there
+            raise FileNotFoundError(f"load_omniglot: downloaded into {str(dest)!r} but found no data there")
     cdir = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) if cache else None
-    _verify_sources(folder, cdir)
-    gray = torch.from_numpy(_load_uint8(folder, image_size, cdir))
+    if src.layout == "npz":
+        _verify_sources(src.folder, cdir)
+        gray = _load_uint8(src.folder, image_size, cdir)
+    else:
+        gray = _load_official_uint8(src, image_size, cdir)
+    gray = torch.from_numpy(gray)
     # ToTensor's uint8 -> float32 division by 255, then learn2learn's `1 - x`: same bits.
     return 1.0 - gray.to(torch.float32).div(255)
 
@@ -329,16 +649,18 @@ def omniglot_tasks(
     seed: Optional[int] = None,
     rotations: bool = True,
     device: DeviceLike = "cpu",
+    download: bool = False,
 ) -> OmniglotTasks:
     """Omniglot task samplers for the train, validation and test classes of ``protocol``.
 
     ``images`` (from :func:`load_omniglot`) skips loading. ``split_seed`` picks the class split
     (:func:`split_classes`); ``seed`` seeds the three samplers, each with its own stream
     (``numpy.random.SeedSequence(seed).spawn(3)``); ``None`` draws it from torch's global
-    generator.
+    generator. ``download`` is passed to :func:`load_omniglot` (fetch the official zips when no
+    data are found).
     """
     if images is None:
-        images = load_omniglot(root, image_size=image_size)
+        images = load_omniglot(root, image_size=image_size, download=download)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     streams = np.random.SeedSequence(seed).spawn(len(SPLITS))
