@@ -182,7 +182,12 @@ setup(
     packages=find_packages(include=["imaml_ext", "imaml_ext.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"tensorboard": ["tensorboard"], "data": ["Pillow", "learn2learn"]},
+    extras_require={
+        "tensorboard": ["tensorboard"],
+        "data": ["Pillow", "learn2learn", "tqdm"],
+        "train": ["Pillow", "tqdm", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["imaml-train = imaml_ext.train:main"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

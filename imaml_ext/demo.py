@@ -1,4 +1,4 @@
-"""`make demo`: the fused ops on a small implicit-MAML meta-gradient.
+"""`make ops-demo`: the fused ops on a small implicit-MAML meta-gradient.
 
 T tasks of a small MLP regression problem: every task adapts from the shared
 theta with the fused proximal step (all tasks, all tensors, one call per inner

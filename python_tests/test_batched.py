@@ -128,13 +128,15 @@ class TinyMLP(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
-def test_batched_equals_dense_solve_on_tiny_network():
+@pytest.mark.parametrize("cg_damping, lam_damping", [(0.0, 0.0), (1.0, 10.0), (0.3, 0.0)])
+def test_batched_equals_dense_solve_on_tiny_network(cg_damping, lam_damping):
     T, inner_steps, inner_lr, lam = 3, 6, 0.2, 2.0
     model = TinyMLP()
     n = sum(p.numel() for p in model.parameters())
     sx, qx = torch.randn(T, 6, 4, dtype=f64), torch.randn(T, 9, 4, dtype=f64)
     sy, qy = torch.randint(0, 3, (T, 6)), torch.randint(0, 3, (T, 9))
-    imaml = IMAML(model, inner_steps, inner_lr, lam, cg_iterations=2 * n)
+    imaml = IMAML(model, inner_steps, inner_lr, lam, cg_iterations=2 * n, cg_damping=cg_damping,
+                  lam_damping=lam_damping)
     result = imaml.meta_step(sx, sy, qx, qy)
     got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
@@ -160,8 +162,10 @@ def test_batched_equals_dense_solve_on_tiny_network():
             phi = phi - inner_lr * (g + lam * (phi - theta))
         H = torch.autograd.functional.hessian(lambda f: loss(f, sx[t], sy[t]), phi)
         v = torch.autograd.functional.jacobian(lambda f: loss(f, qx[t], qy[t]), phi)
-        assert torch.linalg.eigvalsh(torch.eye(n, dtype=f64) + H / lam).min() > 0
-        expected += torch.linalg.solve(torch.eye(n, dtype=f64) + H / lam, v) / T
+        # the proximal inner loop's phi, damped as the iMAML authors' code does when asked
+        A = (1 + cg_damping) * torch.eye(n, dtype=f64) + H / (lam + lam_damping)
+        assert torch.linalg.eigvalsh(A).min() > 0
+        expected += torch.linalg.solve(A, v) / T
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
     assert not result.cg.breakdown.any()
 
@@ -211,6 +215,10 @@ def test_bad_inputs_are_rejected_with_clear_errors():
         imaml.meta_step(sx[0], sy, qx, qy)
     with pytest.raises(ValueError, match=r"IMAML: lam must be a finite number > 0; got 0"):
         IMAML(model, 1, 0.1, 0, 2)
+    with pytest.raises(ValueError, match=r"IMAML: cg_damping must be a finite number >= 0; got -1"):
+        IMAML(model, cg_damping=-1)
+    with pytest.raises(ValueError, match=r"IMAML: lam_damping must be a finite number >= 0; got nan"):
+        IMAML(model, lam_damping=float("nan"))
     with pytest.raises(ValueError, match=r"IMAML: cg_iterations must be an integer > 0; got 1.5"):
         IMAML(model, 1, 0.1, 1.0, 1.5)
     with pytest.raises(ValueError, match=r"forward must be one of 'auto', 'vmap', 'loop'; got 'fast'"):
@@ -287,14 +295,13 @@ MEMORY_SCRIPT = textwrap.dedent(
     sx, sy = torch.randn(T, n, 1, 28, 28), torch.randint(0, 5, (T, n))
     if mode == "imaml":
         IMAML(model, steps, 0.1, 2.0, 2, check_labels=False).meta_step(sx, sy, sx, sy)
-    else:  # unrolled MAML: the graph of every inner step is kept
-        im = IMAML(model, 0, 0.1, 2.0, 1, check_labels=False)
-        mod = im.batched(T)
-        phi = [p.requires_grad_(True) for p in mod.expand_theta()]
-        for _ in range(steps):
-            g = torch.autograd.grad(IMAML.task_losses(mod(phi, sx), sy).sum(), phi, create_graph=True)
-            phi = [p - 0.1 * q for p, q in zip(phi, g)]
-        IMAML.task_losses(mod(phi, sx), sy).sum().backward()
+    else:  # unrolled MAML (imaml_ext.MAML): the graph of every inner step is kept
+        from imaml_ext import MAML
+        measured = []
+        check = MAML._check_graph_fits
+        MAML._check_graph_fits = lambda self, b, d, t: (measured.append(b), check(self, b, d, t))[1]
+        MAML(model, steps, 0.1, check_labels=False).meta_step(sx, sy, sx, sy)
+        print("graph-bytes-per-step", measured[0])
     # VmHWM belongs to this process's own address space; ru_maxrss would carry
     # over the parent's peak across fork and exec.
     hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
@@ -308,15 +315,21 @@ def peak_rss_mib(steps, mode):
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(steps), mode, str(ROOT / "python_tests")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    return int(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    per_step = [int(line.split()[1]) for line in lines if line.startswith("graph-bytes-per-step")]
+    return int(lines[-1]), (per_step[0] / 2**20 if per_step else None)
 
 
 def test_peak_memory_is_flat_in_inner_steps_while_unrolled_maml_grows():
-    imaml_5, imaml_50 = peak_rss_mib(5, "imaml"), peak_rss_mib(50, "imaml")
-    maml_2, maml_8 = peak_rss_mib(2, "maml"), peak_rss_mib(8, "maml")
-    print(f"peak RSS MiB: iMAML 5 steps {imaml_5}, 50 steps {imaml_50}; unrolled 2 steps {maml_2}, 8 steps {maml_8}")
+    (imaml_5, _), (imaml_50, _) = peak_rss_mib(5, "imaml"), peak_rss_mib(50, "imaml")
+    (maml_2, step_mib), (maml_8, _) = peak_rss_mib(2, "maml"), peak_rss_mib(8, "maml")
+    print(f"peak RSS MiB: iMAML 5 steps {imaml_5}, 50 steps {imaml_50}; MAML 2 steps {maml_2}, 8 steps {maml_8}; "
+          f"MAML's graph estimate {step_mib:.0f} MiB per step")
     # The same harness sees the unrolled graph grow by hundreds of MiB...
     assert maml_8 > maml_2 + 150
+    # ...by about what MAML's graph meter predicts for 6 more steps (it counts every saved
+    # storage once, an upper bound; the allocator may reuse some of it)...
+    assert 0.5 * 6 * step_mib < maml_8 - maml_2 < 2.0 * 6 * step_mib
     # ...and iMAML's peak stay where it was with 10x the inner steps.
     assert imaml_50 < imaml_5 * 1.1 + 20
 

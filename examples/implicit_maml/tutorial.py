@@ -15,13 +15,13 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 
 from imaml_ext.configs import Config, EngineConfig
 from imaml_ext.engine import Engine
 from imaml_ext.envs import Env
+from imaml_ext.models import Conv4
 from imaml_ext.problems import ImplicitProblem
 
 
@@ -46,27 +46,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-class ConvNet(nn.Module):
-    """Conv4 of the iMAML/MAML papers: 4 x (3x3 conv, BatchNorm, ReLU, 2x2 max-pool), then a linear head."""
-
-    def __init__(self, ways, hidden_size, in_channels=1):
-        super().__init__()
-        blocks = []
-        channels = in_channels
-        for _ in range(4):
-            blocks += [
-                nn.Conv2d(channels, hidden_size, 3, padding=1),
-                nn.BatchNorm2d(hidden_size, track_running_stats=False),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            ]
-            channels = hidden_size
-        self.features = nn.Sequential(*blocks)
-        self.head = nn.Linear(hidden_size, ways)
-
-    def forward(self, x):
-        return self.head(self.features(x).flatten(1))
-
+# The Conv4 of the iMAML/MAML papers, which Betty's full example imports from its utilities.
+ConvNet = Conv4
 
 model_cls = ConvNet
 

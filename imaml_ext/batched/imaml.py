@@ -5,6 +5,12 @@ phi <- phi - inner_lr * (grad L_support(phi) + lam * (phi - theta)) (L = mean
 cross-entropy). The meta-gradient is mean_t (I + H_t / lam)^-1 grad L_query(phi_t),
 H_t the Hessian of L_support at phi_t, added to theta's ``.grad``. (The
 tutorial's reg * ||phi - theta||^2 is lam = 2 * reg.)
+
+``cg_damping`` and ``lam_damping`` (both 0 by default: the maths above) solve
+the damped system ((1 + cg_damping) I + H_t / (lam + lam_damping)) x = grad L_query
+instead, as the iMAML authors' code does (there 1 and 10). Away from the inner
+problem's minimum H_t can have eigenvalues below -lam, where I + H_t/lam is
+indefinite and CG breaks down; damping keeps the system positive definite.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ class MetaStepResult(NamedTuple):
     loss: Tensor  # mean query loss over tasks, after adaptation
     accuracy: Tensor  # mean query accuracy over tasks, in [0, 1]
     support_loss: Tensor  # mean support loss at the end of the inner loop
-    cg: CGInfo  # per-task CG diagnostics
+    cg: Optional[CGInfo]  # per-task CG diagnostics (None for MAML, which solves nothing)
 
 
 def _check_positive(name: str, value, integer: bool = False, allow_zero: bool = False) -> None:
@@ -70,6 +76,8 @@ class IMAML:
         ways: Optional[int] = None,
         check_labels: bool = True,
         forward: str = "auto",
+        cg_damping: float = 0.0,
+        lam_damping: float = 0.0,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"IMAML: model must be a torch.nn.Module; got {type(model).__name__}")
@@ -78,6 +86,8 @@ class IMAML:
         _check_positive("lam", lam)
         _check_positive("cg_iterations", cg_iterations, integer=True)
         _check_positive("cg_tol", cg_tol, allow_zero=True)
+        _check_positive("cg_damping", cg_damping, allow_zero=True)
+        _check_positive("lam_damping", lam_damping, allow_zero=True)
         if ways is not None:
             _check_positive("ways", ways, integer=True)
         self.model = model
@@ -86,6 +96,8 @@ class IMAML:
         self.lam = float(lam)
         self.cg_iterations = cg_iterations
         self.cg_tol = float(cg_tol)
+        self.cg_damping = float(cg_damping)
+        self.lam_damping = float(lam_damping)
         self.ways = ways
         self.check_labels = check_labels
         if forward not in TaskBatchedModule.FORWARDS:
@@ -244,7 +256,11 @@ class IMAML:
             out = torch.autograd.grad(support_grads, phi, grad_outputs=vectors, retain_graph=True)
             return [h.detach() for h in out]
 
-        x, info = ops.cg_solve(hvp, [g.detach() for g in v], self.lam, self.cg_iterations, self.cg_tol)
+        # ((1 + c) I + H / (lam + l)) x = v  <=>  (I + H / lam') x = v / (1 + c), lam' = (1 + c)(lam + l)
+        scale = 1.0 + self.cg_damping
+        rhs = [g.detach() / scale if scale != 1.0 else g.detach() for g in v]
+        lam = scale * (self.lam + self.lam_damping)
+        x, info = ops.cg_solve(hvp, rhs, lam, self.cg_iterations, self.cg_tol)
         with torch.no_grad():
             meta_grads = [xt.mean(0) for xt in x]
             accuracy = (query_logits.argmax(-1) == query_y).float().mean()

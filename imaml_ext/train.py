@@ -1,0 +1,634 @@
+"""Train implicit MAML on Omniglot: ``python -m imaml_ext.train`` (or ``imaml-train``).
+
+Every task of a meta-batch runs at once (:class:`imaml_ext.IMAML`). The run folder
+(``--out``) gets ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per log
+window and per validation), ``curves.png``, ``checkpoint.pt`` (written atomically every
+``--checkpoint-every`` steps and at the end; ``--resume`` continues bit for bit) and
+``results.json`` (meta-test accuracy over ``--eval-tasks`` test tasks with its 95 %
+confidence interval, beside the same adaptation from the random initialisation).
+
+The defaults are the iMAML paper's Omniglot 5-way 1-shot setting (lambda = 2, 16 inner
+steps, 5 CG iterations, meta-batch 32, Adam); ``make demo`` runs a short version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ._io import atomic_write
+from .batched import IMAML, MAML
+from .data import NUM_DRAWERS, DownloadError, PROTOCOLS, TaskIndices, TaskSampler, load_omniglot, omniglot_tasks, split_classes
+from .models import Conv4
+
+TASKS = ("omniglot",)
+ALGOS = ("imaml", "maml", "fomaml")
+WINDOW_KEYS = ("loss", "accuracy", "support_loss", "cg_residual", "cg_breakdown")
+CHECKPOINT_FORMAT = 1
+
+# Arguments that do not change what a run computes: they may differ on --resume.
+RUNTIME_KEYS = ("out", "resume", "progress", "tensorboard", "data", "download", "stop_after")
+
+
+class RunError(Exception):
+    """A problem with the command line or the run folder: printed without a traceback."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _add(parser, name: str, **kwargs):
+    """``--inner_steps`` (the tutorial's spelling) and ``--inner-steps`` both work."""
+    names = [f"--{name}"]
+    other = name.replace("_", "-") if "_" in name else name.replace("-", "_")
+    if other != name:
+        names.append(f"--{other}")
+    kwargs.setdefault("dest", name.replace("-", "_"))
+    parser.add_argument(*names, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="imaml-train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    task = p.add_argument_group("task")
+    _add(task, "task", default="omniglot", help=f"data set: {', '.join(TASKS)}")
+    _add(task, "ways", type=int, default=5)
+    _add(task, "shots", type=int, default=1, help="support examples per class")
+    _add(task, "query", type=int, default=15, help="query examples per class")
+    _add(task, "split", default="finn", choices=PROTOCOLS,
+         help="class split: finn (MAML/iMAML: first 1200 characters train, rest test) or l2l (learn2learn's)")
+    _add(task, "split_seed", type=int, default=0, help="seed of the l2l class shuffle")
+    _add(task, "data", default=None, help="Omniglot root (default: $IMAML_DATA, ./data, ../shared/data)")
+    _add(task, "download", action="store_true", help="download the official Omniglot zips if no data are found")
+
+    algo = p.add_argument_group("meta-learning")
+    _add(algo, "algo", default="imaml", choices=ALGOS,
+         help="imaml (implicit gradients), maml (through the unrolled inner loop) or fomaml (first-order MAML)")
+    _add(algo, "inner_steps", type=int, default=16)
+    _add(algo, "base_lr", type=float, default=0.1, help="inner-loop learning rate")
+    lam = algo.add_mutually_exclusive_group()
+    lam.add_argument("--lam", type=float, default=None, help="proximal strength lambda (default 2)")
+    lam.add_argument("--reg", type=float, default=None, help="the tutorial's reg * ||phi - theta||^2: lambda = 2 * reg")
+    _add(algo, "cg_iterations", type=int, default=5)
+    _add(algo, "cg_damping", type=float, default=0.0,
+         help="solve ((1 + cg_damping) I + H / (lam + lam_damping)) x = g; the iMAML authors' code uses 1")
+    _add(algo, "lam_damping", type=float, default=0.0, help="see --cg_damping; the iMAML authors' code uses 10")
+    _add(algo, "clip_grad", type=float, default=0.0, help="clip the meta-gradient's norm to this (0: off)")
+    _add(algo, "meta_batch_size", type=int, default=32, help="tasks per meta-step (T)")
+    _add(algo, "hidden_size", type=int, default=64, help="Conv4 channels")
+    _add(algo, "meta_lr", type=float, default=1e-3)
+    _add(algo, "optimizer", default="adam", choices=("adam", "adamw"))
+    _add(algo, "scheduler", default="none", choices=("none", "cosine"), help="meta learning-rate schedule")
+    _add(algo, "steps", type=int, default=10000, help="meta-steps")
+    _add(algo, "forward", default="auto", choices=("auto", "vmap", "loop"),
+         help="task-batched forward: vmap (grouped convolutions), loop, or auto (vmap on GPU, loop on CPU)")
+    _add(algo, "cuda_graph", action="store_true", help="capture the meta-step as a CUDA graph (CUDA only)")
+
+    run = p.add_argument_group("run")
+    _add(run, "seed", type=int, default=0)
+    _add(run, "device", default=None, help="default: cuda if available, else cpu")
+    _add(run, "out", default=None, help="run folder (default: runs/<task>-<ways>w<shots>s-<time>)")
+    _add(run, "resume", action="store_true", help="continue the run in --out from its checkpoint")
+    _add(run, "log_every", type=int, default=10, help="meta-steps per metrics row")
+    _add(run, "valid_every", type=int, default=500, help="meta-steps between validations (0: none)")
+    _add(run, "valid_tasks", type=int, default=200)
+    _add(run, "checkpoint_every", type=int, default=500, help="meta-steps between checkpoints")
+    _add(run, "eval_tasks", type=int, default=600, help="meta-test tasks at the end (0: none)")
+    _add(run, "eval_batch", type=int, default=None, help="tasks per evaluation batch (default: meta_batch_size)")
+    _add(run, "baseline", action=argparse.BooleanOptionalAction, default=True,
+         help="also evaluate the same adaptation from the random initialisation")
+    _add(run, "stop_after", type=int, default=None,
+         help="end this invocation after this many meta-steps in all (checkpointed); --resume continues")
+    _add(run, "tensorboard", action="store_true", help="also write tensorboard scalars to <out>/tensorboard")
+    _add(run, "progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except RunError as error:
+        parser.error(str(error))
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.task not in TASKS:
+        raise RunError(f"--task must be one of {', '.join(TASKS)}; got {args.task!r}")
+    if args.reg is not None:
+        args.lam = 2.0 * args.reg  # the tutorial's reg * ||phi - theta||^2 has gradient 2 * reg * (phi - theta)
+    elif args.lam is None:
+        args.lam = 2.0
+    positive_ints = ["ways", "shots", "query", "cg_iterations", "meta_batch_size", "hidden_size", "steps",
+                     "log_every", "valid_tasks", "checkpoint_every"]
+    for name in positive_ints:
+        value = getattr(args, name)
+        if value < 1:
+            raise RunError(f"--{name} must be >= 1; got {value}")
+    for name in ("cg_damping", "lam_damping", "clip_grad"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise RunError(f"--{name} must be a finite number >= 0; got {value}")
+    for name in ("inner_steps", "valid_every", "eval_tasks"):
+        if getattr(args, name) < 0:
+            raise RunError(f"--{name} must be >= 0; got {getattr(args, name)}")
+    for name in ("base_lr", "lam", "meta_lr"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            shown = "--reg" if name == "lam" and args.reg is not None else f"--{name}"
+            raise RunError(f"{shown} must be a finite number > 0; got {value if shown != '--reg' else args.reg}")
+    if args.shots + args.query > NUM_DRAWERS:
+        raise RunError(
+            f"--shots + --query must be <= {NUM_DRAWERS} (Omniglot has {NUM_DRAWERS} drawers per character, and "
+            f"support and query images are distinct); got {args.shots} + {args.query} = {args.shots + args.query}"
+        )
+    for split in ("train", "validation", "test"):
+        classes = len(split_classes(split, seed=args.split_seed, protocol=args.split))
+        if args.ways > classes:
+            raise RunError(f"--ways {args.ways} is more than the {classes} classes of the {args.split} {split} split")
+    if args.eval_batch is None:
+        args.eval_batch = args.meta_batch_size
+    elif args.eval_batch < 1:
+        raise RunError(f"--eval_batch must be >= 1; got {args.eval_batch}")
+    if args.stop_after is not None and not 1 <= args.stop_after:
+        raise RunError(f"--stop_after must be >= 1; got {args.stop_after}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise RunError(f"--device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device}: this torch sees no CUDA device")
+    if args.cuda_graph and device.type != "cuda":
+        raise RunError(f"--cuda_graph needs a CUDA --device; got {args.device}")
+    if args.out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = os.path.join("runs", f"{args.task}-{args.ways}w{args.shots}s-{stamp}")
+
+
+def run_config(args: argparse.Namespace) -> Dict[str, object]:
+    """What determines the run's numbers (compared on --resume)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_KEYS}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def slice_indices(indices: TaskIndices, start: int, stop: int) -> TaskIndices:
+    return TaskIndices(*(t[start:stop] for t in indices))
+
+
+def evaluate(imaml: IMAML, sampler: TaskSampler, indices: TaskIndices, batch: int) -> Dict[str, torch.Tensor]:
+    """Per-task query accuracy and loss after the proximal inner loop, ``batch`` tasks at a time."""
+    accuracy, loss = [], []
+    total = indices.classes.shape[0]
+    for start in range(0, total, batch):
+        support_x, support_y, query_x, query_y = sampler.gather(slice_indices(indices, start, start + batch))
+        phi, module = imaml.adapt(support_x, support_y)
+        with torch.no_grad():
+            logits = module(phi, query_x)
+            accuracy.append((logits.argmax(-1) == query_y).float().mean(1))
+            loss.append(imaml.task_losses(logits, query_y))
+    return {"accuracy": torch.cat(accuracy), "loss": torch.cat(loss)}
+
+
+def summarise(per_task_accuracy: torch.Tensor) -> Dict[str, float]:
+    """Mean accuracy in percent with the half-width of its 95 % confidence interval."""
+    acc = per_task_accuracy.double().cpu() * 100.0
+    n = acc.numel()
+    std = acc.std(unbiased=True).item() if n > 1 else float("nan")
+    return {"accuracy": acc.mean().item(), "ci95": 1.96 * std / math.sqrt(n), "tasks": n}
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+class RunFolder:
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.checkpoint = self.path / "checkpoint.pt"
+        self.jsonl = self.path / "metrics.jsonl"
+        self.csv = self.path / "metrics.csv"
+        self.plot = self.path / "curves.png"
+        self.results = self.path / "results.json"
+        self.tensorboard = self.path / "tensorboard"
+
+    def holds_run(self) -> List[str]:
+        return [p.name for p in (self.config, self.checkpoint, self.jsonl, self.results) if p.exists()]
+
+    def write_json(self, path: Path, obj) -> None:
+        data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+        atomic_write(path, lambda f: f.write(data))
+
+    def read_metrics(self) -> List[Dict[str, object]]:
+        if not self.jsonl.exists():
+            return []
+        rows = []
+        for number, line in enumerate(self.jsonl.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    raise RunError(f"{self.jsonl}: line {number} is not JSON: {line[:80]!r}") from None
+        return rows
+
+    def write_metrics(self, rows: List[Dict[str, object]]) -> None:
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+        atomic_write(self.jsonl, lambda f: f.write(text))
+        self.write_csv(rows)
+
+    def write_csv(self, rows: List[Dict[str, object]]) -> None:
+        keys: List[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        data = buffer.getvalue().encode()
+        atomic_write(self.csv, lambda f: f.write(data))
+
+    def plot_curves(self, rows: List[Dict[str, object]], baseline: Optional[float] = None) -> bool:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        for split, style in (("train", "-"), ("validation", "o-")):
+            part = [r for r in rows if r["split"] == split]
+            if part:
+                steps = [r["step"] for r in part]
+                ax_loss.plot(steps, [r["loss"] for r in part], style, label=f"{split} query loss")
+                ax_acc.plot(steps, [100 * r["accuracy"] for r in part], style, label=f"{split} query accuracy")
+        if baseline is not None:
+            ax_acc.axhline(baseline, color="gray", linestyle="--", label="random init, test")
+        for ax, label in ((ax_loss, "cross-entropy"), (ax_acc, "accuracy (%)")):
+            ax.set_xlabel("meta-step")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
+        atomic_write(self.plot, lambda f: f.write(buffer.getvalue()))
+        return True
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> Dict[str, object]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: Dict[str, object]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def build_model(args) -> Conv4:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return Conv4(args.ways, args.hidden_size).to(args.device)
+
+
+def build_imaml(model, args) -> IMAML:
+    """The learner of ``--algo``: IMAML, or MAML (a subclass) for maml / fomaml."""
+    if args.algo != "imaml":
+        return MAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, first_order=args.algo == "fomaml",
+                    ways=args.ways, check_labels=False, forward=args.forward)
+    return IMAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, lam=args.lam,
+                 cg_iterations=args.cg_iterations, ways=args.ways, check_labels=False, forward=args.forward,
+                 cg_damping=args.cg_damping, lam_damping=args.lam_damping)
+
+
+def load_checkpoint(folder: RunFolder, config: Dict[str, object]) -> Dict[str, object]:
+    if not folder.checkpoint.exists():
+        raise RunError(f"--resume: {folder.checkpoint} does not exist; start the run without --resume")
+    try:
+        ckpt = torch.load(folder.checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: name it, never a raw unpickling trace
+        raise RunError(f"--resume: cannot read {folder.checkpoint} ({type(error).__name__}: {error})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"--resume: {folder.checkpoint} is not an imaml_ext checkpoint (format {CHECKPOINT_FORMAT})")
+    saved = ckpt["config"]
+    differ = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+    if differ:
+        shown = "; ".join(f"--{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ)
+        raise RunError(
+            f"--resume: the checkpoint in {folder.path} is from another configuration ({shown}). "
+            f"Resume with the same arguments, or start a new run in another --out."
+        )
+    return ckpt
+
+
+class _StopSignal:
+    """SIGTERM / SIGINT end the run after the current meta-step, with a checkpoint."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(args: argparse.Namespace) -> Dict[str, object]:
+    """Run (or resume) the training described by ``args``; returns the results dict."""
+    folder = RunFolder(args.out)
+    config = run_config(args)
+    if args.resume:
+        ckpt = load_checkpoint(folder, config)
+    else:
+        existing = folder.holds_run()
+        if existing:
+            raise RunError(
+                f"--out {folder.path} already holds a run ({', '.join(existing)}); pass --resume to continue "
+                f"it, or choose another --out (nothing was overwritten)"
+            )
+        ckpt = None
+    device = torch.device(args.device)
+
+    try:
+        images = load_omniglot(args.data, download=args.download)
+    except (FileNotFoundError, ValueError, DownloadError) as error:  # missing or damaged data: the message names it
+        raise RunError(str(error)) from None
+    tasks = omniglot_tasks(args.ways, args.shots, args.query, images=images, protocol=args.split,
+                           split_seed=args.split_seed, seed=args.seed, device=device)
+    del images
+    valid_indices = tasks.validation.sample_indices(args.valid_tasks) if args.valid_every else None
+
+    model = build_model(args)
+    imaml = build_imaml(model, args)
+    optimizer_cls = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
+    optimizer = optimizer_cls(model.parameters(), lr=args.meta_lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps) if args.scheduler == "cosine" else None
+
+    window = {"loss": torch.zeros((), device=device), "accuracy": torch.zeros((), device=device),
+              "support_loss": torch.zeros((), device=device), "cg_residual": torch.zeros((), device=device),
+              "cg_breakdown": torch.zeros((), device=device), "steps": 0}
+    start_step, best_valid = 0, None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        tasks.train.generator.set_state(ckpt["sampler"])
+        set_rng_state(ckpt["rng"])
+        for key, value in ckpt["window"].items():
+            window[key] = value.to(device) if isinstance(value, torch.Tensor) else value
+        start_step, best_valid = ckpt["step"], ckpt["best_valid"]
+        rows = [r for r in folder.read_metrics() if r["step"] <= start_step]
+        folder.write_metrics(rows)  # drop what an interrupted run logged after its checkpoint
+    else:
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed % 2**32)
+        random.seed(args.seed)
+        rows = []
+        folder.path.mkdir(parents=True, exist_ok=True)
+        folder.write_json(folder.config, {**config, "imaml_ext": _version(), "torch": torch.__version__})
+        folder.write_metrics(rows)
+
+    logger = None
+    if args.tensorboard:
+        from .logging import TensorBoardLogger
+
+        logger = TensorBoardLogger(str(folder.tensorboard))
+
+    def save(step: int) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": config,
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "sampler": tasks.train.generator.get_state(),
+            "rng": rng_state(),
+            "window": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in window.items()},
+            "best_valid": best_valid,
+        }
+        atomic_write(folder.checkpoint, lambda f: torch.save(state, f))
+
+    def log_row(row: Dict[str, object]) -> None:
+        rows.append(row)
+        with open(folder.jsonl, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        if logger is not None:
+            logger.log({k: v for k, v in row.items() if k not in ("split", "step")}, tag=row["split"], step=row["step"])
+
+    captured = None
+    warned_breakdown = False
+    stop_at = min(args.steps, args.stop_after) if args.stop_after else args.steps
+    bar = _progress(args, start_step)
+    window_start = time.perf_counter()
+    step = start_step
+    with _StopSignal() as stop:
+        while step < stop_at and stop.received is None:
+            batch = tasks.train.sample(args.meta_batch_size)
+            optimizer.zero_grad(set_to_none=True)
+            if args.cuda_graph:
+                if captured is None:
+                    captured = imaml.capture(*batch)
+                result = captured.step(*batch)
+            else:
+                result = imaml.meta_step(*batch)
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)  # on the device: no sync
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            with torch.no_grad():
+                window["loss"] += result.loss
+                window["accuracy"] += result.accuracy
+                window["support_loss"] += result.support_loss
+                if result.cg is not None:
+                    window["cg_residual"] += result.cg.residual_norm.mean()
+                    window["cg_breakdown"] += result.cg.breakdown.float().mean()
+            window["steps"] += 1
+            if step % args.log_every == 0 or step == args.steps:
+                n = window.pop("steps")
+                values = torch.stack([window[k] for k in WINDOW_KEYS])
+                loss, acc, support, residual, breakdown = (values / n).tolist()  # the one host sync per log window
+                elapsed = time.perf_counter() - window_start
+                row = {"split": "train", "step": step, "loss": loss, "accuracy": acc, "support_loss": support,
+                       "cg_residual": residual, "cg_breakdown": breakdown, "lr": optimizer.param_groups[0]["lr"],
+                       "tasks_per_s": n * args.meta_batch_size / elapsed}
+                if args.algo != "imaml":  # nothing is solved
+                    del row["cg_residual"], row["cg_breakdown"]
+                log_row(row)
+                for k in WINDOW_KEYS:
+                    window[k].zero_()
+                if breakdown > 0.5 and not warned_breakdown:
+                    warned_breakdown = True
+                    _warn(bar, f"CG broke down (p'Ap <= 0) on {100 * breakdown:.0f}% of the tasks of steps "
+                               f"{step - n + 1}-{step}: I + H/lam is indefinite there, so those tasks' meta-gradients "
+                               f"stop at the last good CG iterate. Damping (--cg_damping 1 --lam_damping 10, the iMAML "
+                               f"authors' values) or more inner steps keep the system positive definite.")
+                window["steps"] = 0
+                window_start = time.perf_counter()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}%", tasks_s=f"{row['tasks_per_s']:.0f}")
+            if valid_indices is not None and step % args.valid_every == 0:
+                metrics = evaluate(imaml, tasks.validation, valid_indices, args.eval_batch)
+                acc = metrics["accuracy"].mean().item()
+                best_valid = acc if best_valid is None else max(best_valid, acc)
+                log_row({"split": "validation", "step": step, "loss": metrics["loss"].mean().item(),
+                         "accuracy": acc, "best_accuracy": best_valid})
+                if bar is not None:
+                    bar.write(f"step {step}: validation accuracy {100 * acc:.2f}% (best {100 * best_valid:.2f}%)")
+                window_start = time.perf_counter()
+            if step % args.checkpoint_every == 0 and step < stop_at:
+                save(step)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    save(step)
+    folder.write_csv(rows)
+    if logger is not None:
+        logger.close()
+
+    if step < args.steps:
+        why = f"signal {stop.received}" if stop.received is not None else f"--stop_after {args.stop_after}"
+        folder.plot_curves(rows)
+        print(f"stopped at meta-step {step} of {args.steps} ({why}); checkpoint in {folder.checkpoint}. "
+              f"Continue with the same arguments and --resume.")
+        return {"stopped_at": step, "out": str(folder.path)}
+
+    results = final_evaluation(args, imaml, tasks.test, folder)
+    folder.plot_curves(rows, baseline=results.get("baseline", {}).get("accuracy"))
+    return results
+
+
+def final_evaluation(args, imaml: IMAML, test_sampler: TaskSampler, folder: RunFolder) -> Dict[str, object]:
+    results: Dict[str, object] = {
+        "out": str(folder.path),
+        "steps": args.steps,
+        "machine": _machine(args.device),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    }
+    if args.eval_tasks:
+        indices = test_sampler.sample_indices(args.eval_tasks)  # the same tasks for both models
+        start = time.perf_counter()
+        results["test"] = summarise(evaluate(imaml, test_sampler, indices, args.eval_batch)["accuracy"])
+        results["test"]["seconds"] = time.perf_counter() - start
+        if args.baseline:
+            baseline = build_imaml(build_model(args), args)
+            results["baseline"] = summarise(evaluate(baseline, test_sampler, indices, args.eval_batch)["accuracy"])
+    folder.write_json(folder.results, results)
+    return results
+
+
+def _warn(bar, message: str) -> None:
+    if bar is not None:
+        bar.write(f"warning: {message}", file=sys.stderr)
+    else:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _progress(args, start_step: int):
+    if not args.progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=args.steps, initial=start_step, desc="meta-train", unit="step", dynamic_ncols=True)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _machine(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def format_results(args, results: Dict[str, object]) -> str:
+    lines = []
+    setting = f"{args.ways}-way {args.shots}-shot"
+    if "test" in results:
+        t = results["test"]
+        lines.append(f"meta-test accuracy, {setting}, {t['tasks']} tasks: {t['accuracy']:.2f} ± {t['ci95']:.2f} % (95% CI)")
+        if "baseline" in results:
+            b = results["baseline"]
+            lines.append(f"same adaptation from the random initialisation:      {b['accuracy']:.2f} ± {b['ci95']:.2f} %")
+    lines.append(f"run folder: {results['out']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        results = train(args)
+    except RunError as error:
+        print(f"imaml-train: error: {error}", file=sys.stderr)
+        return 2
+    if "stopped_at" in results:
+        return 0
+    print(format_results(args, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

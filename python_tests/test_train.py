@@ -1,0 +1,291 @@
+"""The training command line (``python -m imaml_ext.train``): outputs, bit-exact resume,
+interruption, and every bad-input path. Runs needing Omniglot skip when it is absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imaml_ext import train as train_cli
+from imaml_ext.data import find_data_root
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A run small enough for seconds on two cores; every output path still runs.
+TINY = ["--hidden_size", "8", "--meta_batch_size", "3", "--inner_steps", "2", "--cg_iterations", "2",
+        "--query", "2", "--steps", "6", "--log_every", "2", "--valid_every", "3", "--valid_tasks", "4",
+        "--checkpoint_every", "2", "--eval_tasks", "12", "--eval_batch", "5", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_root():
+    try:
+        return str(find_data_root())
+    except FileNotFoundError as error:
+        pytest.skip(f"Omniglot not found: {error}")
+
+
+def run(out, *extra, data=None):
+    argv = [*TINY, "--out", str(out), *extra]
+    if data is not None:
+        argv += ["--data", data]
+    return train_cli.main(argv)
+
+
+def checkpoint(out):
+    return torch.load(Path(out) / "checkpoint.pt", weights_only=True)
+
+
+def snapshot(folder: Path):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def rows_without_timing(out):
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("tasks_per_s", None)
+    return rows
+
+
+def assert_same_state(a, b):
+    assert a["step"] == b["step"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:
+        for name in state_a[k]:
+            assert torch.equal(torch.as_tensor(state_a[k][name]), torch.as_tensor(state_b[k][name])), (k, name)
+    assert torch.equal(a["sampler"], b["sampler"])
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    assert run(out, "--scheduler", "cosine", data=data_root) == 0
+    return out
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_run_writes_every_output(reference_run, capsys):
+    out = reference_run
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "metrics.jsonl", "metrics.csv", "curves.png", "checkpoint.pt", "results.json"} <= names
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_size"] == 8 and config["lam"] == 2.0 and config["torch"] == torch.__version__
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if r["split"] == "train"]
+    valid_steps = [r["step"] for r in rows if r["split"] == "validation"]
+    assert train_steps == [2, 4, 6] and valid_steps == [3, 6]
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["loss"]) and r["loss"] > 0
+    # cosine schedule over 6 steps: the learning rate logged falls
+    lrs = [r["lr"] for r in rows if r["split"] == "train"]
+    assert lrs[0] > lrs[1] > lrs[2]
+
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("split,step,") and len(csv_lines) == 1 + len(rows)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["test"]["tasks"] == 12 and results["baseline"]["tasks"] == 12
+    for part in ("test", "baseline"):
+        assert 0 < results[part]["accuracy"] <= 100 and results[part]["ci95"] > 0
+    assert "CPU" in results["machine"] and results["date"]
+
+
+def test_summarise_is_mean_with_normal_95_interval():
+    acc = torch.rand(600, generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
+    got = train_cli.summarise(acc)
+    values = acc.double().numpy() * 100
+    assert got["tasks"] == 600
+    assert got["accuracy"] == pytest.approx(values.mean(), rel=1e-12)
+    assert got["ci95"] == pytest.approx(1.96 * values.std(ddof=1) / np.sqrt(600), rel=1e-12)
+
+
+def test_evaluation_uses_the_same_tasks_for_model_and_baseline(data_root):
+    """At step 0 the trained model *is* the random initialisation: both rows must agree exactly."""
+    args = train_cli.parse_args([*TINY, "--steps", "1", "--eval_tasks", "10", "--data", data_root])
+    from imaml_ext.data import omniglot_tasks
+
+    tasks = omniglot_tasks(5, 1, 2, root=data_root, protocol="finn", seed=3)
+    indices = tasks.test.sample_indices(10)
+    a = train_cli.evaluate(train_cli.build_imaml(train_cli.build_model(args), args), tasks.test, indices, 4)
+    b = train_cli.evaluate(train_cli.build_imaml(train_cli.build_model(args), args), tasks.test, indices, 10)
+    assert torch.allclose(a["accuracy"], b["accuracy"]) and torch.allclose(a["loss"], b["loss"], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_stop_and_resume_is_bit_exact(tmp_path, reference_run, data_root):
+    out = tmp_path / "split"
+    assert run(out, "--scheduler", "cosine", "--stop_after", "3", data=data_root) == 0
+    assert checkpoint(out)["step"] == 3 and not (out / "results.json").exists()
+    assert run(out, "--scheduler", "cosine", "--resume", data=data_root) == 0
+    assert_same_state(checkpoint(reference_run), checkpoint(out))
+    assert checkpoint(reference_run)["scheduler"] == checkpoint(out)["scheduler"]
+    assert rows_without_timing(out) == rows_without_timing(reference_run)
+    a = json.loads((reference_run / "results.json").read_text())
+    b = json.loads((out / "results.json").read_text())
+    assert a["test"]["accuracy"] == b["test"]["accuracy"] and a["baseline"] == b["baseline"]
+
+
+def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path, reference_run, data_root):
+    out = tmp_path / "crashed"
+    assert run(out, "--scheduler", "cosine", "--stop_after", "4", data=data_root) == 0
+    # as if the process died after logging step 6 but before checkpointing it
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"split": "train", "step": 6, "loss": 9.0, "accuracy": 0.0}) + "\n")
+    assert run(out, "--scheduler", "cosine", "--resume", data=data_root) == 0
+    assert rows_without_timing(out) == rows_without_timing(reference_run)
+
+
+def test_sigterm_checkpoints_and_resume_matches(tmp_path, reference_run, data_root, monkeypatch, capsys):
+    real_step = train_cli.IMAML.meta_step
+    calls = {"n": 0}
+
+    def step_then_sigterm(self, *batch):
+        calls["n"] += 1
+        result = real_step(self, *batch)
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: the run ends after this step
+        return result
+
+    monkeypatch.setattr(train_cli.IMAML, "meta_step", step_then_sigterm)
+    out = tmp_path / "killed"
+    assert run(out, "--scheduler", "cosine", data=data_root) == 0
+    assert "stopped at meta-step 2" in capsys.readouterr().out
+    assert checkpoint(out)["step"] == 2
+    monkeypatch.setattr(train_cli.IMAML, "meta_step", real_step)
+    assert run(out, "--scheduler", "cosine", "--resume", data=data_root) == 0
+    assert_same_state(checkpoint(reference_run), checkpoint(out))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_run_folder_with_another_run_is_refused_untouched(tmp_path, reference_run, data_root, capsys):
+    before = snapshot(reference_run)
+    assert run(reference_run, data=data_root) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and str(reference_run) in err
+    assert snapshot(reference_run) == before
+
+
+def test_resume_with_another_config_is_refused_untouched(tmp_path, data_root, capsys):
+    out = tmp_path / "r"
+    assert run(out, "--stop_after", "2", data=data_root) == 0
+    before = snapshot(out)
+    assert run(out, "--resume", "--lam", "0.5", data=data_root) == 2
+    err = capsys.readouterr().err
+    assert "--lam: checkpoint 2.0, now 0.5" in err and "another configuration" in err
+    assert snapshot(out) == before
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    assert run(tmp_path / "empty", "--resume") == 2
+    assert "checkpoint.pt does not exist" in capsys.readouterr().err
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path, data_root, capsys):
+    out = tmp_path / "t"
+    assert run(out, "--stop_after", "2", data=data_root) == 0
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    assert run(out, "--resume", data=data_root) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "checkpoint.pt" in err
+
+
+def test_missing_data_names_the_path(tmp_path, capsys):
+    missing = tmp_path / "no-omniglot-here"
+    assert run(tmp_path / "out", data=str(missing)) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Omniglot" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shots", "5", "--query", "16"], "--shots + --query must be <= 20"),
+        (["--ways", "200", "--split", "finn"], "--ways 200 is more than the 100 classes of the finn validation split"),
+        (["--ways", "1200"], "is more than the"),
+        (["--task", "mini-imagenet"], "--task must be one of omniglot; got 'mini-imagenet'"),
+        (["--lam", "1", "--reg", "0.5"], "not allowed with argument"),
+        (["--lam", "-1"], "--lam must be a finite number > 0; got -1.0"),
+        (["--reg", "0"], "--reg must be a finite number > 0; got 0.0"),
+        (["--meta_batch_size", "0"], "--meta_batch_size must be >= 1; got 0"),
+        (["--inner_steps", "-2"], "--inner_steps must be >= 0; got -2"),
+        (["--cuda_graph", "--device", "cpu"], "--cuda_graph needs a CUDA --device; got cpu"),
+        (["--device", "tpu:0"], "--device"),
+        (["--split", "random"], "invalid choice: 'random'"),
+        (["--algo", "reptile"], "invalid choice: 'reptile'"),
+        (["--cg_damping", "-1"], "--cg_damping must be a finite number >= 0; got -1.0"),
+    ],
+)
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda(capsys):
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--device", "cuda"])
+    assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_reg_is_half_lambda():
+    assert train_cli.parse_args(["--reg", "0.25"]).lam == 0.5
+    assert train_cli.parse_args([]).lam == 2.0
+    # the tutorial's underscore spelling and the dashed one are the same option
+    assert train_cli.parse_args(["--inner-steps", "7"]).inner_steps == 7
+
+
+def test_tensorboard_scalars(tmp_path, data_root):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    assert run(out, "--tensorboard", "--steps", "2", "--eval_tasks", "0", data=data_root) == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_module_entry_point_runs():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "imaml_ext.train", "--help"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "--meta_batch_size" in proc.stdout and "--resume" in proc.stdout
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml"])
+def test_maml_algorithms_train_and_evaluate(tmp_path, data_root, algo):
+    out = tmp_path / algo
+    assert run(out, "--algo", algo, "--steps", "2", "--valid_every", "0", data=data_root) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]
+    assert "cg_residual" not in rows[0] and 0 <= rows[0]["accuracy"] <= 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["test"]["tasks"] == 12
+    assert json.loads((out / "config.json").read_text())["algo"] == algo
+
+
+def test_maml_run_differs_from_imaml_run(tmp_path, data_root):
+    """--algo really switches the meta-gradient: same seed and tasks, different theta after 2 steps."""
+    a, b = tmp_path / "imaml", tmp_path / "maml"
+    for out, algo in ((a, "imaml"), (b, "maml")):
+        assert run(out, "--algo", algo, "--steps", "2", "--valid_every", "0", "--eval_tasks", "0", data=data_root) == 0
+    ma, mb = checkpoint(a)["model"], checkpoint(b)["model"]
+    assert any(not torch.equal(ma[k], mb[k]) for k in ma)
