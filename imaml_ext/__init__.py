@@ -3,7 +3,7 @@ Betty-compatible multilevel API (Env, ImplicitProblem, IterativeProblem,
 Engine, Config, EngineConfig)."""
 
 from . import ops
-from .batched import IMAML, MetaStepResult, TaskBatchedModule
+from .batched import IMAML, MAML, MetaStepResult, TaskBatchedModule
 from .configs import Config, EngineConfig
 from .engine import Engine
 from .envs import Env
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ops",
     "IMAML",
+    "MAML",
     "MetaStepResult",
     "TaskBatchedModule",
     "Config",

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..batched.memory import GraphSizeMeter, available_bytes, check_unroll_fits
 from .problem import Problem
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam")
@@ -66,6 +67,7 @@ class IterativeProblem(Problem):
         self._opt_state: List[Dict[str, Tensor]] = []
         self._grad_sum: Optional[List[Tensor]] = None
         self._started_from: Optional[List[Tensor]] = None
+        self._steps_in_loop = 0
 
     def initialize(self, engine) -> None:
         super().initialize(engine)
@@ -135,14 +137,37 @@ class IterativeProblem(Problem):
             self._weights = [p.detach().clone().requires_grad_(True) for p in self._module_params]
         self._opt_state = [{} for _ in self._weights]
         self._grad_sum = None
+        self._steps_in_loop = 0
 
     # ----- one local step -----
     def one_step_descent(self) -> dict:
         if self._weights is None:
             self.start_inner_loop()
+        first = self._steps_in_loop == 0
+        create_graph = not self.config.first_order
+        meter = GraphSizeMeter() if first and create_graph else None
+        if meter is not None:
+            with meter:
+                stats = self._descend(create_graph)
+            self._check_unroll_fits(meter.bytes)
+            return stats
+        return self._descend(create_graph)
+
+    # the share of the free device memory an unrolled graph may take before it is refused
+    memory_fraction = 0.9
+
+    def _check_unroll_fits(self, step_bytes: int) -> None:
+        """After the first local step of a second-order loop: will the whole unroll fit?"""
+        device = self._weights[0].device
+        check_unroll_fits(f'problem "{self.name}"', "local steps (unroll_steps x gradient_accumulation)",
+                          self.config.unroll_steps * self.gas, step_bytes, device, self.memory_fraction,
+                          "use fewer unroll_steps, a smaller batch, Config(first_order=True), or an ImplicitProblem "
+                          "(memory flat in steps)", available_bytes(device))
+
+    def _descend(self, create_graph: bool) -> dict:
+        self._steps_in_loop += 1
         self.cur_batch = self.get_batch()
         loss, stats = self.get_loss(self.cur_batch)
-        create_graph = not self.config.first_order
         grads = torch.autograd.grad(loss, self._weights, create_graph=create_graph, allow_unused=True)
         grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, self._weights)]
         if not create_graph:

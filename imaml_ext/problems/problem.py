@@ -322,6 +322,16 @@ class Problem:
         for i, path in enumerate(paths):
             retain = i < len(paths) - 1 or self.config.retain_graph
             self.set_grads(params, get_grads(loss, path, retain_graph=retain))
+        if params and all(p.grad is None for p in params) and not getattr(self, "_warned_no_grad", False):
+            self._warned_no_grad = True
+            warnings.warn(
+                f'problem "{self.name}": none of its parameters received a gradient, so its optimizer steps '
+                "nothing: its loss reaches them through no kept graph. E.g. an IterativeProblem below that starts "
+                "from a load_state_dict copy under Config(first_order=True) drops the only path, the proximal "
+                "term's mixed derivative; use Config(first_order=False), or start_from(self.upper.parameters())",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def zero_grad(self) -> None:
         for param in self.trainable_parameters():
