@@ -362,6 +362,52 @@ def load_checkpoint(folder: RunFolder, config: Dict[str, object]) -> Dict[str, o
     return ckpt
 
 
+class Distributed:
+    """Data parallel over processes (``torchrun --nproc_per_node N -m imaml_ext.train``):
+    gloo on CPU, NCCL on GPUs; one fused all-reduce of theta's gradient per meta-step."""
+
+    def __init__(self, world: int, rank: int, local_rank: int):
+        self.world, self.rank, self.local_rank = world, rank, local_rank
+        self.started = False
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def device(self, name: str) -> torch.device:
+        device = torch.device(name)
+        if self.world > 1 and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", self.local_rank)  # one GPU per process
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
+
+    def start(self, device: torch.device) -> None:
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.started = True
+
+    def stop(self) -> None:
+        if self.started:
+            torch.distributed.destroy_process_group()
+            self.started = False
+
+    def average_gradients_and(self, params: List[torch.Tensor], extra: torch.Tensor) -> torch.Tensor:
+        """Average theta's .grad and ``extra`` over the processes in one all-reduce; returns extra."""
+        if self.world == 1:
+            return extra
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [extra.to(grads[0].dtype)])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return flat[offset:].to(extra.dtype)
+
+
 class _StopSignal:
     """SIGTERM / SIGINT end the run after the current meta-step, with a checkpoint."""
 
@@ -401,7 +447,19 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
                 f"it, or choose another --out (nothing was overwritten)"
             )
         ckpt = None
-    device = torch.device(args.device)
+    ddp = Distributed.from_env()
+    device = ddp.device(args.device)
+    if args.meta_batch_size % ddp.world:
+        raise RunError(f"--meta_batch_size {args.meta_batch_size} must be divisible by the {ddp.world} processes")
+    ddp.start(device)  # after every rank has checked the run folder, before rank 0 writes to it
+    try:
+        return _train(args, folder, config, ckpt, ddp, device)
+    finally:
+        ddp.stop()
+
+
+def _train(args, folder: RunFolder, config, ckpt, ddp: "Distributed", device: torch.device) -> Dict[str, object]:
+    main_rank = ddp.rank == 0
 
     try:
         images = load_omniglot(args.data, download=args.download)
@@ -418,9 +476,8 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
     optimizer = optimizer_cls(model.parameters(), lr=args.meta_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps) if args.scheduler == "cosine" else None
 
-    window = {"loss": torch.zeros((), device=device), "accuracy": torch.zeros((), device=device),
-              "support_loss": torch.zeros((), device=device), "cg_residual": torch.zeros((), device=device),
-              "cg_breakdown": torch.zeros((), device=device), "steps": 0}
+    # Sums over the log window of the meta-batch's means (over all processes): no sync until read.
+    window = {"values": torch.zeros(len(WINDOW_KEYS), device=device), "steps": 0}
     start_step, best_valid = 0, None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -433,23 +490,27 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
             window[key] = value.to(device) if isinstance(value, torch.Tensor) else value
         start_step, best_valid = ckpt["step"], ckpt["best_valid"]
         rows = [r for r in folder.read_metrics() if r["step"] <= start_step]
-        folder.write_metrics(rows)  # drop what an interrupted run logged after its checkpoint
+        if main_rank:
+            folder.write_metrics(rows)  # drop what an interrupted run logged after its checkpoint
     else:
         torch.manual_seed(args.seed)
         np.random.seed(args.seed % 2**32)
         random.seed(args.seed)
         rows = []
-        folder.path.mkdir(parents=True, exist_ok=True)
-        folder.write_json(folder.config, {**config, "imaml_ext": _version(), "torch": torch.__version__})
-        folder.write_metrics(rows)
+        if main_rank:
+            folder.path.mkdir(parents=True, exist_ok=True)
+            folder.write_json(folder.config, {**config, "imaml_ext": _version(), "torch": torch.__version__})
+            folder.write_metrics(rows)
 
     logger = None
-    if args.tensorboard:
+    if args.tensorboard and main_rank:
         from .logging import TensorBoardLogger
 
         logger = TensorBoardLogger(str(folder.tensorboard))
 
     def save(step: int) -> None:
+        if not main_rank:
+            return  # every rank holds the same state: rank 0 writes it
         state = {
             "format": CHECKPOINT_FORMAT,
             "config": config,
@@ -466,6 +527,8 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
 
     def log_row(row: Dict[str, object]) -> None:
         rows.append(row)
+        if not main_rank:
+            return
         with open(folder.jsonl, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         if logger is not None:
@@ -474,12 +537,17 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
     captured = None
     warned_breakdown = False
     stop_at = min(args.steps, args.stop_after) if args.stop_after else args.steps
-    bar = _progress(args, start_step)
+    bar = _progress(args, start_step) if main_rank else None
     window_start = time.perf_counter()
     step = start_step
     with _StopSignal() as stop:
-        while step < stop_at and stop.received is None:
-            batch = tasks.train.sample(args.meta_batch_size)
+        stopping = False  # agreed by every process: one signalled rank must not leave the others waiting
+        while step < stop_at and not stopping:
+            # Every rank draws the same T tasks and runs its own T / world of them, so the run
+            # equals one process with the whole meta-batch.
+            indices = tasks.train.sample_indices(args.meta_batch_size)
+            per_rank = args.meta_batch_size // ddp.world
+            batch = tasks.train.gather(slice_indices(indices, ddp.rank * per_rank, (ddp.rank + 1) * per_rank))
             optimizer.zero_grad(set_to_none=True)
             if args.cuda_graph:
                 if captured is None:
@@ -487,24 +555,32 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
                 result = captured.step(*batch)
             else:
                 result = imaml.meta_step(*batch)
+            with torch.no_grad():
+                zero = torch.zeros((), device=device)
+                stats = torch.stack([
+                    result.loss, result.accuracy, result.support_loss,
+                    result.cg.residual_norm.mean() if result.cg is not None else zero,
+                    result.cg.breakdown.float().mean() if result.cg is not None else zero,
+                    zero + float(stop.received is not None),
+                ])
+                stats = ddp.average_gradients_and(list(model.parameters()), stats)
+            if ddp.world == 1:
+                stopping = stop.received is not None
+            elif device.type == "cpu" or step + 1 == stop_at or (step + 1) % args.log_every == 0:
+                stopping = bool(stats[-1] > 0)  # on a GPU read only where a log reads anyway
+                if stopping and stop.received is None:
+                    stop.received = signal.SIGTERM  # another process was signalled
             if args.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)  # on the device: no sync
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             step += 1
-            with torch.no_grad():
-                window["loss"] += result.loss
-                window["accuracy"] += result.accuracy
-                window["support_loss"] += result.support_loss
-                if result.cg is not None:
-                    window["cg_residual"] += result.cg.residual_norm.mean()
-                    window["cg_breakdown"] += result.cg.breakdown.float().mean()
+            window["values"] += stats[: len(WINDOW_KEYS)]
             window["steps"] += 1
             if step % args.log_every == 0 or step == args.steps:
-                n = window.pop("steps")
-                values = torch.stack([window[k] for k in WINDOW_KEYS])
-                loss, acc, support, residual, breakdown = (values / n).tolist()  # the one host sync per log window
+                n = window["steps"]
+                loss, acc, support, residual, breakdown = (window["values"] / n).tolist()  # the one host sync per log window
                 elapsed = time.perf_counter() - window_start
                 row = {"split": "train", "step": step, "loss": loss, "accuracy": acc, "support_loss": support,
                        "cg_residual": residual, "cg_breakdown": breakdown, "lr": optimizer.param_groups[0]["lr"],
@@ -512,8 +588,7 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
                 if args.algo != "imaml":  # nothing is solved
                     del row["cg_residual"], row["cg_breakdown"]
                 log_row(row)
-                for k in WINDOW_KEYS:
-                    window[k].zero_()
+                window["values"].zero_()
                 if breakdown > 0.5 and not warned_breakdown:
                     warned_breakdown = True
                     _warn(bar, f"CG broke down (p'Ap <= 0) on {100 * breakdown:.0f}% of the tasks of steps "
@@ -524,7 +599,7 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
                 window_start = time.perf_counter()
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}%", tasks_s=f"{row['tasks_per_s']:.0f}")
-            if valid_indices is not None and step % args.valid_every == 0:
+            if valid_indices is not None and step % args.valid_every == 0 and main_rank:
                 metrics = evaluate(imaml, tasks.validation, valid_indices, args.eval_batch)
                 acc = metrics["accuracy"].mean().item()
                 best_valid = acc if best_valid is None else max(best_valid, acc)
@@ -540,6 +615,8 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
     if bar is not None:
         bar.close()
     save(step)
+    if not main_rank:
+        return {"rank": ddp.rank, "stopped_at": step}
     folder.write_csv(rows)
     if logger is not None:
         logger.close()
@@ -624,7 +701,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RunError as error:
         print(f"imaml-train: error: {error}", file=sys.stderr)
         return 2
-    if "stopped_at" in results:
+    if "stopped_at" in results or "rank" in results:
         return 0
     print(format_results(args, results))
     return 0

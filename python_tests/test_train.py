@@ -289,3 +289,39 @@ def test_maml_run_differs_from_imaml_run(tmp_path, data_root):
         assert run(out, "--algo", algo, "--steps", "2", "--valid_every", "0", "--eval_tasks", "0", data=data_root) == 0
     ma, mb = checkpoint(a)["model"], checkpoint(b)["model"]
     assert any(not torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path, data_root):
+    """torchrun --nproc_per_node 2: each process runs half of the meta-batch and theta's
+    gradient is averaged in one all-reduce, so the run equals one process with all tasks.
+    Compared after one step through Adam's first moment (0.1 x the meta-gradient): later
+    parameters differ by Adam's sign-like first steps on gradient entries at rounding level."""
+    common = ["--meta_batch_size", "4", "--steps", "1", "--valid_every", "0", "--eval_tasks", "8",
+              "--cg_damping", "1", "--lam_damping", "10", "--data", data_root]
+    one = tmp_path / "one"
+    assert train_cli.main([*TINY, *common, "--out", str(one)]) == 0
+    two = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "imaml_ext.train", *TINY, *common, "--out", str(two)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "meta-test accuracy" in proc.stdout and proc.stdout.count("run folder:") == 1  # rank 0 reports
+    a, b = checkpoint(one), checkpoint(two)
+    assert a["step"] == b["step"] == 1
+    moments = [(a["optimizer"]["state"][k]["exp_avg"], b["optimizer"]["state"][k]["exp_avg"]) for k in a["optimizer"]["state"]]
+    assert sum(m.abs().sum() for m, _ in moments) > 0
+    for expected, got in moments:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    rows_a, rows_b = rows_without_timing(one), rows_without_timing(two)
+    assert len(rows_a) == len(rows_b) == 1
+    assert rows_b[0]["loss"] == pytest.approx(rows_a[0]["loss"], rel=1e-5)
+    assert rows_b[0]["accuracy"] == pytest.approx(rows_a[0]["accuracy"])
+
+
+def test_meta_batch_not_divisible_by_processes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert run(tmp_path / "x", "--meta_batch_size", "4") == 2
+    assert "--meta_batch_size 4 must be divisible by the 3 processes" in capsys.readouterr().err
