@@ -38,11 +38,11 @@ from .models import Conv4
 
 TASKS = ("omniglot",)
 ALGOS = ("imaml", "maml", "fomaml")
-WINDOW_KEYS = ("loss", "accuracy", "support_loss", "cg_residual", "cg_breakdown")
+WINDOW_KEYS = ("loss", "accuracy", "support_loss", "cg_residual", "cg_breakdown", "nonfinite")
 CHECKPOINT_FORMAT = 1
 
 # Arguments that do not change what a run computes: they may differ on --resume.
-RUNTIME_KEYS = ("out", "resume", "progress", "tensorboard", "data", "download", "stop_after")
+RUNTIME_KEYS = ("out", "resume", "progress", "tensorboard", "data", "download", "stop_after", "on_nonfinite")
 
 
 class RunError(Exception):
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="also evaluate the same adaptation from the random initialisation")
     _add(run, "stop_after", type=int, default=None,
          help="end this invocation after this many meta-steps in all (checkpointed); --resume continues")
+    _add(run, "on_nonfinite", default="error", choices=("error", "skip-task"),
+         help="a task with a non-finite loss or meta-gradient is always left out of theta's update; "
+              "error: stop at the next log step, naming it; skip-task: count it in the log and go on")
     _add(run, "tensorboard", action="store_true", help="also write tensorboard scalars to <out>/tensorboard")
     _add(run, "progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     return p
@@ -229,6 +232,7 @@ class RunFolder:
         self.path = Path(path)
         self.config = self.path / "config.json"
         self.checkpoint = self.path / "checkpoint.pt"
+        self.previous = self.path / "checkpoint.prev.pt"  # the one before: kept in case the latest is damaged
         self.jsonl = self.path / "metrics.jsonl"
         self.csv = self.path / "metrics.csv"
         self.plot = self.path / "curves.png"
@@ -339,16 +343,29 @@ def build_imaml(model, args) -> IMAML:
                     ways=args.ways, check_labels=False, forward=args.forward)
     return IMAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, lam=args.lam,
                  cg_iterations=args.cg_iterations, ways=args.ways, check_labels=False, forward=args.forward,
-                 cg_damping=args.cg_damping, lam_damping=args.lam_damping)
+                 cg_damping=args.cg_damping, lam_damping=args.lam_damping, nonfinite="skip")
+
+
+def _previous_hint(folder: RunFolder) -> str:
+    if not folder.previous.exists():
+        return ""
+    try:
+        step = torch.load(folder.previous, map_location="cpu", weights_only=True)["step"]
+    except Exception:
+        return f" The previous checkpoint {folder.previous} is unreadable too."
+    return (f" The previous checkpoint is kept: move {folder.previous.name} to {folder.checkpoint.name} "
+            f"to resume from step {step}.")
 
 
 def load_checkpoint(folder: RunFolder, config: Dict[str, object]) -> Dict[str, object]:
     if not folder.checkpoint.exists():
-        raise RunError(f"--resume: {folder.checkpoint} does not exist; start the run without --resume")
+        raise RunError(f"--resume: {folder.checkpoint} does not exist; start the run without --resume."
+                       + _previous_hint(folder))
     try:
         ckpt = torch.load(folder.checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: name it, never a raw unpickling trace
-        raise RunError(f"--resume: cannot read {folder.checkpoint} ({type(error).__name__}: {error})") from None
+        raise RunError(f"--resume: cannot read {folder.checkpoint} ({type(error).__name__}: {error})."
+                       + _previous_hint(folder)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"--resume: {folder.checkpoint} is not an imaml_ext checkpoint (format {CHECKPOINT_FORMAT})")
     saved = ckpt["config"]
@@ -523,7 +540,11 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: "Distributed", device: to
             "window": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in window.items()},
             "best_valid": best_valid,
         }
-        atomic_write(folder.checkpoint, lambda f: torch.save(state, f))
+        fresh = folder.path / "checkpoint.new.pt"
+        atomic_write(fresh, lambda f: torch.save(state, f))
+        if folder.checkpoint.exists():
+            os.replace(folder.checkpoint, folder.previous)
+        os.replace(fresh, folder.checkpoint)
 
     def log_row(row: Dict[str, object]) -> None:
         rows.append(row)
@@ -534,6 +555,14 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: "Distributed", device: to
         if logger is not None:
             logger.log({k: v for k, v in row.items() if k not in ("split", "step")}, tag=row["split"], step=row["step"])
 
+    def save_rows_and_close() -> None:
+        if main_rank:
+            folder.write_csv(rows)
+        if logger is not None:
+            logger.close()
+        if bar is not None:
+            bar.close()
+
     captured = None
     warned_breakdown = False
     stop_at = min(args.steps, args.stop_after) if args.stop_after else args.steps
@@ -541,6 +570,7 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: "Distributed", device: to
     window_start = time.perf_counter()
     step = start_step
     with _StopSignal() as stop:
+        first_bad = torch.full((2,), -1.0, device=device)  # (step, task) of the first non-finite task
         stopping = False  # agreed by every process: one signalled rank must not leave the others waiting
         while step < stop_at and not stopping:
             # Every rank draws the same T tasks and runs its own T / world of them, so the run
@@ -561,8 +591,12 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: "Distributed", device: to
                     result.loss, result.accuracy, result.support_loss,
                     result.cg.residual_norm.mean() if result.cg is not None else zero,
                     result.cg.breakdown.float().mean() if result.cg is not None else zero,
+                    result.nonfinite.float().mean() if result.nonfinite is not None else zero,
                     zero + float(stop.received is not None),
                 ])
+                if result.nonfinite is not None:  # remember the first, on the device
+                    here = torch.stack([zero + step + 1, (result.nonfinite.int().argmax() + ddp.rank * per_rank).to(zero.dtype)])
+                    first_bad = torch.where((first_bad[0] < 0) & result.nonfinite.any(), here, first_bad)
                 stats = ddp.average_gradients_and(list(model.parameters()), stats)
             if ddp.world == 1:
                 stopping = stop.received is not None
@@ -580,15 +614,30 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: "Distributed", device: to
             window["steps"] += 1
             if step % args.log_every == 0 or step == args.steps:
                 n = window["steps"]
-                loss, acc, support, residual, breakdown = (window["values"] / n).tolist()  # the one host sync per log window
+                loss, acc, support, residual, breakdown, nonfinite = (window["values"] / n).tolist()  # the one host sync per log window
                 elapsed = time.perf_counter() - window_start
                 row = {"split": "train", "step": step, "loss": loss, "accuracy": acc, "support_loss": support,
                        "cg_residual": residual, "cg_breakdown": breakdown, "lr": optimizer.param_groups[0]["lr"],
                        "tasks_per_s": n * args.meta_batch_size / elapsed}
                 if args.algo != "imaml":  # nothing is solved
                     del row["cg_residual"], row["cg_breakdown"]
+                bad_tasks = round(nonfinite * n * args.meta_batch_size)
+                row["nonfinite_tasks"] = bad_tasks
                 log_row(row)
                 window["values"].zero_()
+                if bad_tasks:
+                    s_bad, t_bad = (int(v) for v in first_bad.tolist())
+                    first = f" (the first: step {s_bad}, task {t_bad} of its meta-batch)" if s_bad >= 0 else ""
+                    message = (f"a non-finite support or query loss, or meta-gradient, in {bad_tasks} task(s) of steps "
+                               f"{step - n + 1}-{step}{first}; they were left out of theta's update")
+                    if args.on_nonfinite == "error":
+                        save(step)  # theta is finite: the bad tasks never reached it
+                        save_rows_and_close()
+                        raise RunError(f"{message}. Stopping (--on_nonfinite error) with a checkpoint at step {step} "
+                                       f"in {folder.checkpoint}; --resume --on_nonfinite skip-task goes on without "
+                                       f"such tasks.")
+                    _warn(bar, message)
+                    first_bad.fill_(-1)
                 if breakdown > 0.5 and not warned_breakdown:
                     warned_breakdown = True
                     _warn(bar, f"CG broke down (p'Ap <= 0) on {100 * breakdown:.0f}% of the tasks of steps "

@@ -513,3 +513,32 @@ def test_capture_on_cpu_is_a_clear_error():
     sx, sy = torch.randn(2, 3, 4, dtype=f64), torch.randint(0, 3, (2, 3))
     with pytest.raises(ValueError, match=r"IMAML.capture needs CUDA tensors \(CUDA graphs\); got tensors on cpu"):
         imaml.capture(sx, sy, sx, sy)
+
+
+# ----- non-finite tasks -----
+
+def test_nonfinite_task_is_skipped_on_the_device_and_named():
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = conv4(hidden=4)
+    sx, sy, qx, qy = random_tasks(4, shots=1, query=2)
+    sx[2, 0, 0, 5, 5] = float("nan")  # poisons task 2 only (BatchNorm statistics are per task)
+    keep = torch.tensor([0, 1, 3])
+    import copy
+
+    skipped = copy.deepcopy(model)
+    result = IMAML(skipped, 2, 0.1, 2.0, 3, nonfinite="skip").meta_step(sx, sy, qx, qy)
+    assert result.nonfinite.tolist() == [False, False, True, False]
+    assert torch.isfinite(result.loss) and torch.isfinite(result.support_loss)
+
+    clean = copy.deepcopy(model)
+    expected = IMAML(clean, 2, 0.1, 2.0, 3).meta_step(sx[keep], sy[keep], qx[keep], qy[keep])
+    for p, q in zip(skipped.parameters(), clean.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13)
+    assert result.loss.item() == pytest.approx(expected.loss.item(), rel=1e-12)
+
+    propagated = copy.deepcopy(model)
+    result = IMAML(propagated, 2, 0.1, 2.0, 3).meta_step(sx, sy, qx, qy)
+    assert result.nonfinite.tolist() == [False, False, True, False]
+    assert not all(torch.isfinite(p.grad).all() for p in propagated.parameters())
+    with pytest.raises(ValueError, match=r"IMAML: nonfinite must be one of 'propagate', 'skip'; got 'drop'"):
+        IMAML(model, nonfinite="drop")

@@ -201,12 +201,17 @@ def test_resume_without_checkpoint(tmp_path, capsys):
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path, data_root, capsys):
     out = tmp_path / "t"
-    assert run(out, "--stop_after", "2", data=data_root) == 0
+    assert run(out, "--stop_after", "4", data=data_root) == 0  # checkpoints at steps 2 and 4
     data = (out / "checkpoint.pt").read_bytes()
     (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    previous = (out / "checkpoint.prev.pt").read_bytes()  # the last two are kept
     assert run(out, "--resume", data=data_root) == 2
     err = capsys.readouterr().err
     assert "cannot read" in err and "checkpoint.pt" in err
+    assert "move checkpoint.prev.pt to checkpoint.pt to resume from step 2" in err
+    assert (out / "checkpoint.prev.pt").read_bytes() == previous
+    (out / "checkpoint.prev.pt").replace(out / "checkpoint.pt")
+    assert run(out, "--resume", data=data_root) == 0  # resumes from the previous one
 
 
 def test_missing_data_names_the_path(tmp_path, capsys):
@@ -325,3 +330,47 @@ def test_meta_batch_not_divisible_by_processes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert run(tmp_path / "x", "--meta_batch_size", "4") == 2
     assert "--meta_batch_size 4 must be divisible by the 3 processes" in capsys.readouterr().err
+
+
+def poison_second_batch(monkeypatch):
+    """The second training batch gets a NaN pixel in task 1's support images."""
+    from imaml_ext.data import TaskSampler
+
+    real_gather = TaskSampler.gather
+    calls = {"n": 0}
+
+    def gather(self, idx):
+        batch = real_gather(self, idx)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            batch.support_x[1, 0, 0, 3, 3] = float("nan")
+        return batch
+
+    monkeypatch.setattr(TaskSampler, "gather", gather)
+
+
+def test_nonfinite_task_stops_the_run_naming_step_and_task(tmp_path, data_root, monkeypatch, capsys):
+    poison_second_batch(monkeypatch)
+    out = tmp_path / "nan"
+    assert run(out, "--steps", "4", "--valid_every", "0", "--eval_tasks", "0", data=data_root) == 2
+    err = capsys.readouterr().err
+    assert "non-finite support or query loss, or meta-gradient, in 1 task(s) of steps 1-2" in err
+    assert "(the first: step 2, task 1 of its meta-batch)" in err and "--on_nonfinite skip-task" in err
+    state = checkpoint(out)  # written at the stop, with the bad task left out of theta's update
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    monkeypatch.undo()
+    assert run(out, "--steps", "4", "--valid_every", "0", "--eval_tasks", "0", "--resume",
+               "--on_nonfinite", "skip-task", data=data_root) == 0
+    assert checkpoint(out)["step"] == 4
+
+
+def test_nonfinite_task_skipped_and_counted(tmp_path, data_root, monkeypatch, capsys):
+    poison_second_batch(monkeypatch)
+    out = tmp_path / "skip"
+    assert run(out, "--steps", "4", "--valid_every", "0", "--eval_tasks", "0", "--on_nonfinite", "skip-task",
+               data=data_root) == 0
+    assert "in 1 task(s) of steps 1-2" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_tasks"] for r in rows] == [1, 0]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert all(torch.isfinite(v).all() for v in checkpoint(out)["model"].values())

@@ -34,6 +34,7 @@ class MetaStepResult(NamedTuple):
     accuracy: Tensor  # mean query accuracy over tasks, in [0, 1]
     support_loss: Tensor  # mean support loss at the end of the inner loop
     cg: Optional[CGInfo]  # per-task CG diagnostics (None for MAML, which solves nothing)
+    nonfinite: Optional[Tensor] = None  # [T] bool: tasks whose losses or meta-gradient were not finite
 
 
 def _check_positive(name: str, value, integer: bool = False, allow_zero: bool = False) -> None:
@@ -63,7 +64,13 @@ class IMAML:
     - ``check_labels``: one host sync per call to check the labels' range
       (out-of-range labels would give an unreadable device assert on CUDA);
       turn it off for sync-free steps and CUDA-graph capture.
+    - ``nonfinite``: "propagate" (a NaN in one task reaches theta's gradient, as
+      autograd would) or "skip" (tasks whose support or query loss, or meta-gradient,
+      is not finite are left out of the mean, found by masks on the device, no
+      sync); either way ``MetaStepResult.nonfinite`` names them.
     """
+
+    NONFINITE = ("propagate", "skip")
 
     def __init__(
         self,
@@ -78,6 +85,7 @@ class IMAML:
         forward: str = "auto",
         cg_damping: float = 0.0,
         lam_damping: float = 0.0,
+        nonfinite: str = "propagate",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"IMAML: model must be a torch.nn.Module; got {type(model).__name__}")
@@ -103,6 +111,9 @@ class IMAML:
         if forward not in TaskBatchedModule.FORWARDS:
             raise ValueError(f"IMAML: forward must be one of {', '.join(map(repr, TaskBatchedModule.FORWARDS))}; got {forward!r}")
         self.forward = forward
+        if nonfinite not in self.NONFINITE:
+            raise ValueError(f"IMAML: nonfinite must be one of {', '.join(map(repr, self.NONFINITE))}; got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self._batched: Optional[TaskBatchedModule] = None
         self._classes: Optional[int] = None
 
@@ -262,13 +273,28 @@ class IMAML:
         lam = scale * (self.lam + self.lam_damping)
         x, info = ops.cg_solve(hvp, rhs, lam, self.cg_iterations, self.cg_tol)
         with torch.no_grad():
-            meta_grads = [xt.mean(0) for xt in x]
-            accuracy = (query_logits.argmax(-1) == query_y).float().mean()
+            query_losses, support_losses = query_losses.detach(), support_losses.detach()
+            bad = ~(torch.isfinite(query_losses) & torch.isfinite(support_losses))
+            for xt in x:
+                bad |= ~torch.isfinite(xt).flatten(1).all(1)
+            task_accuracy = (query_logits.argmax(-1) == query_y).float().mean(1)
+            if self.nonfinite == "skip":
+                kept = (~bad).sum().clamp(min=1)
+
+                def mean(values: Tensor) -> Tensor:  # over the finite tasks only
+                    return torch.where(bad.view(-1, *[1] * (values.dim() - 1)), 0, values).sum(0) / kept
+            else:
+                # CG stops a task with a NaN at its last good iterate; a non-finite task must
+                # still poison the mean, as it would without the solver's guard.
+                def mean(values: Tensor) -> Tensor:
+                    return torch.where(bad.view(-1, *[1] * (values.dim() - 1)), float("nan"), values).mean(0)
+            meta_grads = [mean(xt) for xt in x]
         result = MetaStepResult(
-            loss=query_losses.detach().mean(),
-            accuracy=accuracy,
-            support_loss=support_losses.detach().mean(),
+            loss=mean(query_losses),
+            accuracy=mean(task_accuracy),
+            support_loss=mean(support_losses),
             cg=info,
+            nonfinite=bad,
         )
         return meta_grads, result
 
