@@ -126,6 +126,10 @@ class Config:
 
     # imaml_ext: the loss holds (proximal_lambda / 2) ||phi - theta||^2 to the parent.
     proximal_lambda: Optional[float] = None
+    # imaml_ext, with proximal_lambda: cg solves ((1 + cg_damping) I + H / (lambda + lam_damping)) x = v,
+    # as the iMAML authors' code does (1 and 10); 0 and 0 are the exact system.
+    cg_damping: float = 0.0
+    lam_damping: float = 0.0
 
     def __post_init__(self):
         owner = "Config"
@@ -152,6 +156,13 @@ class Config:
         _check_float(owner, "cg_tol", self.cg_tol, 0.0)
         if self.proximal_lambda is not None:
             _check_float(owner, "proximal_lambda", self.proximal_lambda, 0.0, strict=True)
+        _check_float(owner, "cg_damping", self.cg_damping, 0.0)
+        _check_float(owner, "lam_damping", self.lam_damping, 0.0)
+        if (self.cg_damping or self.lam_damping) and self.proximal_lambda is None:
+            raise ValueError(
+                f"Config: cg_damping and lam_damping damp the implicit-MAML system (I + H / lambda) and need "
+                f"proximal_lambda; got cg_damping={self.cg_damping}, lam_damping={self.lam_damping} without it"
+            )
 
     def replace(self, **changes) -> "Config":
         # precision and its older alias fp16 move together.
