@@ -42,8 +42,13 @@ test: $(BUILD_STAMP)
 
 build: $(BUILD_STAMP)
 
+# The CPU half of the benchmark report, each writing JSON + markdown (+ PNG) into
+# benchmarks/results/: fused ops, the meta-step against the machine's floor, and
+# peak memory against inner steps (iMAML flat, MAML growing).
 bench: $(BUILD_STAMP)
-	$(RUN) $(PY) benchmarks/bench_ops.py --device cpu
+	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_ops.py --device cpu
+	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_floor.py --device cpu
+	$(RUN) PYTHONPATH=. $(PY) benchmarks/sweep_memory.py --device cpu
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
