@@ -374,3 +374,57 @@ def test_nonfinite_task_skipped_and_counted(tmp_path, data_root, monkeypatch, ca
     assert [r["nonfinite_tasks"] for r in rows] == [1, 0]
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert all(torch.isfinite(v).all() for v in checkpoint(out)["model"].values())
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_and_resume_matches(tmp_path, data_root):
+    """A signal that reaches only rank 1 must stop rank 0 too (no rank left waiting in an
+    all-reduce), with a checkpoint; resuming gives the uninterrupted run bit for bit."""
+    import time
+
+    common = [*TINY, "--meta_batch_size", "4", "--steps", "40", "--valid_every", "0", "--eval_tasks", "0",
+              "--checkpoint_every", "2", "--cg_damping", "1", "--lam_damping", "10", "--data", data_root]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                 "-m", "imaml_ext.train", *common, "--out", str(out), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    reference = tmp_path / "reference"
+    proc = torchrun(reference)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+
+    out = tmp_path / "signalled"
+    proc = torchrun(out)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    workers = [c for agent in _children(proc.pid) for c in [agent] + _children(agent)]
+    ranks = {}
+    for pid in workers:
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        rank = [e for e in environ if e.startswith(b"RANK=")]
+        if rank:
+            ranks[int(rank[0][5:])] = pid
+    assert 1 in ranks, f"rank 1 not found among {workers}"
+    os.kill(ranks[1], signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("stopped at meta-step") == 1  # rank 0 reports
+    stopped = checkpoint(out)["step"]
+    assert 2 <= stopped < 40
+
+    proc = torchrun(out, "--resume")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    assert_same_state(checkpoint(reference), checkpoint(out))
