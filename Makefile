@@ -49,6 +49,7 @@ bench: $(BUILD_STAMP)
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_ops.py --device cpu
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_floor.py --device cpu
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/sweep_memory.py --device cpu
+	$(RUN) PYTHONPATH=. $(PY) benchmarks/sweep_memory.py --device cpu --sweep tasks
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -1,12 +1,16 @@
 """Peak memory and time of one meta-step against the number of inner steps: iMAML (flat:
-no graph is kept across inner steps) beside MAML (the unrolled graph grows with them).
+no graph is kept across inner steps) beside MAML (the unrolled graph grows with them);
+with ``--sweep tasks``, against the meta-batch size T instead (tasks/s and memory per task).
 
-Each point runs in a fresh process, so one point's peak does not hide the next: on the CPU
-the peak is the process's VmHWM less its VmHWM just before the meta-step; on CUDA
-torch.cuda.max_memory_allocated. Omniglot-shaped random inputs (5-way 1-shot, 15 query
+Each point runs in a fresh process, so one point's peak does not hide the next. Memory is
+taken from the process's first meta-step: on the CPU its VmHWM after (reset through
+/proc/self/clear_refs just before), less its VmRSS before;
+on CUDA torch.cuda.max_memory_allocated less what was allocated before. Time is the second
+meta-step's. Omniglot-shaped random inputs (5-way 1-shot, 15 query
 images per class), Conv4.
 
     PYTHONPATH=. python benchmarks/sweep_memory.py --device cpu
+    PYTHONPATH=. python benchmarks/sweep_memory.py --device cpu --sweep tasks
 """
 
 from __future__ import annotations
@@ -40,35 +44,45 @@ POINT = textwrap.dedent(
     else:
         learner = MAML(model, steps, 0.1, check_labels=False, memory_fraction=1.0)
 
-    def hwm():
-        if device.startswith("cuda"):
-            return torch.cuda.max_memory_allocated()
+    def status(key):
         with open("/proc/self/status") as f:
-            return int(next(l for l in f if l.startswith("VmHWM:")).split()[1]) * 1024
+            return int(next(l for l in f if l.startswith(key)).split()[1]) * 1024
 
-    learner.meta_step(sx[:1], sy[:1], qx[:1], qy[:1])  # warm-up: lazy initialisation outside the measure
-    model.zero_grad(set_to_none=True)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-    before = hwm() if not device.startswith("cuda") else torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    try:
+    def run():
+        model.zero_grad(set_to_none=True)
         learner.meta_step(sx, sy, qx, qy)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mib": (hwm() - before) / 2**20}))
+
+    # Memory from the first meta-step (nothing freed and kept by the allocator yet):
+    # the resident set before it, against the process's peak after it.
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            run()
+            peak = torch.cuda.max_memory_allocated() - before
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+            before = status("VmRSS:")
+            run()
+            peak = status("VmHWM:") - before
+        t0 = time.perf_counter()
+        run()  # time the second call, after lazy initialisation
+        print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mib": peak / 2**20}))
     except MemoryError as error:
         print(json.dumps({"refused": str(error)}))
     """
 )
 
 
-def measure(algo: str, steps: int, args) -> dict:
+def measure(algo: str, steps: int, tasks: int, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", POINT, algo, str(steps), str(args.tasks), str(args.hidden), args.device],
+    proc = subprocess.run([sys.executable, "-c", POINT, algo, str(steps), str(tasks), str(args.hidden), args.device],
                           capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
-        raise RuntimeError(f"{algo} at {steps} inner steps failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"{algo} at {steps} inner steps, T = {tasks} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -77,22 +91,28 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--steps", default="5,10,20,40", help="comma-separated inner-step counts")
+    p.add_argument("--steps", default="5,10,20,40", help="comma-separated inner-step counts (--sweep inner)")
+    p.add_argument("--sweep", default="inner", choices=("inner", "tasks"))
+    p.add_argument("--task-counts", default="1,4,16,64", help="comma-separated T (--sweep tasks, at 5 inner steps)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
 
-    steps = [int(s) for s in args.steps.split(",")]
+    if args.sweep == "inner":
+        grid = [(int(k), args.tasks) for k in args.steps.split(",")]
+    else:
+        grid = [(5, int(t)) for t in args.task_counts.split(",")]
     points = []
     for algo in ("imaml", "maml"):
-        for k in steps:
-            point = {"algo": algo, "inner_steps": k, **measure(algo, k, args)}
+        for k, tasks in grid:
+            point = {"algo": algo, "inner_steps": k, "tasks": tasks, **measure(algo, k, tasks, args)}
             print(point, file=sys.stderr)
             points.append(point)
     meta = run_metadata(torch.device(args.device))
     result = {"meta": meta, "config": vars(args), "points": points}
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"memory-sweep-{meta['machine']}-{meta['date']}.json"
-    write_results(result, out, out, render)
+    name = "memory-sweep" if args.sweep == "inner" else "tasks-sweep"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{name}-{meta['machine']}-{meta['date']}.json"
+    write_results(result, out, out, render if args.sweep == "inner" else render_tasks)
     plot(result, out.with_suffix(".png"))
 
 
@@ -103,7 +123,7 @@ def render(result) -> str:
         "",
         f"{m['device_name']}, torch {m['torch']}. Conv4-{c['hidden']}, T = {c['tasks']}, 5-way 1-shot with 15 "
         f"query images per class; iMAML with 5 CG iterations (damped), MAML second order, inner lr 0.1. Each point "
-        f"is a fresh process; peak = what the meta-step adds ({'VmHWM' if m['device'] == 'cpu' else 'max_memory_allocated'}).",
+        f"is a fresh process; peak = what the first meta-step adds ({'VmHWM after - VmRSS before' if m['device'] == 'cpu' else 'max_memory_allocated'}); time = the second's.",
         "",
         "| inner steps | iMAML peak MiB | iMAML s | MAML peak MiB | MAML s |",
         "|---|---|---|---|---|",
@@ -119,6 +139,31 @@ def render(result) -> str:
     return "\n".join(lines)
 
 
+def render_tasks(result) -> str:
+    m, c = result["meta"], result["config"]
+    lines = [
+        f"# One meta-step against the meta-batch size T: {m['machine']}, {m['date']}",
+        "",
+        f"{m['device_name']}, torch {m['torch']}. Conv4-{c['hidden']}, 5 inner steps, 5-way 1-shot with 15 query "
+        f"images per class; iMAML with 5 damped CG iterations, MAML second order. Each point is a fresh process.",
+        "",
+        "| T | iMAML tasks/s | iMAML peak MiB (per task) | MAML tasks/s | MAML peak MiB (per task) |",
+        "|---|---|---|---|---|",
+    ]
+    by = {(p["algo"], p["tasks"]): p for p in result["points"]}
+    for t in sorted({p["tasks"] for p in result["points"]}):
+        cells = []
+        for algo in ("imaml", "maml"):
+            p = by[(algo, t)]
+            if "refused" in p:
+                cells += ["refused (MemoryError)", "-"]
+            else:
+                cells += [f"{t / p['seconds']:.1f}", f"{p['peak_mib']:.0f} ({p['peak_mib'] / t:.0f})"]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def plot(result, path: Path) -> None:
     try:
         import matplotlib
@@ -128,13 +173,18 @@ def plot(result, path: Path) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
+    x_key = "inner_steps" if result["config"]["sweep"] == "inner" else "tasks"
     for algo, label in (("imaml", "iMAML (implicit gradient)"), ("maml", "MAML (unrolled)")):
         pts = [p for p in result["points"] if p["algo"] == algo and "peak_mib" in p]
-        ax.plot([p["inner_steps"] for p in pts], [p["peak_mib"] for p in pts], "o-", label=label)
+        ax.plot([p[x_key] for p in pts], [p["peak_mib"] for p in pts], "o-", label=label)
     m = result["meta"]
-    ax.set_xlabel("inner steps")
+    ax.set_xlabel("inner steps" if x_key == "inner_steps" else "tasks per meta-batch (T)")
+    if x_key == "tasks":
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
     ax.set_ylabel("peak memory of one meta-step (MiB)")
-    ax.set_title(f"{m['machine']}, T = {result['config']['tasks']}, {m['date']}")
+    ax.set_title(f"{m['machine']}, " + (f"T = {result['config']['tasks']}" if x_key == "inner_steps"
+                                          else "5 inner steps") + f", {m['date']}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
