@@ -13,12 +13,13 @@ import http.client
 import os
 import re
 import socket
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Optional, Union
+
+from .._io import atomic_write
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -86,28 +87,28 @@ def _stopped(url: str, got: int, total: Optional[int], dest: Path) -> str:
 
 
 def _fetch(url: str, target: Path, expected: str, progress: bool, timeout: Optional[float]) -> None:
-    """``url`` -> ``target`` via a temporary file next to it, renamed only if the md5 matches."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
+    """``url`` -> ``target`` through :func:`atomic_write`: a failed transfer or a wrong md5
+    raises inside the write, so the temporary file is removed and ``target`` is untouched."""
+
+    def write(f) -> None:
         h = hashlib.md5(usedforsecurity=False)
         got, total = 0, None
-        with os.fdopen(fd, "wb") as f:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp:
-                    length = resp.headers.get("Content-Length")
-                    total = int(length) if length is not None and length.isdigit() else None
-                    with _progress_bar(total, target.name, progress) as bar:
-                        for chunk in iter(lambda: resp.read(_CHUNK), b""):
-                            f.write(chunk)
-                            h.update(chunk)
-                            got += len(chunk)
-                            bar.update(len(chunk))
-            except http.client.IncompleteRead as e:
-                # Some Python versions raise when the connection drops early...
-                raise DownloadError(_stopped(url, got, total, target.parent)) from e
-            except (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError) as e:
-                reason = getattr(e, "reason", None) or e
-                raise DownloadError(f"Could not download {url}: {reason}. {_manual_hint(target.parent)}") from e
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                length = resp.headers.get("Content-Length")
+                total = int(length) if length is not None and length.isdigit() else None
+                with _progress_bar(total, target.name, progress) as bar:
+                    for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                        f.write(chunk)
+                        h.update(chunk)
+                        got += len(chunk)
+                        bar.update(len(chunk))
+        except http.client.IncompleteRead as e:
+            # Some Python versions raise when the connection drops early...
+            raise DownloadError(_stopped(url, got, total, target.parent)) from e
+        except (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise DownloadError(f"Could not download {url}: {reason}. {_manual_hint(target.parent)}") from e
         if total is not None and got != total:  # ...others return a short body without complaint
             raise DownloadError(_stopped(url, got, total, target.parent))
         actual = h.hexdigest()
@@ -116,13 +117,8 @@ def _fetch(url: str, target: Path, expected: str, progress: bool, timeout: Optio
                 f"Downloaded {url} has md5 {actual}, expected {expected}: the file is damaged or not the "
                 f"official one; nothing was written to {str(target)!r}."
             )
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    atomic_write(target, write)
 
 
 def download_omniglot(
