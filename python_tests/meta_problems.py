@@ -1,8 +1,24 @@
 """Shared pieces of the meta-learning tests: an Env that feeds one task of a
-[T, ...] batch per step, and an Engine that steps it at each inner loop's start
-(the tutorial's MAMLEngine.train_step)."""
+[T, ...] batch per step, an Engine that steps it at each inner loop's start
+(the tutorial's MAMLEngine.train_step), and the tutorial's query-loss Upper."""
 
-from imaml_ext import Engine, Env
+import torch.nn.functional as F
+
+from imaml_ext import Engine, Env, ImplicitProblem
+
+
+class QueryUpper(ImplicitProblem):
+    """The tutorial's Upper: the lower's query loss; keeps theta's gradient when it steps."""
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.cross_entropy(self.lower(x), y)
+
+    def get_batch(self):
+        return self.env.batch["test"]
+
+    def grad_callback(self, params):
+        self.captured = [p.grad.clone() for p in params]
 
 
 class TaskEnv(Env):

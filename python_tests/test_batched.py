@@ -16,7 +16,7 @@ from torch import nn
 
 import imaml_ext
 from imaml_ext import IMAML, Config, Engine, EngineConfig, Env, ImplicitProblem
-from meta_problems import TaskEnv, per_task_engine
+from meta_problems import QueryUpper, TaskEnv, per_task_engine
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 f64 = torch.float64
@@ -56,29 +56,13 @@ class Lower(ImplicitProblem):
         self.module.load_state_dict(self.upper.module.state_dict())
 
 
-class Upper(ImplicitProblem):
-    def training_step(self, batch):
-        x, y = batch
-        return F.cross_entropy(self.lower(x), y)
-
-    def get_batch(self):
-        return self.env.batch["test"]
-
-
 def sequential_meta_gradient(model, tasks, inner_steps, inner_lr, lam, cg_iterations):
     """theta's gradient after one meta-step of T tasks through imaml_ext.Engine."""
     import copy
 
     T = tasks[0].shape[0]
     theta = copy.deepcopy(model)
-    captured = {}
-
-    class CapturingUpper(Upper):
-        def grad_callback(self, params):
-            captured["grads"] = [p.grad.clone() for p in params]
-
-    upper = CapturingUpper("upper", Config(gradient_accumulation=T), theta,
-                           torch.optim.SGD(theta.parameters(), lr=0.0))
+    upper = QueryUpper("upper", Config(gradient_accumulation=T), theta, torch.optim.SGD(theta.parameters(), lr=0.0))
     phi = copy.deepcopy(model)
     lower = Lower("lower", Config(type="cg", unroll_steps=inner_steps, cg_iterations=cg_iterations,
                                   proximal_lambda=lam), phi, torch.optim.SGD(phi.parameters(), lr=inner_lr))
@@ -87,7 +71,7 @@ def sequential_meta_gradient(model, tasks, inner_steps, inner_lr, lam, cg_iterat
                         {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}, env=TaskEnv(tasks))
     engine.run()
     assert upper.count == T
-    return captured["grads"]
+    return upper.captured
 
 
 @pytest.mark.parametrize("forward", ["loop", "vmap"])

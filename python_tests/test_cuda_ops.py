@@ -7,7 +7,7 @@ import torch
 
 import imaml_ext.ops as ops
 from imaml_ext.ops import has_compiled_kernels, reference
-from op_samples import CONV4_SHAPES, LAYOUTS, cg_sample_states, prox_sample_inputs, task_list
+from op_samples import CONV4_SHAPES, cg_sample_states, prox_sample_inputs, task_list
 
 pytestmark = pytest.mark.cuda
 

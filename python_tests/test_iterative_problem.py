@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imaml_ext import Config, EngineConfig, ImplicitProblem, IterativeProblem
-from meta_problems import TaskEnv, per_task_engine
+from imaml_ext import Config, EngineConfig, IterativeProblem
+from meta_problems import QueryUpper, TaskEnv, per_task_engine
 
 l2l = pytest.importorskip("learn2learn")
 f64 = torch.float64
@@ -32,18 +32,6 @@ class Inner(IterativeProblem):
         self.start_from(self.upper.trainable_parameters())  # standard MAML: phi_0 = theta, in the graph
 
 
-class Outer(ImplicitProblem):
-    def training_step(self, batch):
-        x, y = batch
-        return F.cross_entropy(self.lower(x), y)
-
-    def get_batch(self):
-        return self.env.batch["test"]
-
-    def grad_callback(self, params):
-        self.captured = [p.grad.clone() for p in params]
-
-
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 def test_maml_through_iterative_problem_equals_learn2learn(first_order):
     T, steps, lr = 3, 3, 0.4
@@ -52,7 +40,7 @@ def test_maml_through_iterative_problem_equals_learn2learn(first_order):
     model = mlp()
 
     theta = copy.deepcopy(model)
-    outer = Outer("upper", Config(gradient_accumulation=T), theta, torch.optim.SGD(theta.parameters(), lr=0.0))
+    outer = QueryUpper("upper", Config(gradient_accumulation=T), theta, torch.optim.SGD(theta.parameters(), lr=0.0))
     phi = copy.deepcopy(model)
     inner = Inner("lower", Config(unroll_steps=steps, first_order=first_order), phi,
                   torch.optim.SGD(phi.parameters(), lr=lr))

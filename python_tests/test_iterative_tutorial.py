@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imaml_ext import Config, EngineConfig, ImplicitProblem, IterativeProblem
+from imaml_ext import Config, EngineConfig, IterativeProblem
 from imaml_ext.problems import iterative_problem
-from meta_problems import TaskEnv, per_task_engine
+from meta_problems import QueryUpper, TaskEnv, per_task_engine
 
 f64 = torch.float64
 REG = 1.0  # lam = 2 * reg = 2
@@ -40,28 +40,16 @@ class Lower(IterativeProblem):
         self.module.load_state_dict(self.upper.module.state_dict())
 
 
-class Upper(ImplicitProblem):
-    def training_step(self, batch):
-        inputs, labels = batch
-        return F.cross_entropy(self.lower(inputs), labels)
-
-    def get_batch(self):
-        return self.env.batch["test"]
-
-    def grad_callback(self, params):
-        self.captured = torch.cat([p.grad.reshape(-1) for p in params])
-
-
 def unrolled_meta_gradient(model, task, steps, lr, first_order=False):
     import copy
 
     theta, phi = copy.deepcopy(model), copy.deepcopy(model)
-    upper = Upper("upper", Config(), theta, torch.optim.SGD(theta.parameters(), lr=0.0))
+    upper = QueryUpper("upper", Config(), theta, torch.optim.SGD(theta.parameters(), lr=0.0))
     lower = Lower("lower", Config(unroll_steps=steps, first_order=first_order), phi,
                   torch.optim.SGD(phi.parameters(), lr=lr))
     per_task_engine(steps)([upper, lower], EngineConfig(device="cpu", train_iters=steps),
                            {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}, env=TaskEnv(task)).run()
-    return upper.captured, torch.cat([p.detach().reshape(-1) for p in phi.parameters()])
+    return torch.cat([g.reshape(-1) for g in upper.captured]), torch.cat([p.detach().reshape(-1) for p in phi.parameters()])
 
 
 def implicit_meta_gradient(model, task, phi_flat):
@@ -114,7 +102,7 @@ def test_first_order_copy_leaves_theta_without_gradient_and_says_so():
             torch.randn(1, 12, 4, dtype=f64), torch.randint(0, 3, (1, 12)))
     with pytest.warns(RuntimeWarning, match=r'problem "upper": none of its parameters received a gradient.*'
                                             r"Config\(first_order=False\)"):
-        with pytest.raises(AttributeError):  # Upper.grad_callback finds p.grad None
+        with pytest.raises(AttributeError):  # QueryUpper.grad_callback finds p.grad None
             unrolled_meta_gradient(model, task, 4, 0.1, first_order=True)
 
 

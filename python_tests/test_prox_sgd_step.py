@@ -8,7 +8,7 @@ import torch
 
 import imaml_ext.ops as ops
 from imaml_ext.ops import reference
-from op_samples import CONV4_SHAPES, LAYOUTS, prox_sample_inputs, task_list
+from op_samples import CONV4_SHAPES, prox_sample_inputs, task_list
 
 OP = torch.ops.imaml_ext.prox_sgd_step_
 
