@@ -48,6 +48,29 @@ def test_solves_random_spd_systems_exactly(num_tasks):
     assert torch.all(info.residual_norm < 1e-8 * flat(b).norm(dim=1))
 
 
+@pytest.mark.parametrize("per_task", [False, True])
+def test_diag_solves_the_damped_system(per_task):
+    """diag * I + H / lam, the iMAML authors' damped system, against a dense solve."""
+    num_tasks, sizes = 4, [6, 3]
+    hessians = random_spd_hessians(num_tasks, sum(sizes)) - 0.5 * torch.eye(sum(sizes), dtype=F64)  # mildly indefinite H
+    b = [torch.randn(num_tasks, n, dtype=F64) for n in sizes]
+    diag = 1.0 + torch.rand(()).item()
+    lam = 0.5 + torch.rand(num_tasks, dtype=F64) if per_task else 0.5 + torch.rand(()).item()
+    x, info = ops.cg_solve(dense_hvp(hessians, sizes), b, lam, iters=3 * sum(sizes), diag=diag)
+    lam_b = torch.as_tensor(lam, dtype=F64).reshape(-1, 1, 1)
+    system = diag * torch.eye(sum(sizes), dtype=F64) + hessians / lam_b
+    assert torch.linalg.eigvalsh(system).min() > 0
+    flat = torch.cat(b, dim=1)
+    torch.testing.assert_close(torch.cat(x, dim=1), torch.linalg.solve(system, flat), rtol=1e-9, atol=1e-9)
+    # the residual reported after 2 iterations (far from converged) is that of the system as given
+    x2, info2 = ops.cg_solve(dense_hvp(hessians, sizes), b, lam, iters=2, diag=diag)
+    residual = flat - torch.einsum("tij,tj->ti", system, torch.cat(x2, dim=1))
+    assert (residual.norm(dim=1) > 1e-3 * flat.norm(dim=1)).all()
+    torch.testing.assert_close(info2.residual_norm, residual.norm(dim=1), rtol=1e-8, atol=0.0)
+    with pytest.raises(ValueError, match=r"imaml_ext.ops.cg_solve: diag must be a finite number > 0; got 0.0"):
+        ops.cg_solve(dense_hvp(hessians, sizes), b, lam, iters=1, diag=0.0)
+
+
 def test_k_iterations_equal_textbook_cg():
     """Chronopoulos-Gear gives textbook CG's iterate after every k HVPs."""
     num_tasks, n, lam = 3, 12, 0.7

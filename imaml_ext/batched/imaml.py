@@ -267,11 +267,8 @@ class IMAML:
             out = torch.autograd.grad(support_grads, phi, grad_outputs=vectors, retain_graph=True)
             return [h.detach() for h in out]
 
-        # ((1 + c) I + H / (lam + l)) x = v  <=>  (I + H / lam') x = v / (1 + c), lam' = (1 + c)(lam + l)
-        scale = 1.0 + self.cg_damping
-        rhs = [g.detach() / scale if scale != 1.0 else g.detach() for g in v]
-        lam = scale * (self.lam + self.lam_damping)
-        x, info = ops.cg_solve(hvp, rhs, lam, self.cg_iterations, self.cg_tol)
+        x, info = ops.cg_solve(hvp, [g.detach() for g in v], self.lam + self.lam_damping, self.cg_iterations,
+                               self.cg_tol, diag=1.0 + self.cg_damping)
         with torch.no_grad():
             query_losses, support_losses = query_losses.detach(), support_losses.detach()
             bad = ~(torch.isfinite(query_losses) & torch.isfinite(support_losses))

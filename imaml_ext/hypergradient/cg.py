@@ -34,11 +34,8 @@ def cg(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
             vectors = unpack(batch)
             return pack([h - lam * t for h, t in zip(hvp(vectors), vectors)])
 
-        # damped: ((1 + c) I + H_task / (lam + l)) x = v  <=>  (I + H_task / lam') x = v / (1 + c)
-        scale = 1.0 + config.cg_damping
-        if scale != 1.0:
-            b = [t / scale for t in b]
-        x, info = ops.cg_solve(task_hvp, b, scale * (lam + config.lam_damping), config.cg_iterations, config.cg_tol)
+        x, info = ops.cg_solve(task_hvp, b, lam + config.lam_damping, config.cg_iterations, config.cg_tol,
+                               diag=1.0 + config.cg_damping)
         result = reduce_tasks(unpack(x), tasks)
     else:
         alpha = config.cg_alpha

@@ -111,8 +111,10 @@ def cg_solve(
     lam: Union[float, Tensor],
     iters: int,
     tol: float = 0.0,
+    diag: float = 1.0,
 ):
-    """Solves ``(I + H_t / lam) x_t = b_t`` for every task t independently.
+    """Solves ``(diag * I + H_t / lam) x_t = b_t`` for every task t independently
+    (``diag`` 1 by default: the implicit-MAML system).
 
     ``b`` is a list of [T, *shape] tensors (or one such tensor) and
     ``hvp(v)`` returns ``H v`` for such a list: the Hessian-vector product of
@@ -123,6 +125,8 @@ def cg_solve(
     whole solve can be captured in a CUDA graph. A task stops updating once
     ``||r_t|| <= tol * ||b_t||`` or on breakdown (``p.(A p) <= 0``, NaN or Inf),
     which ``info.breakdown`` flags. ``lam`` is a number > 0 or a [T] tensor.
+    ``diag`` > 0 damps the system, as the iMAML authors' ``(1 + c) I + H / (lam + l)``:
+    it is solved as ``(I + H / (diag * lam)) x = b / diag``, the same CG iterates.
 
     Returns ``(x, info)``: x in the form of b, and a :class:`CGInfo`.
     """
@@ -138,6 +142,11 @@ def cg_solve(
     lam, lam_per_task = _checks.number_or_per_task(op, "lam", lam, num_tasks, like, positive=True)
     iters = _checks.check_iters(op, "iters", iters)
     tol = _checks.check_number(op, "tol", tol)
+    diag = _checks.check_number(op, "diag", diag, positive=True)
+    if diag != 1.0:
+        b_list = [t / diag for t in b_list]
+        lam = lam * diag
+        lam_per_task = lam_per_task * diag if lam_per_task is not None else None
 
     ops = _backend(like.device)
     r = [t.clone(memory_format=torch.contiguous_format) for t in b_list]
@@ -157,7 +166,7 @@ def cg_solve(
         ops.cg_update_(x, r, p, s, hr, scalars, status, iterations, counter, lam, lam_per_task, tol)
 
     info = CGInfo(
-        residual_norm=scalars[:, reference.GAMMA].sqrt(),
+        residual_norm=scalars[:, reference.GAMMA].sqrt() * diag,  # of the system as given
         iterations=iterations,
         breakdown=(status & reference.BREAKDOWN) != 0,
         converged=(status & reference.CONVERGED) != 0,
