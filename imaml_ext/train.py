@@ -207,12 +207,10 @@ def evaluate(imaml: IMAML, sampler: TaskSampler, indices: TaskIndices, batch: in
     accuracy, loss = [], []
     total = indices.classes.shape[0]
     for start in range(0, total, batch):
-        support_x, support_y, query_x, query_y = sampler.gather(slice_indices(indices, start, start + batch))
-        phi, module = imaml.adapt(support_x, support_y)
-        with torch.no_grad():
-            logits = module(phi, query_x)
-            accuracy.append((logits.argmax(-1) == query_y).float().mean(1))
-            loss.append(imaml.task_losses(logits, query_y))
+        task_loss, task_accuracy = imaml.evaluate(*sampler.gather(slice_indices(indices, start, start + batch)),
+                                                  per_task=True)
+        loss.append(task_loss)
+        accuracy.append(task_accuracy)
     return {"accuracy": torch.cat(accuracy), "loss": torch.cat(loss)}
 
 

@@ -170,7 +170,13 @@ def test_adapt_matches_the_proximal_inner_loop_and_evaluate_reports_it():
         for a, b in zip(phi, ref):
             torch.testing.assert_close(a[t], b, rtol=1e-12, atol=1e-12)
     loss, acc = imaml.evaluate(sx, sy, sx, sy)
-    assert loss.item() == pytest.approx(IMAML.task_losses(module(phi, sx), sy).mean().item(), rel=1e-12)
+    with torch.no_grad():
+        logits = module(phi, sx)
+    assert loss.item() == pytest.approx(IMAML.task_losses(logits, sy).mean().item(), rel=1e-12)
+    per_task_loss, per_task_acc = imaml.evaluate(sx, sy, sx, sy, per_task=True)
+    torch.testing.assert_close(per_task_loss, IMAML.task_losses(logits, sy), rtol=1e-12, atol=0)
+    torch.testing.assert_close(per_task_acc, (logits.argmax(-1) == sy).double().mean(1).to(per_task_acc.dtype))
+    assert acc.item() == pytest.approx(per_task_acc.mean().item(), rel=1e-12)
 
 
 # ----- bad input -----

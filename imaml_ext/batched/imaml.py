@@ -304,12 +304,14 @@ class IMAML:
 
     @torch.no_grad()
     def evaluate(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
-                 inner_steps: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-        """(mean query loss, mean query accuracy) after adapting every task: tensors."""
+                 inner_steps: Optional[int] = None, per_task: bool = False) -> Tuple[Tensor, Tensor]:
+        """(query loss, query accuracy) after adapting every task: tensors, their means over
+        tasks, or with ``per_task`` one value per task ([T] each)."""
         self._check_batch(support_x, support_y, query_x, query_y)
         phi, module = self.adapt(support_x, support_y, inner_steps)
         logits = module(phi, query_x)
-        return self.task_losses(logits, query_y).mean(), (logits.argmax(-1) == query_y).float().mean()
+        losses, accuracies = self.task_losses(logits, query_y), (logits.argmax(-1) == query_y).float().mean(1)
+        return (losses, accuracies) if per_task else (losses.mean(), accuracies.mean())
 
 
 class CapturedMetaStep:

@@ -12,6 +12,8 @@ step is kept, so the meta-step estimates its size after the first step and stops
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import List, Optional, Tuple
 
 import torch
@@ -73,7 +75,7 @@ class MAML(IMAML):
             support_losses = None
             for step in range(self.inner_steps):
                 meter = GraphSizeMeter() if step == 0 and not self.first_order else None
-                with meter if meter is not None else _nothing():
+                with meter if meter is not None else contextlib.nullcontext():
                     support_losses = self.task_losses(module(phi, support_x), support_y)
                     grads = torch.autograd.grad(support_losses.sum(), phi, create_graph=not self.first_order)
                     phi = [p - self.inner_lr * g for p, g in zip(phi, grads)]
@@ -95,14 +97,6 @@ class MAML(IMAML):
         check_unroll_fits("MAML", f"inner steps for T = {num_tasks} tasks", self.inner_steps, step_bytes, device,
                           self.memory_fraction, "use fewer inner steps, a smaller meta-batch, first_order=True, or "
                           "iMAML (memory flat in inner steps)", available_bytes(device))
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["MAML"]
