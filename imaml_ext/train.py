@@ -408,19 +408,24 @@ class Distributed:
             torch.distributed.destroy_process_group()
             self.started = False
 
-    def average_gradients_and(self, params: List[torch.Tensor], extra: torch.Tensor) -> torch.Tensor:
-        """Average theta's .grad and ``extra`` over the processes in one all-reduce; returns extra."""
+    def average_gradients_and(self, params: List[torch.Tensor], extra: torch.Tensor,
+                              tasks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One all-reduce: theta's .grad becomes the mean over every process's tasks, each
+        process's gradient (a mean over its ``tasks`` tasks, a device scalar: fewer when
+        non-finite ones were skipped) weighted by that count; ``extra`` is averaged over the
+        processes and returned."""
         if self.world == 1:
             return extra
         grads = [p.grad for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [extra.to(grads[0].dtype)])
+        weight = tasks.to(grads[0].dtype).reshape(1) if tasks is not None else grads[0].new_ones(1)
+        flat = torch.cat([g.reshape(-1) * weight for g in grads] + [extra.to(grads[0].dtype), weight])
         torch.distributed.all_reduce(flat)
-        flat /= self.world
+        total = flat[-1].clamp(min=1)  # no finite task anywhere: a zero gradient, not 0 / 0
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset:offset + g.numel()].view_as(g) / total)
             offset += g.numel()
-        return flat[offset:].to(extra.dtype)
+        return (flat[offset:-1] / self.world).to(extra.dtype)
 
 
 class _StopSignal:
@@ -595,7 +600,8 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: "Distributed", device: to
                 if result.nonfinite is not None:  # remember the first, on the device
                     here = torch.stack([zero + step + 1, (result.nonfinite.int().argmax() + ddp.rank * per_rank).to(zero.dtype)])
                     first_bad = torch.where((first_bad[0] < 0) & result.nonfinite.any(), here, first_bad)
-                stats = ddp.average_gradients_and(list(model.parameters()), stats)
+                kept = (~result.nonfinite).sum() if result.nonfinite is not None else zero + per_rank
+                stats = ddp.average_gradients_and(list(model.parameters()), stats, kept)
             if ddp.world == 1:
                 stopping = stop.received is not None
             elif device.type == "cpu" or step + 1 == stop_at or (step + 1) % args.log_every == 0:

@@ -428,3 +428,21 @@ def test_sigterm_to_one_of_two_processes_stops_both_and_resume_matches(tmp_path,
     proc = torchrun(out, "--resume")
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
     assert_same_state(checkpoint(reference), checkpoint(out))
+
+
+def test_gradient_average_weights_each_process_by_its_finite_tasks(monkeypatch):
+    """Rank 0 kept 3 finite tasks (mean gradient a), rank 1 kept 1 (mean b): theta's gradient
+    must be (3a + b) / 4, the mean over all finite tasks, not (a + b) / 2."""
+    a, b = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    extra = torch.tensor([0.2, 1.0], dtype=torch.float64)
+    other = torch.cat([b * 1.0, torch.tensor([0.4, 0.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)])
+
+    def all_reduce(flat):  # rank 1's contribution, as gloo would add it
+        flat += other
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    param = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    param.grad = a.clone()
+    got = train_cli.Distributed(2, 0, 0).average_gradients_and([param], extra, torch.tensor(3))
+    torch.testing.assert_close(param.grad, (3 * a + b) / 4, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(got, torch.tensor([0.3, 0.5], dtype=torch.float64))
