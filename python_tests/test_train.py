@@ -114,8 +114,19 @@ def test_summarise_is_mean_with_normal_95_interval():
     assert got["ci95"] == pytest.approx(1.96 * values.std(ddof=1) / np.sqrt(600), rel=1e-12)
 
 
-def test_evaluation_uses_the_same_tasks_for_model_and_baseline(data_root):
-    """At step 0 the trained model *is* the random initialisation: both rows must agree exactly."""
+def test_evaluation_uses_the_same_tasks_for_model_and_baseline(tmp_path, data_root):
+    """With a meta learning rate below float32's resolution the trained model stays the random
+    initialisation, so the test and baseline rows agree exactly only if both saw the same tasks."""
+    out = tmp_path / "frozen"
+    assert run(out, "--steps", "1", "--meta_lr", "1e-12", "--valid_every", "0", "--eval_tasks", "40",
+               data=data_root) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["test"]["accuracy"] == results["baseline"]["accuracy"]
+    assert results["test"]["ci95"] == results["baseline"]["ci95"]
+
+
+def test_evaluation_does_not_depend_on_its_batch_size(data_root):
+    """Tasks evaluated 4 or 10 at a time give the same per-task numbers (BatchNorm is per task)."""
     args = train_cli.parse_args([*TINY, "--steps", "1", "--eval_tasks", "10", "--data", data_root])
     from imaml_ext.data import omniglot_tasks
 
