@@ -392,8 +392,9 @@ class Distributed:
 
     def device(self, name: str) -> torch.device:
         device = torch.device(name)
-        if self.world > 1 and device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", self.local_rank)  # one GPU per process
+        if device.type == "cuda" and device.index is None:
+            # torch.cuda.set_device needs an index: one GPU per process, or the current one alone.
+            device = torch.device("cuda", self.local_rank if self.world > 1 else torch.cuda.current_device())
         if device.type == "cuda":
             torch.cuda.set_device(device)
         return device

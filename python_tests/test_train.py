@@ -457,3 +457,23 @@ def test_gradient_average_weights_each_process_by_its_finite_tasks(monkeypatch):
     got = train_cli.Distributed(2, 0, 0).average_gradients_and([param], extra, torch.tensor(3))
     torch.testing.assert_close(param.grad, (3 * a + b) / 4, rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(got, torch.tensor([0.3, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("world, local_rank, name, expected", [
+    (1, 0, "cuda", "cuda:3"),  # one process: the current GPU (found on an H200: set_device("cuda") raised)
+    (2, 1, "cuda", "cuda:1"),  # torchrun: one GPU per process
+    (1, 0, "cuda:2", "cuda:2"),
+    (1, 0, "cpu", "cpu"),
+])
+def test_device_gets_an_index_before_set_device(monkeypatch, world, local_rank, name, expected):
+    chosen = []
+
+    def set_device(device):  # torch's own refuses an index-less device
+        assert device.index is not None, device
+        chosen.append(device)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    device = train_cli.Distributed(world, 0, local_rank).device(name)
+    assert str(device) == expected
+    assert chosen == ([] if expected == "cpu" else [device])
