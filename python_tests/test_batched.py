@@ -56,8 +56,9 @@ class Lower(ImplicitProblem):
         self.module.load_state_dict(self.upper.module.state_dict())
 
 
-def sequential_meta_gradient(model, tasks, inner_steps, inner_lr, lam, cg_iterations):
-    """theta's gradient after one meta-step of T tasks through imaml_ext.Engine."""
+def sequential_meta_gradient(model, tasks, inner_steps, inner_lr, lam, cg_iterations, device="cpu"):
+    """theta's gradient after one meta-step of T tasks through imaml_ext.Engine (model and
+    tasks already on ``device``)."""
     import copy
 
     T = tasks[0].shape[0]
@@ -67,7 +68,7 @@ def sequential_meta_gradient(model, tasks, inner_steps, inner_lr, lam, cg_iterat
     lower = Lower("lower", Config(type="cg", unroll_steps=inner_steps, cg_iterations=cg_iterations,
                                   proximal_lambda=lam), phi, torch.optim.SGD(phi.parameters(), lr=inner_lr))
 
-    engine = per_task_engine(inner_steps)([upper, lower], EngineConfig(device="cpu", train_iters=T * inner_steps),
+    engine = per_task_engine(inner_steps)([upper, lower], EngineConfig(device=device, train_iters=T * inner_steps),
                         {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}, env=TaskEnv(tasks))
     engine.run()
     assert upper.count == T
