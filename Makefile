@@ -43,11 +43,12 @@ test: $(BUILD_STAMP)
 build: $(BUILD_STAMP)
 
 # The CPU half of the benchmark report, each writing JSON + markdown (+ PNG) into
-# benchmarks/results/: fused ops, the meta-step against the machine's floor, and
-# peak memory against inner steps (iMAML flat, MAML growing).
+# benchmarks/results/: fused ops, the meta-step against the machine's floor, the
+# HVPs of a solve four ways, and peak memory against inner steps (iMAML flat, MAML growing).
 bench: $(BUILD_STAMP)
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_ops.py --device cpu
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_floor.py --device cpu
+	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_hvp.py --device cpu
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/sweep_memory.py --device cpu
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/sweep_memory.py --device cpu --sweep tasks
 
@@ -65,8 +66,10 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	touch $@
 
 # On a machine with a GPU and a CUDA build of torch already installed: builds
-# against that python3 and torch (installs nothing), runs the CUDA tests and
-# the op benchmarks, and prints a short table. Results land in $(GPU_OUT).
+# against that python3 and torch (installs nothing), runs the CUDA tests and the
+# GPU half of the benchmark report within a time budget (GPU_CHECK_BUDGET_S), and
+# prints a short table. Results land in benchmarks/results/, packed with the logs
+# into $(GPU_OUT)/gpu-check.tar.gz.
 GPU_OUT ?= benchmarks/results
 gpu-check:
 	bash scripts/gpu_check.sh "$(GPU_OUT)"

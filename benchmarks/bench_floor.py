@@ -71,10 +71,21 @@ def stages(imaml: IMAML, batch):
             f"{imaml.cg_iterations} HVPs": hvps, "whole meta-step": whole}
 
 
+def count_flops(model, args, batch) -> dict:
+    """FLOPs of each stage, counted on the per-task dense path (forward="loop"): the same maths
+    as the grouped convolutions of forward="vmap", whose weight gradients torch's flop counter
+    overcounts by the number of groups (T)."""
+    dense = IMAML(model, args.inner_steps, 0.1, 2.0, args.cg_iters, check_labels=False,
+                  cg_damping=1.0, lam_damping=10.0, forward="loop")
+    counted = {name: flops(fn) for name, fn in stages(dense, batch).items()}
+    model.zero_grad(set_to_none=True)
+    return counted
+
+
 def machine_rates(device, images: int, hidden: int, repeats: int):
     """GFLOP/s of one large float32 matrix product, and of a Conv4 forward + backward over
     ``images`` images through one set of weights (the best case of the meta-step's own ops)."""
-    n = 2048
+    n = 8192 if device.type == "cuda" else 2048  # large enough to reach the machine's rate
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     mm = compare({"mm": Variant(lambda: a @ b)}, device, repeats)["mm"].median_ms
     model = Conv4(5, hidden).to(device)
@@ -85,8 +96,21 @@ def machine_rates(device, images: int, hidden: int, repeats: int):
 
     conv_flops = flops(conv_step)
     conv = compare({"conv": Variant(conv_step)}, device, repeats)["conv"].median_ms
-    return {"matmul_gflops": 2 * n**3 / mm / 1e6, "conv4_dense_gflops": conv_flops / conv / 1e6,
-            "conv4_dense_images": images}
+    rates = {"matmul_n": n, "matmul_gflops": 2 * n**3 / mm / 1e6, "conv4_dense_gflops": conv_flops / conv / 1e6,
+             "conv4_dense_images": images}
+    if device.type == "cuda":
+        # cuDNN runs float32 convolutions in TF32 by default (the meta-step's too), matrix products not:
+        # the TF32 product rate is the floor that matches the convolutions' arithmetic.
+        rates["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        rates["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            tf32 = compare({"mm": Variant(lambda: a @ b)}, device, repeats)["mm"].median_ms
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+        rates["matmul_tf32_gflops"] = 2 * n**3 / tf32 / 1e6
+    return rates
 
 
 def main(argv=None):
@@ -99,7 +123,11 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--recount", type=Path, default=None,
+                   help="recount the FLOPs of an earlier run's JSON here and rewrite it (its times and rates kept)")
     args = p.parse_args(argv)
+    if args.recount is not None:
+        return recount(args.recount)
     device = torch.device(args.device)
 
     torch.manual_seed(0)
@@ -109,20 +137,47 @@ def main(argv=None):
     imaml = IMAML(model, args.inner_steps, 0.1, 2.0, args.cg_iters, check_labels=False,
                   cg_damping=1.0, lam_damping=10.0)
     parts = stages(imaml, batch)
-    counted = {name: flops(fn) for name, fn in parts.items()}
+    counted = count_flops(model, args, batch)
     timed = compare({name: Variant(fn) for name, fn in parts.items()}, device, args.repeats, warmup=1)
     rates = machine_rates(device, args.tasks * 5 * (1 + args.query), args.hidden, args.repeats)
 
-    rows = []
-    for name in parts:
-        ms = timed[name].median_ms
-        gflop = counted[name] / 1e9
-        rows.append({"stage": name, "gflop": gflop, "ms": ms, "achieved_gflops": gflop / ms * 1e3,
-                     "floor_ms_at_conv_rate": gflop / rates["conv4_dense_gflops"] * 1e3,
-                     "floor_ms_at_matmul_rate": gflop / rates["matmul_gflops"] * 1e3})
+    rows = stage_rows(counted, {name: timed[name].median_ms for name in parts}, rates)
     result = {"meta": run_metadata(device), "config": vars(args), "rates": rates, "stages": rows}
     write_results(result, args.out, Path(__file__).parent / "results" /
                   f"floor-{result['meta']['machine']}-{result['meta']['date']}.json", render)
+
+
+def stage_rows(counted: dict, ms_by_stage: dict, rates: dict) -> list:
+    rows = []
+    for name, ms in ms_by_stage.items():
+        gflop = counted[name] / 1e9
+        row = {"stage": name, "gflop": gflop, "ms": ms, "achieved_gflops": gflop / ms * 1e3,
+               "floor_ms_at_conv_rate": gflop / rates["conv4_dense_gflops"] * 1e3,
+               "floor_ms_at_matmul_rate": gflop / rates["matmul_gflops"] * 1e3}
+        if "matmul_tf32_gflops" in rates:
+            row["floor_ms_at_tf32_matmul_rate"] = gflop / rates["matmul_tf32_gflops"] * 1e3
+        rows.append(row)
+    return rows
+
+
+def recount(path: Path) -> None:
+    """Recount an earlier run's FLOPs here (they depend on the shapes alone) and rewrite it,
+    keeping its times and rates: for runs whose count went wrong on a machine lent briefly."""
+    import json
+
+    result = json.loads(path.read_text())
+    c = result["config"]
+    args = argparse.Namespace(**c)
+    torch.manual_seed(0)
+    batch = omniglot_tasks(5, 1, c["query"], device="cpu", seed=0).train.sample(c["tasks"])
+    counted = count_flops(Conv4(5, c["hidden"]), args, batch)
+    result["stages"] = stage_rows(counted, {r["stage"]: r["ms"] for r in result["stages"]}, result["rates"])
+    here = run_metadata(torch.device("cpu"))
+    result["meta"]["flops_recounted"] = (
+        f"FLOPs recounted on {here['machine']} on {here['date']} (forward=\"loop\", same shapes): the run's own "
+        "count took the grouped convolutions' weight gradients at T times their cost (torch's flop counter). "
+        "Times and rates are the run's.")
+    write_results(result, path, path, render)
 
 
 def render(result) -> str:
@@ -134,17 +189,26 @@ def render(result) -> str:
         f"Omniglot 5-way 1-shot, {c['query']} query images per class, Conv4-{c['hidden']}, T = {c['tasks']}, "
         f"{c['inner_steps']} inner steps, {c['cg_iters']} CG iterations (forward=\"auto\").",
         "",
-        f"Machine rates measured in the same run: one 2048x2048 float32 matrix product "
+        f"Machine rates measured in the same run: one {r.get('matmul_n', 2048)}x{r.get('matmul_n', 2048)} float32 matrix product "
         f"{r['matmul_gflops']:.0f} GFLOP/s; a Conv4-{c['hidden']} forward + backward over all "
-        f"{r['conv4_dense_images']} images through one set of weights {r['conv4_dense_gflops']:.0f} GFLOP/s.",
+        f"{r['conv4_dense_images']} images through one set of weights {r['conv4_dense_gflops']:.0f} GFLOP/s."
+        + (f" TF32 matrix product {r['matmul_tf32_gflops']:.0f} GFLOP/s (cuDNN TF32 convolutions: "
+           f"{r['cudnn_allow_tf32']}, TF32 matrix products: {r['matmul_allow_tf32']})." if "matmul_tf32_gflops" in r else ""),
         "",
-        "| stage | GFLOP | ms (median) | achieved GFLOP/s | floor at the dense Conv4 rate | floor at the matmul rate |",
-        "|---|---|---|---|---|---|",
+    ]
+    if m.get("flops_recounted"):
+        lines += [m["flops_recounted"], ""]
+    tf32 = "matmul_tf32_gflops" in r
+    lines += [
+        "| stage | GFLOP | ms (median) | achieved GFLOP/s | floor at the dense Conv4 rate | floor at the matmul rate |"
+        + (" floor at the TF32 matmul rate |" if tf32 else ""),
+        "|---|---|---|---|---|---|" + ("---|" if tf32 else ""),
     ]
     for row in result["stages"]:
         lines.append(
-            f"| {row['stage']} | {row['gflop']:.1f} | {row['ms']:.0f} | {row['achieved_gflops']:.0f} | "
-            f"{row['floor_ms_at_conv_rate']:.0f} ms | {row['floor_ms_at_matmul_rate']:.0f} ms |"
+            f"| {row['stage']} | {row['gflop']:.1f} | {row['ms']:.1f} | {row['achieved_gflops']:.0f} | "
+            f"{row['floor_ms_at_conv_rate']:.1f} ms | {row['floor_ms_at_matmul_rate']:.1f} ms |"
+            + (f" {row['floor_ms_at_tf32_matmul_rate']:.1f} ms |" if tf32 else "")
         )
     lines.append("")
     return "\n".join(lines)

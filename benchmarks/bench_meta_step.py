@@ -61,8 +61,11 @@ from _timing import (  # noqa: E402
 WAYS, SHOTS, QUERY = 5, 1, 15
 HIDDEN = 64
 INNER_LR, LAM = 0.1, 2.0
-ALL_VARIANTS = ("ours_batched", "ours_batched_vmap", "ours_batched_loop", "ours_sequential", "plain_loop", "plain_vmap")
+ALL_VARIANTS = ("ours_batched", "ours_batched_vmap", "ours_batched_loop", "ours_graph", "ours_sequential",
+                "plain_loop", "plain_vmap")
+CUDA_ONLY = ("ours_graph",)
 REFERENCE = "ours_batched"
+BASELINES = ("plain_loop", "plain_vmap", "ours_sequential")
 
 Batch = Tuple[Tensor, Tensor, Tensor, Tensor]  # support_x, support_y, query_x, query_y: [T, ...]
 
@@ -143,6 +146,17 @@ class OursBatched:
 
     def meta_grad(self) -> List[Tensor]:
         return [p.grad.detach().clone() for p in self.model.parameters()]
+
+
+class OursGraph(OursBatched):
+    """The same meta-step captured once as a CUDA graph (IMAML.capture) and replayed: no launch overhead."""
+
+    def __init__(self, model: nn.Module, inner_steps: int, cg_iters: int, batch: Batch):
+        super().__init__(model, inner_steps, cg_iters, "auto")
+        self.captured = self.imaml.capture(*batch)
+
+    def run(self, batch: Batch) -> None:
+        self.last = self.captured.step(*batch)
 
 
 class OursSequential:
@@ -375,6 +389,8 @@ class PlainVmap:
 
 
 def make_variant(name: str, model: nn.Module, inner_steps: int, cg_iters: int, batch: Batch, device: torch.device):
+    if name == "ours_graph":
+        return OursGraph(model, inner_steps, cg_iters, batch)
     if name.startswith("ours_batched"):
         forward = name[len("ours_batched_"):] or "auto"
         return OursBatched(model, inner_steps, cg_iters, forward)
@@ -535,14 +551,13 @@ def bench_config(args, device: torch.device, model: nn.Module, batch: Batch, inn
                    max_rel_diff_vs_reference_float64=diffs64.get(name),
                    same_kernels=paired.get(name))
         records[name] = rec
-    speedups = {}
-    if REFERENCE in records:
-        for other in ("plain_loop", "plain_vmap", "ours_sequential"):
-            if other in records:
-                speedups[other] = records[other]["seconds"] / records[REFERENCE]["seconds"]
+    speedups = {ours: {other: records[other]["seconds"] / records[ours]["seconds"]
+                       for other in BASELINES if other in records}
+                for ours in (REFERENCE, "ours_graph") if ours in records}
     return {"tasks": num_tasks, "inner_steps": inner_steps, "cg_iters": cg_iters, "reference": ref_name,
             "float64_check_tasks": min(args.check_tasks, num_tasks), "variants": records,
-            "speedup_of_ours_batched": speedups, "disagree": disagree, "cg": cg_summary}
+            "speedup_of_ours_batched": speedups.get(REFERENCE, {}),
+            "speedup_of_ours_graph": speedups.get("ours_graph", {}), "disagree": disagree, "cg": cg_summary}
 
 
 # --------------------------------------------------------------------------- report
@@ -574,6 +589,10 @@ def render(result: dict) -> str:
         "",
         f"Data: {meta['data']}.",
         "",
+    ]
+    if not meta.get("complete", True):
+        lines += ["**Cut off: only the configurations below finished.**", ""]
+    lines += [
         f"Load average (1/5/15 min) before the run: {fmt_load(meta['loadavg_at_start'])}, after it: "
         f"{fmt_load(meta['loadavg_at_end'])} (this run's own process included after).",
         "",
@@ -586,8 +605,10 @@ def render(result: dict) -> str:
         lines += ["glibc keeps freed memory (mallopt; --os-malloc to disable), as the CUDA caching allocator does, "
                   "so the allocating variants do not pay fresh page faults for every temporary.", ""]
     headers = ["T", "inner steps", "CG its", *names]
-    speed_names = [n for n in ("plain_loop", "plain_vmap", "ours_sequential") if n in names]
+    speed_names = [n for n in BASELINES if n in names]
     headers += [f"speed-up vs {n}" for n in speed_names] if REFERENCE in names else []
+    graph_names = speed_names if "ours_graph" in names else []
+    headers += [f"ours_graph vs {n}" for n in graph_names]
     rows = []
     for r in result["configs"]:
         row = [str(r["tasks"]), str(r["inner_steps"]), str(r["cg_iters"])]
@@ -595,6 +616,7 @@ def render(result: dict) -> str:
             rec = r["variants"][n]
             row.append(f"{fmt_s(rec['seconds'])} ({rec['tasks_per_s']:.1f})")
         row += [f"{r['speedup_of_ours_batched'][n]:.1f}x" for n in speed_names] if REFERENCE in names else []
+        row += [f"{r['speedup_of_ours_graph'][n]:.1f}x" for n in graph_names]
         rows.append(row)
     lines += md_table(headers, rows)
 
@@ -648,6 +670,8 @@ VARIANT_NOTES = {
                        "one task per inner loop, Upper accumulating T tasks",
     "plain_loop": "plain PyTorch, Python loop over tasks, double-backward HVPs, Betty-style torch.cat/torch.dot CG",
     "plain_vmap": "plain torch.func: vmap over tasks, HVP = vmap(jvp(grad)), batched CG in torch ops",
+    "ours_graph": "ours_batched captured once as a CUDA graph (IMAML.capture) and replayed; its peak memory "
+                  "excludes the graph's private pool, allocated at capture",
 }
 
 
@@ -677,8 +701,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cg-iters", type=int_list, default=None,
                         help="comma-separated CG iterations (default 5 on CPU, 3,5 on CUDA)")
     parser.add_argument("--full", action="store_true", help="the whole grid: T 16,32 x inner steps 5,16 x CG 3,5")
-    parser.add_argument("--variants", default=",".join(ALL_VARIANTS),
-                        help=f"comma-separated subset of {','.join(ALL_VARIANTS)}")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (default: all; "
+                             f"{','.join(CUDA_ONLY)} on CUDA only)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 3 on CPU, 5 on CUDA)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="stop sampling a configuration after this long, but not before 3 rounds (default: none)")
@@ -690,6 +715,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--check-tasks", type=int, default=4,
                         help="tasks of the float64 agreement check per configuration (0: skip it)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--ways", type=int, default=WAYS)
+    parser.add_argument("--shots", type=int, default=SHOTS)
+    parser.add_argument("--query", type=int, default=QUERY, help="query images per class")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--os-malloc", action="store_true",
                         help="on CPU, let glibc return freed memory to the OS (default: keep it, see _timing)")
@@ -704,17 +732,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.tasks = args.tasks or [16, 32]
     args.inner_steps = args.inner_steps or ([5] if cpu else [5, 16])
     args.cg_iters = args.cg_iters or ([5] if cpu else [3, 5])
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.variants is None:
+        args.variants = [v for v in ALL_VARIANTS if not (cpu and v in CUDA_ONLY)]
+    else:
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in ALL_VARIANTS]
     if unknown or not args.variants:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(ALL_VARIANTS)}")
+    if cpu and any(v in CUDA_ONLY for v in args.variants):
+        parser.error(f"--variants: {', '.join(CUDA_ONLY)} need --device cuda (CUDA graphs); got --device cpu")
+    for name in ("ways", "shots", "query"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1; got {getattr(args, name)}")
     if args.repeats is None:
         args.repeats = 3 if cpu else 5
     return args
 
 
 def main(argv=None) -> None:
+    global WAYS, SHOTS, QUERY
     args = parse_args(argv)
+    WAYS, SHOTS, QUERY = args.ways, args.shots, args.query
     began = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -741,6 +779,43 @@ def main(argv=None) -> None:
     source = TaskSource(device, args.seed)
     batches = {t: source.sample(t) for t in args.tasks}
 
+    def save(configs: List[dict], complete: bool) -> None:
+        meta = run_metadata(device)
+        date, machine = meta["date"], meta["machine"]
+        result = {
+            "meta": {
+                **meta,
+                "cpu_model": cpu_model(),
+                "compiled_kernels": imaml_ext.ops.has_compiled_kernels(device.type),
+                "dtype": "float32",
+                "data": source.note,
+                "data_kind": source.kind,
+                "ways": WAYS, "shots": SHOTS, "query_per_class": QUERY, "hidden": HIDDEN,
+                "inner_lr": INNER_LR, "lam": LAM,
+                "num_params": sum(p.numel() for p in model.parameters()),
+                "auto_forward": "loop" if device.type == "cpu" else "vmap",
+                "variants": args.variants,
+                "tasks": args.tasks, "inner_steps": args.inner_steps, "cg_iters": args.cg_iters,
+                "repeats": args.repeats,
+                "warmup": 1,
+                "max_seconds_per_config": args.max_seconds,
+                "rtol": args.rtol,
+                "rtol64": args.rtol64,
+                "float64_check_tasks": args.check_tasks,
+                "loadavg_at_start": load_at_start,
+                "loadavg_at_end": load_average(),
+                "memory_method": memory.method,
+                "cpu_malloc_keeps_freed_memory": malloc_cache,
+                "seed": args.seed,
+                "argv": sys.argv[1:] if argv is None else list(argv),
+                "complete": complete,
+            },
+            "configs": configs,
+        }
+        result["meta"]["run_seconds"] = time.perf_counter() - began
+        task = "" if (WAYS, SHOTS) == (5, 1) else f"{WAYS}w{SHOTS}s-"
+        write_results(result, args.out, ROOT / "benchmarks" / "results" / f"meta_step-{task}{machine}-{date}.json", render)
+
     configs = []
     for tasks in args.tasks:
         for inner_steps in args.inner_steps:
@@ -750,40 +825,9 @@ def main(argv=None) -> None:
                 print("  " + ", ".join(f"{n} {rec['seconds']:.3f} s (rel diff {rec['max_rel_diff_vs_reference']:.1e})"
                                        for n, rec in r["variants"].items()), file=sys.stderr)
                 configs.append(r)
+                save(configs, complete=False)  # a run cut off later keeps what it finished
 
-    meta = run_metadata(device)
-    date, machine = meta["date"], meta["machine"]
-    result = {
-        "meta": {
-            **meta,
-            "cpu_model": cpu_model(),
-            "compiled_kernels": imaml_ext.ops.has_compiled_kernels(device.type),
-            "dtype": "float32",
-            "data": source.note,
-            "data_kind": source.kind,
-            "ways": WAYS, "shots": SHOTS, "query_per_class": QUERY, "hidden": HIDDEN,
-            "inner_lr": INNER_LR, "lam": LAM,
-            "num_params": sum(p.numel() for p in model.parameters()),
-            "auto_forward": "loop" if device.type == "cpu" else "vmap",
-            "variants": args.variants,
-            "tasks": args.tasks, "inner_steps": args.inner_steps, "cg_iters": args.cg_iters,
-            "repeats": args.repeats,
-            "warmup": 1,
-            "max_seconds_per_config": args.max_seconds,
-            "rtol": args.rtol,
-            "rtol64": args.rtol64,
-            "float64_check_tasks": args.check_tasks,
-            "loadavg_at_start": load_at_start,
-            "loadavg_at_end": load_average(),
-            "memory_method": memory.method,
-            "cpu_malloc_keeps_freed_memory": malloc_cache,
-            "seed": args.seed,
-            "argv": sys.argv[1:] if argv is None else list(argv),
-        },
-        "configs": configs,
-    }
-    result["meta"]["run_seconds"] = time.perf_counter() - began
-    write_results(result, args.out, ROOT / "benchmarks" / "results" / f"meta_step-{machine}-{date}.json", render)
+    save(configs, complete=True)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 no graph is kept across inner steps) beside MAML (the unrolled graph grows with them);
 with ``--sweep tasks``, against the meta-batch size T instead (tasks/s and memory per task).
 
-Each point runs in a fresh process, so one point's peak does not hide the next. Memory is
-taken from the process's first meta-step: on the CPU its VmHWM after (reset through
-/proc/self/clear_refs just before), less its VmRSS before;
-on CUDA torch.cuda.max_memory_allocated less what was allocated before. Time is the second
-meta-step's. Omniglot-shaped random inputs (5-way 1-shot, 15 query
+Memory is taken from a point's first meta-step. On the CPU each point runs in a fresh
+process, so one point's peak does not hide the next: its VmHWM after (reset through
+/proc/self/clear_refs just before), less its VmRSS before. On CUDA all points share one
+process: torch.cuda.max_memory_allocated (reset before) less what was allocated before.
+Time is the second meta-step's (CPU) or the median of three after the first (CUDA). Omniglot-shaped random inputs (5-way 1-shot, 15 query
 images per class), Conv4.
 
     PYTHONPATH=. python benchmarks/sweep_memory.py --device cpu
@@ -30,60 +30,84 @@ ROOT = Path(__file__).resolve().parents[1]
 
 POINT = textwrap.dedent(
     """
-    import json, sys, time, torch
+    import gc, json, sys, time, torch
     from imaml_ext import IMAML, MAML
     from imaml_ext.models import Conv4
-    algo, steps, tasks, hidden, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    torch.manual_seed(0)
-    model = Conv4(5, hidden).to(device)
-    sx, qx = torch.randn(tasks, 5, 1, 28, 28, device=device), torch.randn(tasks, 75, 1, 28, 28, device=device)
-    sy = torch.arange(5, device=device).repeat(tasks, 1)
-    qy = torch.arange(5, device=device).repeat_interleave(15).repeat(tasks, 1)
-    if algo == "imaml":
-        learner = IMAML(model, steps, 0.1, 2.0, 5, check_labels=False, cg_damping=1.0, lam_damping=10.0)
-    else:
-        learner = MAML(model, steps, 0.1, check_labels=False, memory_fraction=1.0)
 
-    def status(key):
-        with open("/proc/self/status") as f:
-            return int(next(l for l in f if l.startswith(key)).split()[1]) * 1024
 
-    def run():
-        model.zero_grad(set_to_none=True)
-        learner.meta_step(sx, sy, qx, qy)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    # Memory from the first meta-step (nothing freed and kept by the allocator yet):
-    # the resident set before it, against the process's peak after it.
-    try:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            run()
-            peak = torch.cuda.max_memory_allocated() - before
+    def point(algo, steps, tasks, hidden, device, repeats=1):
+        torch.manual_seed(0)
+        model = Conv4(5, hidden).to(device)
+        sx, qx = torch.randn(tasks, 5, 1, 28, 28, device=device), torch.randn(tasks, 75, 1, 28, 28, device=device)
+        sy = torch.arange(5, device=device).repeat(tasks, 1)
+        qy = torch.arange(5, device=device).repeat_interleave(15).repeat(tasks, 1)
+        if algo == "imaml":
+            learner = IMAML(model, steps, 0.1, 2.0, 5, check_labels=False, cg_damping=1.0, lam_damping=10.0)
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current resident set
-            before = status("VmRSS:")
-            run()
-            peak = status("VmHWM:") - before
-        t0 = time.perf_counter()
-        run()  # time the second call, after lazy initialisation
-        print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mib": peak / 2**20}))
-    except MemoryError as error:
-        print(json.dumps({"refused": str(error)}))
+            learner = MAML(model, steps, 0.1, check_labels=False, memory_fraction=1.0)
+        cuda = device.startswith("cuda")
+
+        def status(key):
+            with open("/proc/self/status") as f:
+                return int(next(l for l in f if l.startswith(key)).split()[1]) * 1024
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            learner.meta_step(sx, sy, qx, qy)
+            if cuda:
+                torch.cuda.synchronize()
+
+        # Memory from the first meta-step (nothing freed and kept by the allocator yet):
+        # the resident set before it, against the process's peak after it.
+        try:
+            if cuda:
+                gc.collect(); torch.cuda.empty_cache()
+                torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                run()
+                peak = torch.cuda.max_memory_allocated() - before
+            else:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current resident set
+                before = status("VmRSS:")
+                run()
+                peak = status("VmHWM:") - before
+            times = []
+            for _ in range(repeats):  # time the calls after the first, after lazy initialisation
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+            return {"seconds": sorted(times)[len(times) // 2], "peak_mib": peak / 2**20}
+        except (MemoryError, torch.cuda.OutOfMemoryError) as error:
+            return {"refused": f"{type(error).__name__}: {error}"[:300]}
+        finally:
+            del model, learner
+            if cuda:
+                gc.collect(); torch.cuda.empty_cache()
+
+
+    if __name__ == "__main__":
+        print(json.dumps(point(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])))
     """
 )
 
 
 def measure(algo: str, steps: int, tasks: int, args) -> dict:
+    """One point. On the CPU in a fresh process (the resident-set peak is per process); on CUDA
+    in this one, since the allocator's peak can be reset, which spares a CUDA start-up per point."""
+    if args.device.startswith("cuda"):
+        if "point" not in _IN_PROCESS:
+            exec(compile(POINT, "sweep_memory.POINT", "exec"), _IN_PROCESS)
+        return _IN_PROCESS["point"](algo, steps, tasks, args.hidden, args.device, repeats=3)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", POINT, algo, str(steps), str(tasks), str(args.hidden), args.device],
                           capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"{algo} at {steps} inner steps, T = {tasks} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_IN_PROCESS: dict = {"__name__": "sweep_memory_point"}
 
 
 def main(argv=None):
@@ -116,14 +140,22 @@ def main(argv=None):
     plot(result, out.with_suffix(".png"))
 
 
+def how_measured(meta) -> str:
+    if meta["device"] == "cpu":
+        return ("Each point is a fresh process; peak = what the first meta-step adds (VmHWM after - VmRSS before); "
+                "time = the second meta-step's.")
+    return ("All points in one process; peak = what the first meta-step adds (torch.cuda.max_memory_allocated, "
+            "reset before); time = the median of the next three.")
+
+
 def render(result) -> str:
     m, c = result["meta"], result["config"]
     lines = [
         f"# Peak memory of one meta-step against inner steps: {m['machine']}, {m['date']}",
         "",
         f"{m['device_name']}, torch {m['torch']}. Conv4-{c['hidden']}, T = {c['tasks']}, 5-way 1-shot with 15 "
-        f"query images per class; iMAML with 5 CG iterations (damped), MAML second order, inner lr 0.1. Each point "
-        f"is a fresh process; peak = what the first meta-step adds ({'VmHWM after - VmRSS before' if m['device'] == 'cpu' else 'max_memory_allocated'}); time = the second's.",
+        f"query images per class; iMAML with 5 CG iterations (damped), MAML second order, inner lr 0.1. "
+        f"{how_measured(m)}",
         "",
         "| inner steps | iMAML peak MiB | iMAML s | MAML peak MiB | MAML s |",
         "|---|---|---|---|---|",
@@ -145,7 +177,8 @@ def render_tasks(result) -> str:
         f"# One meta-step against the meta-batch size T: {m['machine']}, {m['date']}",
         "",
         f"{m['device_name']}, torch {m['torch']}. Conv4-{c['hidden']}, 5 inner steps, 5-way 1-shot with 15 query "
-        f"images per class; iMAML with 5 damped CG iterations, MAML second order. Each point is a fresh process.",
+        f"images per class; iMAML with 5 damped CG iterations, MAML second order. "
+        f"{how_measured(m)} A refused point is MAML's graph-size check (MemoryError) or CUDA out of memory.",
         "",
         "| T | iMAML tasks/s | iMAML peak MiB (per task) | MAML tasks/s | MAML peak MiB (per task) |",
         "|---|---|---|---|---|",

@@ -1,18 +1,71 @@
 #!/usr/bin/env bash
 # `make gpu-check`: on a CUDA machine, with the python3 and torch found there
-# (nothing is installed), build the extension, run the CUDA tests and the op
-# benchmarks, and print a short table. Usage: scripts/gpu_check.sh OUT_DIR
-set -euo pipefail
+# (nothing is installed), build the extension, run the CUDA tests and the GPU
+# half of the benchmark report, and print a short table.
+#
+#   scripts/gpu_check.sh OUT_DIR      (GPU_CHECK_BUDGET_S: total seconds, default 540)
+#
+# Stages run in order of importance, each under a cap and the remaining budget,
+# so a lent GPU's few minutes end with results rather than a killed command.
+# The benchmarks write benchmarks/results/<name>-<card>-<date>.{json,md,png} as
+# on the CPU; everything new there, the logs and a summary are packed into
+# OUT_DIR/gpu-check.tar.gz after every stage (one file: a device lease returns
+# only a few).
+set -uo pipefail
 out=${1:-benchmarks/results}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+budget=${GPU_CHECK_BUDGET_S:-540}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+start=$SECONDS
+logs=$(mktemp -d)
+stamp=$logs/.started
+touch "$stamp"
+summary=$logs/summary.md
 
-"$PY" - <<'PYEOF'
+pack() {
+    local new
+    new=$(find benchmarks/results -newer "$stamp" -type f 2>/dev/null)
+    # shellcheck disable=SC2086
+    tar -czf "$out/gpu-check.tar.gz.part" -C "$logs" . $( [ -n "$new" ] && echo "-C $PWD $new" ) 2>/dev/null \
+        && mv "$out/gpu-check.tar.gz.part" "$out/gpu-check.tar.gz"
+}
+
+# stage NAME CAP_SECONDS COMMAND...: run under min(cap, what the budget has left).
+stage() {
+    local name=$1 cap=$2 left limit t0 rc
+    shift 2
+    left=$((budget - (SECONDS - start)))
+    limit=$((cap < left ? cap : left))
+    if ((limit < 15)); then
+        echo "| $name | skipped: out of time | - |" >>"$summary"
+        echo "== $name: skipped, ${left} s of the budget left"
+        return
+    fi
+    echo "== $name (at most ${limit} s)"
+    t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >"$logs/$name.log" 2>&1
+    rc=$?
+    local verdict="exit $rc"
+    ((rc == 124 || rc == 137)) && verdict="timed out after ${limit} s"
+    echo "| $name | $verdict | $((SECONDS - t0)) s |" >>"$summary"
+    tail -n 12 "$logs/$name.log"
+    pack
+}
+
+"$PY" - <<'PYEOF' | tee "$logs/device.txt"
 import torch
 assert torch.cuda.is_available(), "gpu-check needs a CUDA device"
-print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")
+p = torch.cuda.get_device_properties(0)
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {p.name}, {p.total_memory / 2**30:.0f} GiB, "
+      f"{p.multi_processor_count} SMs, cuDNN TF32 {torch.backends.cudnn.allow_tf32}")
 PYEOF
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+# <card>-<date>, as the benchmarks name their files.
+card=$("$PY" -c "import sys, torch; sys.path.insert(0, 'benchmarks'); from _timing import run_metadata; \
+m = run_metadata(torch.device('cuda')); print(m['machine'] + '-' + m['date'])")
+{ echo "| stage | result | seconds |"; echo "|---|---|---|"; } >"$summary"
 
 # The image's default CXX (/opt/gcc) links libstdc++ statically, and such an
 # extension segfaults on its first error message (setup.py refuses it); the
@@ -20,24 +73,38 @@ PYEOF
 if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
     export CC=/usr/bin/gcc CXX=/usr/bin/g++
 fi
-
-start=$SECONDS
 cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 # This card's architecture only: a faster build than the default list.
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} IMAML_EXT_FORCE_CUDA=1 \
-    "$PY" setup.py -q build_ext --inplace 2>&1 | tail -n 20
-echo "build: $((SECONDS - start)) s"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} IMAML_EXT_FORCE_CUDA=1
+stage build 240 "$PY" setup.py -q build_ext --inplace
+if ! "$PY" -c "import imaml_ext, sys; sys.exit(0 if imaml_ext.ops.has_compiled_kernels('cuda') else 1)"; then
+    echo "gpu-check: the CUDA kernels did not build (see build.log)"
+    pack
+    exit 1
+fi
 
-set +e
-"$PY" -m pytest -q -p no:cacheprovider python_tests/test_cuda_ops.py python_tests/test_prox_sgd_step.py \
-    python_tests/test_cg_solve.py python_tests/test_extension.py python_tests/test_batched.py -k "not omniglot" 2>&1 | tee "$out/gpu-check-tests.log" | tail -n 25
-tests=${PIPESTATUS[0]}
-set -e
+# Every CUDA-marked test, plus the op tests that compare CUDA with the reference.
+stage tests 100 "$PY" -m pytest -q -p no:cacheprovider -m cuda python_tests/test_cuda_ops.py \
+    python_tests/test_cuda_paths.py python_tests/test_batched.py python_tests/test_data.py python_tests/test_extension.py
 
-# Default name: benchmarks/results/ops-<card>-<date>.json (and .md).
-bench_out=()
-[ "$out" = benchmarks/results ] || bench_out=(--out "$out/ops-gpu-check.json")
-"$PY" benchmarks/bench_ops.py --device cuda "${bench_out[@]}" | tee "$out/gpu-check-bench.log"
-"$PY" benchmarks/meta_step_gpu_quick.py | tee "$out/gpu-check-meta-step.log"
-echo "gpu-check: tests exit $tests, total $((SECONDS - start)) s"
-exit "$tests"
+# Issue 4's grid: ours (eager and CUDA-graph replay) against plain torch.func vmap and the plain per-task loop.
+stage meta_step_5w1s 180 "$PY" benchmarks/bench_meta_step.py --device cuda --tasks 16,32 --inner-steps 5,16 \
+    --cg-iters 3,5 --variants ours_batched,ours_graph,plain_vmap,plain_loop --repeats 3 --check-tasks 2 --max-seconds 15
+stage sweep_tasks 70 "$PY" benchmarks/sweep_memory.py --device cuda --sweep tasks --task-counts 1,4,16,64,128,256,512
+stage sweep_inner 60 "$PY" benchmarks/sweep_memory.py --device cuda --tasks 32 --steps 5,10,20,40,100
+stage floor 45 "$PY" benchmarks/bench_floor.py --device cuda --tasks 32
+stage hvp 40 "$PY" benchmarks/bench_hvp.py --device cuda --tasks 32
+stage meta_step_20w5s 60 "$PY" benchmarks/bench_meta_step.py --device cuda --ways 20 --shots 5 --tasks 16 \
+    --inner-steps 5 --cg-iters 5 --variants ours_batched,ours_graph,plain_vmap,plain_loop --repeats 3 --check-tasks 1
+stage meta_step_sequential 45 "$PY" benchmarks/bench_meta_step.py --device cuda --tasks 32 --inner-steps 5 \
+    --cg-iters 5 --variants ours_batched,ours_sequential --repeats 3 --check-tasks 1 \
+    --out "benchmarks/results/meta_step-sequential-$card.json"
+# On 2026-11-28 the default grid (T 1,16,32,128, 240 s of torch.compile) did not finish in 120 s:
+# the large T that the bandwidth goal is about, fewer samples, a bounded compile.
+stage ops 120 "$PY" benchmarks/bench_ops.py --device cuda --tasks 32,128,512 --max-seconds 4 --compile-budget 40
+
+echo
+cat "$summary"
+echo "gpu-check: $((SECONDS - start)) s; results in $out/gpu-check.tar.gz"
+pack
+grep -q "^| tests | exit 0 " "$summary"
