@@ -42,6 +42,8 @@ WINDOW_KEYS = ("loss", "accuracy", "support_loss", "cg_residual", "cg_breakdown"
 CHECKPOINT_FORMAT = 1
 
 # Arguments that do not change what a run computes: they may differ on --resume.
+# Options added after checkpoints were first written, with the value those runs had.
+ADDED_OPTION_DEFAULTS = {"precision": "fp32"}
 RUNTIME_KEYS = ("out", "resume", "progress", "tensorboard", "data", "download", "stop_after", "on_nonfinite")
 
 
@@ -101,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(algo, "forward", default="auto", choices=("auto", "vmap", "loop"),
          help="task-batched forward: vmap (grouped convolutions), loop, or auto (vmap on GPU, loop on CPU)")
     _add(algo, "cuda_graph", action="store_true", help="capture the meta-step as a CUDA graph (CUDA only)")
+    _add(algo, "precision", default="fp32", choices=("fp32", "bf16"),
+         help="bf16: iMAML's forwards under bfloat16 autocast, float32 weights, gradients and CG "
+              "(see the README for its accuracy)")
 
     run = p.add_argument_group("run")
     _add(run, "seed", type=int, default=0)
@@ -183,6 +188,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise RunError(f"--device: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"--device {args.device}: this torch sees no CUDA device")
+    if args.precision != "fp32" and args.algo != "imaml":
+        raise RunError(f"--precision {args.precision} is built for --algo imaml only; got --algo {args.algo}")
     if args.cuda_graph and device.type != "cuda":
         raise RunError(f"--cuda_graph needs a CUDA --device; got {args.device}")
     if args.out is None:
@@ -341,7 +348,8 @@ def build_imaml(model, args) -> IMAML:
                     ways=args.ways, check_labels=False, forward=args.forward)
     return IMAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, lam=args.lam,
                  cg_iterations=args.cg_iterations, ways=args.ways, check_labels=False, forward=args.forward,
-                 cg_damping=args.cg_damping, lam_damping=args.lam_damping, nonfinite="skip")
+                 cg_damping=args.cg_damping, lam_damping=args.lam_damping, nonfinite="skip",
+                 precision=args.precision)
 
 
 def _previous_hint(folder: RunFolder) -> str:
@@ -366,7 +374,8 @@ def load_checkpoint(folder: RunFolder, config: Dict[str, object]) -> Dict[str, o
                        + _previous_hint(folder)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"--resume: {folder.checkpoint} is not an imaml_ext checkpoint (format {CHECKPOINT_FORMAT})")
-    saved = ckpt["config"]
+    # Checkpoints from before an option existed ran with its default.
+    saved = {**ADDED_OPTION_DEFAULTS, **ckpt["config"]}
     differ = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
     if differ:
         shown = "; ".join(f"--{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ)

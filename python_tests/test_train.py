@@ -153,6 +153,16 @@ def test_stop_and_resume_is_bit_exact(tmp_path, reference_run, data_root):
     assert a["test"]["accuracy"] == b["test"]["accuracy"] and a["baseline"] == b["baseline"]
 
 
+def test_checkpoint_from_before_an_option_existed_resumes_with_its_default(tmp_path, reference_run, data_root):
+    out = tmp_path / "older"
+    assert run(out, "--scheduler", "cosine", "--stop_after", "3", data=data_root) == 0
+    older = checkpoint(out)
+    del older["config"]["precision"]  # as written before --precision existed
+    torch.save(older, out / "checkpoint.pt")
+    assert run(out, "--scheduler", "cosine", "--resume", data=data_root) == 0
+    assert_same_state(checkpoint(reference_run), checkpoint(out))
+
+
 def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path, reference_run, data_root):
     out = tmp_path / "crashed"
     assert run(out, "--scheduler", "cosine", "--stop_after", "4", data=data_root) == 0
@@ -250,6 +260,8 @@ def test_missing_data_names_the_path(tmp_path, capsys):
         (["--split", "random"], "invalid choice: 'random'"),
         (["--algo", "reptile"], "invalid choice: 'reptile'"),
         (["--cg_damping", "-1"], "--cg_damping must be a finite number >= 0; got -1.0"),
+        (["--precision", "bf16", "--algo", "maml"], "--precision bf16 is built for --algo imaml only; got --algo maml"),
+        (["--precision", "fp16"], "invalid choice: 'fp16'"),
     ],
 )
 def test_bad_arguments(argv, message, capsys):

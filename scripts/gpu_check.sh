@@ -89,7 +89,8 @@ stage tests 100 "$PY" -m pytest -q -p no:cacheprovider -m cuda python_tests/test
 
 # Issue 4's grid: ours (eager and CUDA-graph replay) against plain torch.func vmap and the plain per-task loop.
 stage meta_step_5w1s 180 "$PY" benchmarks/bench_meta_step.py --device cuda --tasks 16,32 --inner-steps 5,16 \
-    --cg-iters 3,5 --variants ours_batched,ours_graph,plain_vmap,plain_loop --repeats 3 --check-tasks 2 --max-seconds 15
+    --cg-iters 3,5 --variants ours_batched,ours_graph,ours_bf16,plain_vmap,plain_loop --repeats 3 --check-tasks 2 \
+    --max-seconds 15
 stage sweep_tasks 70 "$PY" benchmarks/sweep_memory.py --device cuda --sweep tasks --task-counts 1,4,16,64,128,256,512
 stage sweep_inner 60 "$PY" benchmarks/sweep_memory.py --device cuda --tasks 32 --steps 5,10,20,40,100
 stage floor 45 "$PY" benchmarks/bench_floor.py --device cuda --tasks 32

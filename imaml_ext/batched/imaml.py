@@ -68,9 +68,13 @@ class IMAML:
       autograd would) or "skip" (tasks whose support or query loss, or meta-gradient,
       is not finite are left out of the mean, found by masks on the device, no
       sync); either way ``MetaStepResult.nonfinite`` names them.
+    - ``precision``: "fp32", or "bf16": every forward (inner loop, query loss, the
+      support-gradient graph behind the HVPs) under bfloat16 autocast, with float32
+      master weights, phi, gradients, CG vectors and scalars.
     """
 
     NONFINITE = ("propagate", "skip")
+    PRECISIONS = ("fp32", "bf16")
 
     def __init__(
         self,
@@ -86,6 +90,7 @@ class IMAML:
         cg_damping: float = 0.0,
         lam_damping: float = 0.0,
         nonfinite: str = "propagate",
+        precision: str = "fp32",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"IMAML: model must be a torch.nn.Module; got {type(model).__name__}")
@@ -114,6 +119,19 @@ class IMAML:
         if nonfinite not in self.NONFINITE:
             raise ValueError(f"IMAML: nonfinite must be one of {', '.join(map(repr, self.NONFINITE))}; got {nonfinite!r}")
         self.nonfinite = nonfinite
+        if precision not in self.PRECISIONS:
+            extra = " (fp16 needs a loss scaler, not built yet: bf16 has float32's range)" if precision == "fp16" else ""
+            raise ValueError(
+                f"IMAML: precision must be one of {', '.join(map(repr, self.PRECISIONS))}; got {precision!r}{extra}"
+            )
+        if precision != "fp32":
+            dtypes = sorted({str(p.dtype) for p in model.parameters()})
+            if dtypes != ["torch.float32"]:
+                raise ValueError(
+                    f"IMAML: precision={precision!r} runs a float32 model's forward in bfloat16 (float32 master "
+                    f"weights); got a model with parameters of dtype {', '.join(dtypes)}"
+                )
+        self.precision = precision
         self._batched: Optional[TaskBatchedModule] = None
         self._classes: Optional[int] = None
 
@@ -180,6 +198,15 @@ class IMAML:
                     f"IMAML: {name} must hold labels in [0, {ways - 1}] ({ways} ways); got labels in [{low}, {high}]"
                 )
 
+    def _logits(self, module: TaskBatchedModule, phi: Sequence[Tensor], x: Tensor) -> Tensor:
+        """module(phi, x), under bfloat16 autocast with precision="bf16": phi, its gradients, the
+        HVPs and CG stay float32, and the logits come back float32 for the loss."""
+        if self.precision == "fp32":
+            return module(phi, x)
+        # No cast cache: phi changes every step, and a cache would outlive a CUDA-graph capture.
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False):
+            return module(phi, x).float()
+
     @staticmethod
     def task_losses(logits: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy per task: [T]."""
@@ -207,7 +234,7 @@ class IMAML:
         for _ in range(steps):
             phi = [p.requires_grad_(True) for p in phi]
             with torch.enable_grad():
-                loss = self.task_losses(module(phi, support_x), support_y).sum()
+                loss = self.task_losses(self._logits(module, phi, support_x), support_y).sum()
                 grads = torch.autograd.grad(loss, phi)
             phi = [p.detach() for p in phi]
             with torch.no_grad():
@@ -256,11 +283,11 @@ class IMAML:
         phi = self._inner_loop(module, support_x, support_y, self.inner_steps, check=False)
         phi = [p.requires_grad_(True) for p in phi]
         with torch.enable_grad():
-            query_logits = module(phi, query_x)
+            query_logits = self._logits(module, phi, query_x)
             query_losses = self.task_losses(query_logits, query_y)
             v = torch.autograd.grad(query_losses.sum(), phi)
             # One support-gradient graph at phi serves every HVP of the solve.
-            support_losses = self.task_losses(module(phi, support_x), support_y)
+            support_losses = self.task_losses(self._logits(module, phi, support_x), support_y)
             support_grads = torch.autograd.grad(support_losses.sum(), phi, create_graph=True)
 
         def hvp(vectors: List[Tensor]) -> List[Tensor]:
@@ -309,7 +336,7 @@ class IMAML:
         tasks, or with ``per_task`` one value per task ([T] each)."""
         self._check_batch(support_x, support_y, query_x, query_y)
         phi, module = self.adapt(support_x, support_y, inner_steps)
-        logits = module(phi, query_x)
+        logits = self._logits(module, phi, query_x)
         losses, accuracies = self.task_losses(logits, query_y), (logits.argmax(-1) == query_y).float().mean(1)
         return (losses, accuracies) if per_task else (losses.mean(), accuracies.mean())
 
