@@ -44,13 +44,18 @@ build: $(BUILD_STAMP)
 
 # The CPU half of the benchmark report, each writing JSON + markdown (+ PNG) into
 # benchmarks/results/: fused ops, the meta-step against the machine's floor, the
-# HVPs of a solve four ways, and peak memory against inner steps (iMAML flat, MAML growing).
+# HVPs of a solve four ways, peak memory against inner steps (iMAML flat, MAML
+# growing) and T, the meta-step against plain PyTorch, MAML against learn2learn;
+# then report.py gathers them into results/<machine>-<date>.{json,md,png}.
 bench: $(BUILD_STAMP)
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_ops.py --device cpu
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_floor.py --device cpu
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_hvp.py --device cpu
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/sweep_memory.py --device cpu
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/sweep_memory.py --device cpu --sweep tasks
+	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_meta_step.py --device cpu
+	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_maml.py --device cpu
+	$(RUN) $(PY) benchmarks/report.py
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -1,0 +1,192 @@
+"""The benchmark report of one machine: the headline figures of every benchmark's latest result
+file for that machine, each beside its baseline, gathered into
+benchmarks/results/<machine>-<date>.{json,md} and a PNG of the meta-step speed-ups.
+Nothing is measured here: every figure comes from the named result file, with its own date.
+
+    python benchmarks/report.py                  # every machine with results
+    python benchmarks/report.py --machine NVIDIA-H200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Dict, List, Optional
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KINDS = ("ops", "hvp", "meta_step", "meta_step-20w5s", "meta_step-sequential", "floor", "maml", "memory-sweep",
+         "tasks-sweep")
+NAME = re.compile(r"^(?P<kind>.+?)-(?P<machine>cpu-\d+cores|[A-Za-z0-9]+-[A-Za-z0-9_.]+)-(?P<date>\d{4}-\d{2}-\d{2})\.json$")
+
+
+def latest_files(machine: str) -> Dict[str, Path]:
+    """Kind -> the newest result file of that kind for the machine."""
+    found: Dict[str, tuple] = {}
+    for path in RESULTS.glob("*.json"):
+        m = NAME.match(path.name)
+        if not m or m["machine"] != machine or m["kind"] not in KINDS:
+            continue
+        if m["kind"] not in found or m["date"] > found[m["kind"]][0]:
+            found[m["kind"]] = (m["date"], path)
+    return {kind: path for kind, (_, path) in found.items()}
+
+
+def machines() -> List[str]:
+    return sorted({m["machine"] for p in RESULTS.glob("*.json") if (m := NAME.match(p.name)) and m["kind"] in KINDS})
+
+
+def fmt(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
+BASELINES = ("plain_loop", "plain_vmap", "ours_sequential")
+
+
+def ops_section(d: dict) -> List[List[str]]:
+    rows = []
+    prox = [r for r in d["prox"] if r["momentum"] == 0.0]
+    if prox:
+        r = max(prox, key=lambda r: r["tasks"])
+        v = r["variants"]
+        op = v.get("ours_op", v["ours"])
+        base = {k: v[k]["median_ms"] for k in v if not k.startswith("ours")}
+        best = min(base, key=base.get)
+        rows.append([f"fused prox step, T = {r['tasks']}",
+                     f"{fmt(op['median_ms'])} ms (op), {op['pct_of_copy']:.0f} % of copy bandwidth",
+                     f"{best} {fmt(base[best])} ms", f"{base[best] / v['ours']['median_ms']:.1f}x (wrapper)"])
+    if d.get("cg_iteration"):
+        r = max(d["cg_iteration"], key=lambda r: r["tasks"])
+        v = r["variants"]
+        rows.append([f"one CG iteration's vector work, T = {r['tasks']}", f"{fmt(v['ours']['median_ms'])} ms",
+                     f"Betty-style {fmt(v['betty']['median_ms'])} ms", f"{v['betty']['median_ms'] / v['ours']['median_ms']:.1f}x"])
+    if d.get("cg_solve"):
+        r = max(d["cg_solve"], key=lambda r: r["tasks"])
+        v = r["variants"]
+        rows.append([f"CG solve, {r['iterations']} iterations, T = {r['tasks']}", f"{fmt(v['ours']['median_ms'])} ms",
+                     f"Betty-style {fmt(v['betty']['median_ms'])} ms", f"{v['betty']['median_ms'] / v['ours']['median_ms']:.1f}x"])
+    return rows
+
+
+def meta_step_rows(d: dict, label: str) -> List[List[str]]:
+    rows = []
+    for c in d["configs"]:
+        v = c["variants"]
+        ours = {k: v[k]["seconds"] for k in v if k not in BASELINES}
+        base = {k: v[k]["seconds"] for k in v if k in BASELINES}
+        cell = ", ".join(f"{k} {fmt(s * 1e3)} ms" for k, s in ours.items())
+        basecell = ", ".join(f"{k} {fmt(s * 1e3)} ms" for k, s in base.items())
+        speed = "; ".join(f"{o} vs {b}: {base[b] / ours[o]:.1f}x" for o in ours for b in base)
+        rows.append([f"{label}, T = {c['tasks']}, {c['inner_steps']} inner, {c['cg_iters']} CG", cell, basecell, speed])
+    return rows
+
+
+def gather(machine: str) -> Optional[dict]:
+    files = latest_files(machine)
+    if not files:
+        return None
+    data = {kind: json.loads(path.read_text()) for kind, path in files.items()}
+    rows: List[List[str]] = []
+    if "ops" in data:
+        rows += ops_section(data["ops"])
+    if "hvp" in data:
+        h = {r["variant"]: r["ms_per_solve"] for r in data["hvp"]["rows"]}
+        t = data["hvp"]["config"]["tasks"]
+        rows.append([f"HVPs of one solve, T = {t}", f"batched double backward {fmt(h['batched_double_backward'])} ms, "
+                     f"batched jvp(grad) {fmt(h['batched_jvp_grad'])} ms",
+                     f"per task {fmt(h['per_task_double_backward'])} ms",
+                     f"{h['per_task_double_backward'] / h['batched_double_backward']:.2f}x"])
+    for kind, label in (("meta_step", "5-way 1-shot"), ("meta_step-20w5s", "20-way 5-shot"),
+                        ("meta_step-sequential", "5-way 1-shot, sequential")):
+        if kind in data:
+            rows += meta_step_rows(data[kind], label)
+    if "maml" in data:
+        for c in data["maml"]["configs"]:
+            s = c["seconds"]
+            rows.append([f"MAML, {c['ways']}-way {c['shots']}-shot", f"ours {fmt(s['ours_maml'])} s",
+                         f"learn2learn {fmt(s['l2l_maml'])} s", f"{s['l2l_maml'] / s['ours_maml']:.2f}x"])
+    if "floor" in data:
+        whole = next(r for r in data["floor"]["stages"] if r["stage"] == "whole meta-step")
+        rows.append([f"meta-step against the floor, T = {data['floor']['config']['tasks']}",
+                     f"{fmt(whole['ms'])} ms ({fmt(whole['gflop'])} GFLOP)",
+                     f"floor at the dense-Conv4 rate {fmt(whole['floor_ms_at_conv_rate'])} ms",
+                     f"{whole['ms'] / whole['floor_ms_at_conv_rate']:.1f}x the floor"])
+    for kind, key in (("memory-sweep", "inner_steps"), ("tasks-sweep", "tasks")):
+        if kind in data:
+            pts = data[kind]["points"]
+            by = {algo: {p[key]: p for p in pts if p["algo"] == algo and "peak_mib" in p} for algo in ("imaml", "maml")}
+            common = sorted(set(by["imaml"]) & set(by["maml"]))
+            if common:
+                lo, hi = common[0], common[-1]
+                what = "inner steps" if key == "inner_steps" else "T"
+                rows.append([f"peak memory of a meta-step, {what} {lo} → {hi}",
+                             f"iMAML {fmt(by['imaml'][lo]['peak_mib'])} → {fmt(by['imaml'][hi]['peak_mib'])} MiB",
+                             f"unrolled MAML {fmt(by['maml'][lo]['peak_mib'])} → {fmt(by['maml'][hi]['peak_mib'])} MiB",
+                             f"{by['maml'][hi]['peak_mib'] / by['imaml'][hi]['peak_mib']:.1f}x less at {hi}"])
+    dates = sorted(d["meta"]["date"] for d in data.values())
+    return {"machine": machine, "date": dates[-1], "sources": {k: p.name for k, p in files.items()},
+            "device": next(iter(data.values()))["meta"].get("device_name"),
+            "torch": sorted({d["meta"]["torch"] for d in data.values()}), "rows": rows,
+            "meta_step": data.get("meta_step")}
+
+
+def render(report: dict) -> str:
+    lines = [f"# Benchmark report: {report['machine']} ({report['device']}), latest {report['date']}", "",
+             f"torch {', '.join(report['torch'])}. Gathered by `benchmarks/report.py` from the files below; "
+             "each figure is from its file's own run and date, beside the baseline measured in that run.", "",
+             "| measurement | ours | baseline | ratio |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in report["rows"]]
+    lines += ["", "Sources: " + ", ".join(f"`{v}`" for v in report["sources"].values()) + ".", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> bool:
+    d = report.get("meta_step")
+    if not d:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    configs = d["configs"]
+    names = list(configs[0]["variants"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar([j + i * width for j in range(len(configs))],
+               [c["tasks"] / c["variants"][name]["seconds"] for c in configs], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))])
+    ax.set_xticklabels([f"T={c['tasks']}\nK={c['inner_steps']} CG={c['cg_iters']}" for c in configs], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("tasks / s (log)")
+    ax.set_title(f"iMAML meta-step, 5-way 1-shot: {report['machine']}, {d['meta']['date']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--machine", action="append", help="e.g. cpu-2cores or NVIDIA-H200 (default: every one)")
+    args = p.parse_args(argv)
+    for machine in args.machine or machines():
+        report = gather(machine)
+        if report is None:
+            raise SystemExit(f"--machine {machine}: no result files for it in {RESULTS}; have {', '.join(machines())}")
+        base = RESULTS / f"{machine}-{report['date']}"
+        png = plot(report, base.with_suffix(".png"))
+        report.pop("meta_step")
+        base.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        base.with_suffix(".md").write_text(render(report))
+        print(render(report))
+        print(f"wrote {base}.json, .md" + (", .png" if png else ""))
+
+
+if __name__ == "__main__":
+    main()
