@@ -61,10 +61,10 @@ from _timing import (  # noqa: E402
 WAYS, SHOTS, QUERY = 5, 1, 15
 HIDDEN = 64
 INNER_LR, LAM = 0.1, 2.0
-ALL_VARIANTS = ("ours_batched", "ours_batched_vmap", "ours_batched_loop", "ours_graph", "ours_bf16",
+ALL_VARIANTS = ("ours_batched", "ours_batched_vmap", "ours_batched_loop", "ours_graph", "ours_bf16", "ours_fp16",
                 "ours_sequential", "plain_loop", "plain_vmap")
 CUDA_ONLY = ("ours_graph",)
-OPT_IN = ("ours_bf16",)  # other arithmetic: not checked against the float64 step, not flagged by --rtol
+OPT_IN = ("ours_bf16", "ours_fp16")  # other arithmetic: not checked against the float64 step, not flagged by --rtol
 REFERENCE = "ours_batched"
 BASELINES = ("plain_loop", "plain_vmap", "ours_sequential")
 
@@ -130,7 +130,8 @@ class OursBatched:
         self.model = copy.deepcopy(model)
         # check_labels stays at its default (one host sync per step): what a user gets.
         self.imaml = IMAML(self.model, inner_steps=inner_steps, inner_lr=INNER_LR, lam=LAM,
-                           cg_iterations=cg_iters, ways=WAYS, forward=forward, precision=precision)
+                           cg_iterations=cg_iters, ways=WAYS, forward=forward, precision=precision,
+                           nonfinite="skip" if precision == "fp16" else "propagate")
 
     def run(self, batch: Batch) -> None:
         self.last = self.imaml.meta_step(*batch)
@@ -392,8 +393,8 @@ class PlainVmap:
 def make_variant(name: str, model: nn.Module, inner_steps: int, cg_iters: int, batch: Batch, device: torch.device):
     if name == "ours_graph":
         return OursGraph(model, inner_steps, cg_iters, batch)
-    if name == "ours_bf16":
-        return OursBatched(model, inner_steps, cg_iters, "auto", precision="bf16")
+    if name in ("ours_bf16", "ours_fp16"):
+        return OursBatched(model, inner_steps, cg_iters, "auto", precision=name[len("ours_"):])
     if name.startswith("ours_batched"):
         forward = name[len("ours_batched_"):] or "auto"
         return OursBatched(model, inner_steps, cg_iters, forward)
@@ -677,6 +678,8 @@ VARIANT_NOTES = {
     "plain_vmap": "plain torch.func: vmap over tasks, HVP = vmap(jvp(grad)), batched CG in torch ops",
     "ours_bf16": 'ours_batched with precision="bf16" (bfloat16 autocast forwards, float32 weights and CG); '
                  "not in the float64 check, and its float32 difference is bfloat16's",
+    "ours_fp16": 'the same with precision="fp16" (float16 inner loop and query loss, dynamic loss scale, '
+                 "float32 HVPs)",
     "ours_graph": "ours_batched captured once as a CUDA graph (IMAML.capture) and replayed; its peak memory "
                   "excludes the graph's private pool, allocated at capture",
 }

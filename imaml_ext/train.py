@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(algo, "forward", default="auto", choices=("auto", "vmap", "loop"),
          help="task-batched forward: vmap (grouped convolutions), loop, or auto (vmap on GPU, loop on CPU)")
     _add(algo, "cuda_graph", action="store_true", help="capture the meta-step as a CUDA graph (CUDA only)")
-    _add(algo, "precision", default="fp32", choices=("fp32", "bf16"),
-         help="bf16: iMAML's forwards under bfloat16 autocast, float32 weights, gradients and CG "
-              "(see the README for its accuracy)")
+    _add(algo, "precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+         help="bf16 / fp16: iMAML's forwards under bfloat16 / float16 autocast, float32 weights, gradients and "
+              "CG; fp16 with a dynamic loss scale (see the README for their accuracy)")
 
     run = p.add_argument_group("run")
     _add(run, "seed", type=int, default=0)
@@ -190,6 +190,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise RunError(f"--device {args.device}: this torch sees no CUDA device")
     if args.precision != "fp32" and args.algo != "imaml":
         raise RunError(f"--precision {args.precision} is built for --algo imaml only; got --algo {args.algo}")
+    if args.precision == "fp16" and args.on_nonfinite != "skip-task":
+        raise RunError("--precision fp16 leaves out a task whose scaled gradients overflow (as GradScaler skips a "
+                       f"step) and lowers the loss scale: it needs --on_nonfinite skip-task; got {args.on_nonfinite}")
     if args.cuda_graph and device.type != "cuda":
         raise RunError(f"--cuda_graph needs a CUDA --device; got {args.device}")
     if args.out is None:

@@ -122,3 +122,20 @@ def test_bf16_capture_equals_eager_and_runs_in_bf16():
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-6)
     flat = lambda m: torch.cat([p.grad.flatten() for p in m.parameters()])  # noqa: E731
     assert 1e-4 < float((flat(model) - flat(fp32)).norm() / flat(fp32).norm()) < 1.5  # bf16 ran, and nothing wild
+
+
+def test_fp16_capture_carries_the_loss_scale_across_replays():
+    """The scale lives on the device and is updated in place, so replays go on backing off."""
+    model = conv4(hidden=8, dtype=torch.float32).cuda()
+    imaml = IMAML(model, 1, 0.1, 2.0, 2, forward="vmap", precision="fp16", nonfinite="skip", loss_scale=2.0**40,
+                  cg_damping=1.0, lam_damping=10.0)
+    batch = cuda(random_tasks(2, dtype=torch.float32))
+    captured = imaml.capture(*batch)  # its warm-up steps already halved the scale
+    scales, overflowed = [], []
+    for _ in range(4):
+        result = captured.step(*batch)  # the graph's own tensors: read before the next replay
+        scales.append(result.loss_scale.item())
+        overflowed.append(bool(result.nonfinite.all()))
+    assert all(overflowed)
+    assert scales == [scales[0] / 2**k for k in range(4)] and scales[0] < 2.0**40
+    assert imaml.loss_scale("cuda").item() == scales[-1] / 2

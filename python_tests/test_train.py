@@ -153,6 +153,15 @@ def test_stop_and_resume_is_bit_exact(tmp_path, reference_run, data_root):
     assert a["test"]["accuracy"] == b["test"]["accuracy"] and a["baseline"] == b["baseline"]
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_run(tmp_path, data_root, precision):
+    out = tmp_path / precision
+    assert run(out, "--precision", precision, "--on_nonfinite", "skip-task", data=data_root) == 0
+    assert json.loads((out / "config.json").read_text())["precision"] == precision
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 < results["test"]["accuracy"] <= 100.0
+
+
 def test_checkpoint_from_before_an_option_existed_resumes_with_its_default(tmp_path, reference_run, data_root):
     out = tmp_path / "older"
     assert run(out, "--scheduler", "cosine", "--stop_after", "3", data=data_root) == 0
@@ -261,7 +270,9 @@ def test_missing_data_names_the_path(tmp_path, capsys):
         (["--algo", "reptile"], "invalid choice: 'reptile'"),
         (["--cg_damping", "-1"], "--cg_damping must be a finite number >= 0; got -1.0"),
         (["--precision", "bf16", "--algo", "maml"], "--precision bf16 is built for --algo imaml only; got --algo maml"),
-        (["--precision", "fp16"], "invalid choice: 'fp16'"),
+        (["--precision", "fp16"], "--precision fp16 leaves out a task whose scaled gradients overflow (as GradScaler "
+                                  "skips a step) and lowers the loss scale: it needs --on_nonfinite skip-task; got error"),
+        (["--precision", "fp8"], "invalid choice: 'fp8'"),
     ],
 )
 def test_bad_arguments(argv, message, capsys):

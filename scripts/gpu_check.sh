@@ -89,7 +89,7 @@ stage tests 100 "$PY" -m pytest -q -p no:cacheprovider -m cuda python_tests/test
 
 # Issue 4's grid: ours (eager and CUDA-graph replay) against plain torch.func vmap and the plain per-task loop.
 stage meta_step_5w1s 180 "$PY" benchmarks/bench_meta_step.py --device cuda --tasks 16,32 --inner-steps 5,16 \
-    --cg-iters 3,5 --variants ours_batched,ours_graph,ours_bf16,plain_vmap,plain_loop --repeats 3 --check-tasks 2 \
+    --cg-iters 3,5 --variants ours_batched,ours_graph,ours_bf16,ours_fp16,plain_vmap,plain_loop --repeats 3 --check-tasks 2 \
     --max-seconds 15
 stage sweep_tasks 70 "$PY" benchmarks/sweep_memory.py --device cuda --sweep tasks --task-counts 1,4,16,64,128,256,512
 stage sweep_inner 60 "$PY" benchmarks/sweep_memory.py --device cuda --tasks 32 --steps 5,10,20,40,100
@@ -104,6 +104,7 @@ stage meta_step_sequential 45 "$PY" benchmarks/bench_meta_step.py --device cuda 
 # the large T that the bandwidth goal is about, fewer samples, a bounded compile.
 stage ops 120 "$PY" benchmarks/bench_ops.py --device cuda --tasks 32,128,512 --max-seconds 4 --compile-budget 40
 
+"$PY" benchmarks/report.py --machine "${card%-*-*-*}" >"$logs/report.log" 2>&1 || echo "report.py failed (see report.log)"
 echo
 cat "$summary"
 echo "gpu-check: $((SECONDS - start)) s; results in $out/gpu-check.tar.gz"

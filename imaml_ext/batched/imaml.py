@@ -35,6 +35,7 @@ class MetaStepResult(NamedTuple):
     support_loss: Tensor  # mean support loss at the end of the inner loop
     cg: Optional[CGInfo]  # per-task CG diagnostics (None for MAML, which solves nothing)
     nonfinite: Optional[Tensor] = None  # [T] bool: tasks whose losses or meta-gradient were not finite
+    loss_scale: Optional[Tensor] = None  # precision="fp16": the loss scale this step used
 
 
 def _check_positive(name: str, value, integer: bool = False, allow_zero: bool = False) -> None:
@@ -65,16 +66,23 @@ class IMAML:
       (out-of-range labels would give an unreadable device assert on CUDA);
       turn it off for sync-free steps and CUDA-graph capture.
     - ``nonfinite``: "propagate" (a NaN in one task reaches theta's gradient, as
-      autograd would) or "skip" (tasks whose support or query loss, or meta-gradient,
-      is not finite are left out of the mean, found by masks on the device, no
+      autograd would) or "skip" (tasks whose support or query loss, an HVP, or the
+      meta-gradient is not finite are left out of the mean, found by masks on the device, no
       sync); either way ``MetaStepResult.nonfinite`` names them.
-    - ``precision``: "fp32", or "bf16": every forward (inner loop, query loss, the
-      support-gradient graph behind the HVPs) under bfloat16 autocast, with float32
-      master weights, phi, gradients, CG vectors and scalars.
+    - ``precision``: "fp32", "bf16" or "fp16", with float32 master weights, phi,
+      gradients, CG vectors and scalars. bf16: every forward (inner loop, query loss, the
+      support-gradient graph behind the HVPs) under bfloat16 autocast. fp16: the inner
+      loop's and the query loss's under float16 autocast, the HVPs' graph in float32 (see
+      ``_logits``), and their losses scaled by a dynamic loss scale kept on the device
+      (torch.amp.GradScaler's policy: start at ``loss_scale``, halve after a step with a
+      non-finite task, double after ``loss_scale_growth_interval`` clean steps). fp16
+      needs ``nonfinite="skip"``: a task whose scaled gradients overflow is left out of
+      that step's mean, as GradScaler skips a step.
     """
 
     NONFINITE = ("propagate", "skip")
-    PRECISIONS = ("fp32", "bf16")
+    PRECISIONS = ("fp32", "bf16", "fp16")
+    AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
     def __init__(
         self,
@@ -91,6 +99,8 @@ class IMAML:
         lam_damping: float = 0.0,
         nonfinite: str = "propagate",
         precision: str = "fp32",
+        loss_scale: float = 2.0**10,
+        loss_scale_growth_interval: int = 2000,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"IMAML: model must be a torch.nn.Module; got {type(model).__name__}")
@@ -120,18 +130,28 @@ class IMAML:
             raise ValueError(f"IMAML: nonfinite must be one of {', '.join(map(repr, self.NONFINITE))}; got {nonfinite!r}")
         self.nonfinite = nonfinite
         if precision not in self.PRECISIONS:
-            extra = " (fp16 needs a loss scaler, not built yet: bf16 has float32's range)" if precision == "fp16" else ""
+            raise ValueError(f"IMAML: precision must be one of {', '.join(map(repr, self.PRECISIONS))}; got {precision!r}")
+        _check_positive("loss_scale", loss_scale)
+        _check_positive("loss_scale_growth_interval", loss_scale_growth_interval, integer=True)
+        if precision == "fp16" and nonfinite != "skip":
             raise ValueError(
-                f"IMAML: precision must be one of {', '.join(map(repr, self.PRECISIONS))}; got {precision!r}{extra}"
+                "IMAML: precision='fp16' leaves out of the mean a task whose scaled gradients overflow (as "
+                f"GradScaler skips a step), so it needs nonfinite='skip'; got nonfinite={nonfinite!r}"
             )
         if precision != "fp32":
             dtypes = sorted({str(p.dtype) for p in model.parameters()})
             if dtypes != ["torch.float32"]:
                 raise ValueError(
-                    f"IMAML: precision={precision!r} runs a float32 model's forward in bfloat16 (float32 master "
+                    f"IMAML: precision={precision!r} runs a float32 model's forward in {precision} (float32 master "
                     f"weights); got a model with parameters of dtype {', '.join(dtypes)}"
                 )
         self.precision = precision
+        self.loss_scale_init = float(loss_scale)
+        self.loss_scale_growth_interval = loss_scale_growth_interval
+        # fp16's scale and its count of clean steps: device tensors, updated in place (no sync,
+        # and a CUDA-graph replay carries them on).
+        self._scale: Optional[Tensor] = None
+        self._clean_steps: Optional[Tensor] = None
         self._batched: Optional[TaskBatchedModule] = None
         self._classes: Optional[int] = None
 
@@ -198,14 +218,45 @@ class IMAML:
                     f"IMAML: {name} must hold labels in [0, {ways - 1}] ({ways} ways); got labels in [{low}, {high}]"
                 )
 
-    def _logits(self, module: TaskBatchedModule, phi: Sequence[Tensor], x: Tensor) -> Tensor:
-        """module(phi, x), under bfloat16 autocast with precision="bf16": phi, its gradients, the
-        HVPs and CG stay float32, and the logits come back float32 for the loss."""
-        if self.precision == "fp32":
+    def _logits(self, module: TaskBatchedModule, phi: Sequence[Tensor], x: Tensor, for_hvp: bool = False) -> Tensor:
+        """module(phi, x), under bfloat16 / float16 autocast with precision "bf16" / "fp16": phi,
+        its gradients, the HVPs and CG stay float32, and the logits come back float32.
+
+        fp16 builds the HVPs' graph in float32: their double backward through BatchNorm left
+        float16's range (65504) at a trained theta for every loss scale above 2**-12, where the
+        first-order gradients underflow (measured on Conv4-32, Omniglot, 2026-11-28)."""
+        if self.precision == "fp32" or (for_hvp and self.precision == "fp16"):
             return module(phi, x)
         # No cast cache: phi changes every step, and a cache would outlive a CUDA-graph capture.
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False):
+        with torch.autocast(x.device.type, dtype=self.AUTOCAST_DTYPES[self.precision], cache_enabled=False):
             return module(phi, x).float()
+
+    def loss_scale(self, device) -> Optional[Tensor]:
+        """fp16's current loss scale (a 0-d float32 tensor on ``device``), else None."""
+        if self.precision != "fp16":
+            return None
+        if self._scale is None or self._scale.device != torch.device(device):
+            self._scale = torch.full((), self.loss_scale_init, dtype=torch.float32, device=device)
+            self._clean_steps = torch.zeros((), dtype=torch.int64, device=device)
+        return self._scale
+
+    def _update_loss_scale(self, found_nonfinite: Tensor) -> None:
+        """GradScaler's policy, on the device: halve after a step with a non-finite task, double
+        after loss_scale_growth_interval clean steps in a row."""
+        scale, clean = self._scale, self._clean_steps
+        clean.copy_(torch.where(found_nonfinite, torch.zeros_like(clean), clean + 1))
+        grow = clean >= self.loss_scale_growth_interval
+        scale.copy_(torch.where(found_nonfinite, scale * 0.5, torch.where(grow, scale * 2.0, scale)))
+        clean.copy_(torch.where(grow, torch.zeros_like(clean), clean))
+
+    @staticmethod
+    def _scaled_grad(loss: Tensor, inputs: Sequence[Tensor], scale: Optional[Tensor]) -> List[Tensor]:
+        """d loss / d inputs, through loss * scale when there is a scale, then unscaled."""
+        if scale is None:
+            return list(torch.autograd.grad(loss, inputs))
+        grads = list(torch.autograd.grad(loss * scale, inputs))
+        torch._foreach_div_(grads, scale)
+        return grads
 
     @staticmethod
     def task_losses(logits: Tensor, labels: Tensor) -> Tensor:
@@ -223,19 +274,22 @@ class IMAML:
         phi = self._inner_loop(module, support_x, support_y, steps, check=self.check_labels)
         return phi, module
 
-    def _inner_loop(self, module, support_x, support_y, steps, check):
+    def _inner_loop(self, module, support_x, support_y, steps, check, scaled=False):
         theta = [p.detach() for p in module.theta()]
         try:
             phi = module.expand_theta()
         except (torch.OutOfMemoryError, RuntimeError) as error:
             raise self._too_big(error, module.num_tasks, theta) from error
+        # adapt() runs unscaled: it has no step to back off from an overflow, and float16
+        # underflow only drops gradient entries below 6e-8.
+        scale = self.loss_scale(theta[0].device) if scaled else None
         if check:
             self._check_label_range(module, support_x, ("support_y", support_y))
         for _ in range(steps):
             phi = [p.requires_grad_(True) for p in phi]
             with torch.enable_grad():
                 loss = self.task_losses(self._logits(module, phi, support_x), support_y).sum()
-                grads = torch.autograd.grad(loss, phi)
+                grads = self._scaled_grad(loss, phi, scale)
             phi = [p.detach() for p in phi]
             with torch.no_grad():
                 ops.prox_sgd_step_(phi, list(grads), theta, self.inner_lr, self.lam)
@@ -280,25 +334,34 @@ class IMAML:
 
     def _meta_gradient(self, module, support_x, support_y, query_x, query_y):
         """(mean over tasks of (I + H_t/lam)^-1 grad L_query(phi_t), per theta tensor; result)."""
-        phi = self._inner_loop(module, support_x, support_y, self.inner_steps, check=False)
+        phi = self._inner_loop(module, support_x, support_y, self.inner_steps, check=False, scaled=True)
         phi = [p.requires_grad_(True) for p in phi]
         with torch.enable_grad():
             query_logits = self._logits(module, phi, query_x)
             query_losses = self.task_losses(query_logits, query_y)
-            v = torch.autograd.grad(query_losses.sum(), phi)
+            scale = self.loss_scale(query_x.device)
+            scale_used = None if scale is None else scale.clone()
+            v = self._scaled_grad(query_losses.sum(), phi, scale)
             # One support-gradient graph at phi serves every HVP of the solve.
-            support_losses = self.task_losses(self._logits(module, phi, support_x), support_y)
+            support_losses = self.task_losses(self._logits(module, phi, support_x, for_hvp=True), support_y)
             support_grads = torch.autograd.grad(support_losses.sum(), phi, create_graph=True)
+
+        # CG stops a task at a non-finite HVP (its last good iterate); the task is still marked
+        # non-finite below, so that it is named, and in fp16 the scale backs off.
+        hvp_nonfinite = torch.zeros(support_losses.shape, dtype=torch.bool, device=support_losses.device)
 
         def hvp(vectors: List[Tensor]) -> List[Tensor]:
             out = torch.autograd.grad(support_grads, phi, grad_outputs=vectors, retain_graph=True)
-            return [h.detach() for h in out]
+            out = [h.detach() for h in out]
+            for h in out:
+                hvp_nonfinite.logical_or_(~torch.isfinite(h).flatten(1).all(1))
+            return out
 
         x, info = ops.cg_solve(hvp, [g.detach() for g in v], self.lam + self.lam_damping, self.cg_iterations,
                                self.cg_tol, diag=1.0 + self.cg_damping)
         with torch.no_grad():
             query_losses, support_losses = query_losses.detach(), support_losses.detach()
-            bad = ~(torch.isfinite(query_losses) & torch.isfinite(support_losses))
+            bad = ~(torch.isfinite(query_losses) & torch.isfinite(support_losses)) | hvp_nonfinite
             for xt in x:
                 bad |= ~torch.isfinite(xt).flatten(1).all(1)
             task_accuracy = (query_logits.argmax(-1) == query_y).float().mean(1)
@@ -319,7 +382,10 @@ class IMAML:
             support_loss=mean(support_losses),
             cg=info,
             nonfinite=bad,
+            loss_scale=scale_used,
         )
+        if scale is not None:
+            self._update_loss_scale(bad.any())
         return meta_grads, result
 
     def capture(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
