@@ -18,15 +18,27 @@ from typing import Dict, List, Optional
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("ops", "hvp", "meta_step", "meta_step-20w5s", "meta_step-sequential", "floor", "maml", "memory-sweep",
          "tasks-sweep")
-NAME = re.compile(r"^(?P<kind>.+?)-(?P<machine>cpu-\d+cores|[A-Za-z0-9]+-[A-Za-z0-9_.]+)-(?P<date>\d{4}-\d{2}-\d{2})\.json$")
+DATED = re.compile(r"^(?P<stem>.+)-(?P<date>\d{4}-\d{2}-\d{2})\.json$")
+
+
+def parse_name(name: str) -> Optional[Dict[str, str]]:
+    """{kind, machine, date} of a result file <kind>-<machine>-<date>.json; machine names hold
+    dashes of their own (NVIDIA-H100-80GB-HBM3), so the kind is matched from KINDS, longest first."""
+    m = DATED.match(name)
+    if not m:
+        return None
+    for kind in sorted(KINDS, key=len, reverse=True):
+        if m["stem"].startswith(kind + "-"):
+            return {"kind": kind, "machine": m["stem"][len(kind) + 1:], "date": m["date"]}
+    return None
 
 
 def latest_files(machine: str) -> Dict[str, Path]:
     """Kind -> the newest result file of that kind for the machine."""
     found: Dict[str, tuple] = {}
     for path in RESULTS.glob("*.json"):
-        m = NAME.match(path.name)
-        if not m or m["machine"] != machine or m["kind"] not in KINDS:
+        m = parse_name(path.name)
+        if not m or m["machine"] != machine:
             continue
         if m["kind"] not in found or m["date"] > found[m["kind"]][0]:
             found[m["kind"]] = (m["date"], path)
@@ -34,7 +46,7 @@ def latest_files(machine: str) -> Dict[str, Path]:
 
 
 def machines() -> List[str]:
-    return sorted({m["machine"] for p in RESULTS.glob("*.json") if (m := NAME.match(p.name)) and m["kind"] in KINDS})
+    return sorted({m["machine"] for p in RESULTS.glob("*.json") if (m := parse_name(p.name))})
 
 
 def fmt(x: float) -> str:
