@@ -235,7 +235,10 @@ class IMAML:
         """fp16's current loss scale (a 0-d float32 tensor on ``device``), else None."""
         if self.precision != "fp16":
             return None
-        if self._scale is None or self._scale.device != torch.device(device):
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" is the current GPU, as tensors say
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self._scale is None or self._scale.device != device:
             self._scale = torch.full((), self.loss_scale_init, dtype=torch.float32, device=device)
             self._clean_steps = torch.zeros((), dtype=torch.int64, device=device)
         return self._scale
