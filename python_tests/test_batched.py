@@ -508,6 +508,34 @@ def test_capture_on_cpu_is_a_clear_error():
 
 # ----- non-finite tasks -----
 
+def test_task_with_a_nonfinite_hvp_is_named_and_skipped(monkeypatch):
+    """CG alone would stop such a task at its last good iterate and keep it in the mean."""
+    from imaml_ext.batched import imaml as imaml_module
+
+    model = conv4(hidden=4)
+    tasks = random_tasks(3, shots=1, query=2)
+    solve = imaml_module.ops.cg_solve
+
+    def solve_with_task_1_poisoned(hvp, b, *args, **kwargs):
+        def poisoned(vectors):
+            out = hvp(vectors)
+            out[0][1].fill_(float("nan"))
+            return out
+        return solve(poisoned, b, *args, **kwargs)
+
+    import copy
+
+    clean = copy.deepcopy(model)
+    keep = torch.tensor([0, 2])
+    IMAML(clean, 2, 0.1, 2.0, 3).meta_step(*[t[keep] for t in tasks])
+    monkeypatch.setattr(imaml_module.ops, "cg_solve", solve_with_task_1_poisoned)
+    result = IMAML(model, 2, 0.1, 2.0, 3, nonfinite="skip").meta_step(*tasks)
+    assert result.nonfinite.tolist() == [False, True, False]
+    assert bool(result.cg.breakdown[1])
+    for p, q in zip(model.parameters(), clean.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13)
+
+
 def test_nonfinite_task_is_skipped_on_the_device_and_named():
     torch.manual_seed(int(torch.randint(0, 2**31, ())))
     model = conv4(hidden=4)

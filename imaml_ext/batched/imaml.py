@@ -349,24 +349,23 @@ class IMAML:
             support_losses = self.task_losses(self._logits(module, phi, support_x, for_hvp=True), support_y)
             support_grads = torch.autograd.grad(support_losses.sum(), phi, create_graph=True)
 
-        # CG stops a task at a non-finite HVP (its last good iterate); the task is still marked
-        # non-finite below, so that it is named, and in fp16 the scale backs off.
-        hvp_nonfinite = torch.zeros(support_losses.shape, dtype=torch.bool, device=support_losses.device)
+        # CG stops a task at a non-finite HVP (its last good iterate) and freezes its p, so the
+        # solve's last HVP is non-finite too: checked once below, the task is named (and in fp16
+        # the scale backs off) without a check per CG iteration.
+        last_hvp: List[List[Tensor]] = []
 
         def hvp(vectors: List[Tensor]) -> List[Tensor]:
             out = torch.autograd.grad(support_grads, phi, grad_outputs=vectors, retain_graph=True)
-            out = [h.detach() for h in out]
-            for h in out:
-                hvp_nonfinite.logical_or_(~torch.isfinite(h).flatten(1).all(1))
-            return out
+            last_hvp[:] = [[h.detach() for h in out]]
+            return last_hvp[0]
 
         x, info = ops.cg_solve(hvp, [g.detach() for g in v], self.lam + self.lam_damping, self.cg_iterations,
                                self.cg_tol, diag=1.0 + self.cg_damping)
         with torch.no_grad():
             query_losses, support_losses = query_losses.detach(), support_losses.detach()
-            bad = ~(torch.isfinite(query_losses) & torch.isfinite(support_losses)) | hvp_nonfinite
-            for xt in x:
-                bad |= ~torch.isfinite(xt).flatten(1).all(1)
+            bad = ~(torch.isfinite(query_losses) & torch.isfinite(support_losses))
+            for t in [*x, *last_hvp[0]]:
+                bad |= ~torch.isfinite(t).flatten(1).all(1)
             task_accuracy = (query_logits.argmax(-1) == query_y).float().mean(1)
             if self.nonfinite == "skip":
                 kept = (~bad).sum().clamp(min=1)
