@@ -165,7 +165,11 @@ def recount(path: Path) -> None:
     keeping its times and rates: for runs whose count went wrong on a machine lent briefly."""
     import json
 
+    if not path.is_file():
+        raise SystemExit(f"--recount: {path} is not a file; expected a floor-<machine>-<date>.json from bench_floor.py")
     result = json.loads(path.read_text())
+    if "stages" not in result or "rates" not in result:
+        raise SystemExit(f"--recount: {path} is not a bench_floor.py result (no 'stages' and 'rates')")
     c = result["config"]
     args = argparse.Namespace(**c)
     torch.manual_seed(0)
