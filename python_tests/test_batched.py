@@ -337,7 +337,10 @@ def test_short_omniglot_run_beats_fine_tuning_from_the_random_start():
     seed = torch.initial_seed() % 2**31
     tasks = omniglot_tasks(ways=5, shots=1, query=5, seed=seed)
     model = conv4(hidden=32, dtype=torch.float32)
-    imaml = IMAML(model, inner_steps=5, inner_lr=0.1, lam=0.5, cg_iterations=3)
+    # The damping that training uses: undamped, CG breaks down on most tasks at a random θ and the
+    # outcome swings with the seed (loss ratio 0.56-0.65 over 7 seeds, 0.92 on an eighth), while
+    # damped it took the loss to 0.49-0.55 of its start on all eight.
+    imaml = IMAML(model, inner_steps=5, inner_lr=0.1, lam=0.5, cg_iterations=3, cg_damping=1.0, lam_damping=10.0)
     test_batch = tasks.test.sample(100)
     loss0, acc0 = imaml.evaluate(*test_batch)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -346,8 +349,8 @@ def test_short_omniglot_run_beats_fine_tuning_from_the_random_start():
         imaml.meta_step(*tasks.train.sample(8))
         optimizer.step()
     loss1, acc1 = imaml.evaluate(*test_batch)
-    assert loss1 < 0.9 * loss0, f"query loss {loss0.item():.3f} -> {loss1.item():.3f}"
-    assert acc1 > acc0 + 0.03, f"query accuracy {acc0.item():.3f} -> {acc1.item():.3f}"
+    assert loss1 < 0.7 * loss0, f"query loss {loss0.item():.3f} -> {loss1.item():.3f}"
+    assert acc1 > acc0 + 0.07, f"query accuracy {acc0.item():.3f} -> {acc1.item():.3f}"
 
 
 # ----- way (a): the batched Env and BatchedModule through the Betty-compatible API -----
