@@ -94,6 +94,60 @@ def meta_step_rows(d: dict, label: str) -> List[List[str]]:
     return rows
 
 
+# Issue 6's goals, as figures: (machine kind, what, variant, baseline, at least).
+SPEED_GOALS = (("cpu", "meta-step speed-up over the plain per-task loop", "ours_batched", "plain_loop", 1.5),
+               ("gpu", "meta-step speed-up over the plain per-task loop, eager", "ours_batched", "plain_loop", 20.0),
+               ("gpu", "meta-step speed-up over the plain per-task loop, CUDA-graph replay", "ours_graph", "plain_loop",
+                20.0),
+               ("gpu", "meta-step speed-up over plain torch.func vmap, eager", "ours_batched", "plain_vmap", 2.0),
+               ("gpu", "meta-step speed-up over plain torch.func vmap, CUDA-graph replay", "ours_graph", "plain_vmap",
+                2.0))
+COPY_GOAL_PCT = 70.0
+
+
+def ratio(x: float) -> str:
+    return f"{x:.2f}x" if x < 10 else f"{x:.1f}x"
+
+
+def verdict(values: List[float], goal: float) -> str:
+    met = sum(v >= goal for v in values)
+    return "met" if met == len(values) else "missed" if met == 0 else f"met in {met} of {len(values)}"
+
+
+def goal_rows(machine: str, data: Dict[str, dict]) -> List[List[str]]:
+    """[goal, measured, verdict] for each of issue 6's goals that applies to this machine; a goal
+    whose measurement is not in the results says so instead of being left out."""
+    kind = "cpu" if machine.startswith("cpu-") else "gpu"
+    rows = []
+    for goal_kind, what, ours, base, goal in SPEED_GOALS:
+        if goal_kind != kind:
+            continue
+        for step_kind, label in (("meta_step", "5-way 1-shot"), ("meta_step-20w5s", "20-way 5-shot")):
+            configs = [c for c in data.get(step_kind, {}).get("configs", [])
+                       if ours in c["variants"] and base in c["variants"]]
+            if not configs:
+                rows.append([f"{what} ≥ {goal:g}x ({label})", "not measured", "—"])
+                continue
+            ratios = [c["variants"][base]["seconds"] / c["variants"][ours]["seconds"] for c in configs]
+            measured = (f"{ratio(min(ratios))[:-1]}–{ratio(max(ratios))} over {len(ratios)} configurations"
+                        if len(ratios) > 1 else ratio(ratios[0]))
+            rows.append([f"{what} ≥ {goal:g}x ({label})", measured, verdict(ratios, goal)])
+    if kind == "gpu":
+        ops = data.get("ops")
+        if not ops:
+            rows.append([f"fused ops ≥ {COPY_GOAL_PCT:g} % of copy bandwidth at large T", "not measured", "—"])
+        else:
+            for section, label in (("prox", "fused prox step"), ("cg_iteration", "one CG iteration's vector work")):
+                largest = max(r["tasks"] for r in ops[section])
+                for r in (r for r in ops[section] if r["tasks"] == largest):
+                    v = r["variants"]
+                    op = v.get("ours_op", v["ours"])
+                    momentum = f", momentum {r['momentum']:g}" if "momentum" in r else ""
+                    rows.append([f"{label} ≥ {COPY_GOAL_PCT:g} % of copy bandwidth (T = {largest}{momentum})",
+                                 f"{op['pct_of_copy']:.0f} %", verdict([op["pct_of_copy"]], COPY_GOAL_PCT)])
+    return rows
+
+
 def gather(machine: str) -> Optional[dict]:
     files = latest_files(machine)
     if not files:
@@ -140,6 +194,7 @@ def gather(machine: str) -> Optional[dict]:
     return {"machine": machine, "date": dates[-1], "sources": {k: p.name for k, p in files.items()},
             "device": next(iter(data.values()))["meta"].get("device_name"),
             "torch": sorted({d["meta"]["torch"] for d in data.values()}), "rows": rows,
+            "goals": goal_rows(machine, data),
             "meta_step": data.get("meta_step")}
 
 
@@ -149,6 +204,10 @@ def render(report: dict) -> str:
              "each figure is from its file's own run and date, beside the baseline measured in that run.", "",
              "| measurement | ours | baseline | ratio |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in report["rows"]]
+    if report.get("goals"):
+        lines += ["", "Goals of the benchmark issue (figures, not timed tests):", "",
+                  "| goal | measured | verdict |", "|---|---|---|"]
+        lines += ["| " + " | ".join(r) + " |" for r in report["goals"]]
     lines += ["", "Sources: " + ", ".join(f"`{v}`" for v in report["sources"].values()) + ".", ""]
     return "\n".join(lines)
 
