@@ -4,6 +4,7 @@
 # half of the benchmark report, and print a short table.
 #
 #   scripts/gpu_check.sh OUT_DIR      (GPU_CHECK_BUDGET_S: total seconds, default 540)
+#   GPU_CHECK_STAGES=tests,ops,hvp scripts/gpu_check.sh OUT_DIR   (only these stages; the build always runs)
 #
 # Stages run in order of importance, each under a cap and the remaining budget,
 # so a lent GPU's few minutes end with results rather than a killed command.
@@ -17,6 +18,14 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 PY=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET_S:-540}
+selected=${GPU_CHECK_STAGES:-}
+known_stages=" build tests meta_step_5w1s sweep_tasks sweep_inner floor hvp meta_step_20w5s meta_step_sequential ops "
+for s in ${selected//,/ }; do
+    if [[ $known_stages != *" $s "* ]]; then
+        echo "GPU_CHECK_STAGES: unknown stage '$s'; the stages are:$known_stages" >&2
+        exit 2
+    fi
+done
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 start=$SECONDS
 logs=$(mktemp -d)
@@ -36,6 +45,10 @@ pack() {
 stage() {
     local name=$1 cap=$2 left limit t0 rc
     shift 2
+    if [ -n "$selected" ] && [ "$name" != build ] && [[ ",$selected," != *",$name,"* ]]; then
+        echo "| $name | skipped: not in GPU_CHECK_STAGES | - |" >>"$summary"
+        return
+    fi
     left=$((budget - (SECONDS - start)))
     limit=$((cap < left ? cap : left))
     if ((limit < 15)); then
