@@ -1,6 +1,7 @@
 """The benchmark report of one machine: the headline figures of every benchmark's latest result
 file for that machine, each beside its baseline, gathered into
-benchmarks/results/<machine>-<date>.{json,md} and a PNG of the meta-step speed-ups.
+benchmarks/results/<machine>-<date>.{json,md}, a PNG of the meta-step speed-ups and
+<machine>-<date>-ops.png, the fused ops against the copy bandwidth (their roofline).
 Nothing is measured here: every figure comes from the named result file, with its own date.
 
     python benchmarks/report.py                  # every machine with results
@@ -195,7 +196,7 @@ def gather(machine: str) -> Optional[dict]:
             "device": next(iter(data.values()))["meta"].get("device_name"),
             "torch": sorted({d["meta"]["torch"] for d in data.values()}), "rows": rows,
             "goals": goal_rows(machine, data),
-            "meta_step": data.get("meta_step")}
+            "meta_step": data.get("meta_step"), "ops": data.get("ops")}
 
 
 def render(report: dict) -> str:
@@ -242,6 +243,45 @@ def plot(report: dict, path: Path) -> bool:
     return True
 
 
+def plot_ops(ops: Optional[dict], machine: str, path: Path) -> bool:
+    """The fused ops' roofline: the minimum traffic each variant moves per second, against T, beside the
+    copy bandwidth measured in the same run. A baseline moving the same useful bytes in more time
+    sits lower; none can sit above the copy line unless the working set fits in cache."""
+    if not ops:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    copy = ops["meta"]["copy"]["gbs"]
+    sections = (("prox", "fused prox step (momentum 0)", lambda r: r.get("momentum", 0.0) == 0.0),
+                ("cg_iteration", "one CG iteration's vector work", lambda r: True))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (key, title, keep) in zip(axes, sections):
+        rows = sorted((r for r in ops.get(key, []) if keep(r)), key=lambda r: r["tasks"])
+        names = [n for n in rows[0]["variants"]] if rows else []
+        for name in names:
+            pts = [(r["tasks"], r["ours_min_bytes"] / (r["variants"][name]["median_ms"] * 1e-3) / 1e9) for r in rows
+                   if r["variants"].get(name, {}).get("median_ms")]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name, linewidth=2.5 if name.startswith("ours") else 1.2)
+        ax.axhline(copy, color="black", linestyle="--", label=f"copy {copy:.0f} GB/s")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tasks T")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("minimum traffic / time (GB/s, log)")
+    fig.suptitle(f"imaml_ext ops against copy bandwidth: {machine}, {ops['meta']['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--machine", action="append", help="e.g. cpu-2cores or NVIDIA-H200 (default: every one)")
@@ -252,11 +292,12 @@ def main(argv=None) -> None:
             raise SystemExit(f"--machine {machine}: no result files for it in {RESULTS}; have {', '.join(machines())}")
         base = RESULTS / f"{machine}-{report['date']}"
         png = plot(report, base.with_suffix(".png"))
+        ops_png = plot_ops(report.pop("ops"), machine, base.parent / f"{base.name}-ops.png")
         report.pop("meta_step")
         base.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         base.with_suffix(".md").write_text(render(report))
         print(render(report))
-        print(f"wrote {base}.json, .md" + (", .png" if png else ""))
+        print(f"wrote {base}.json, .md" + (", .png" if png else "") + (f", {base.name}-ops.png" if ops_png else ""))
 
 
 if __name__ == "__main__":

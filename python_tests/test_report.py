@@ -76,3 +76,16 @@ def test_committed_gpu_report_matches_its_sources(report):
     row = goal(gathered["goals"], "meta-step speed-up over the plain per-task loop, CUDA-graph replay ≥ 20x (5-way")
     assert row[1].startswith(f"{report.ratio(min(ratios))[:-1]}–{report.ratio(max(ratios))}")
     assert row[2] == report.verdict(ratios, 20.0)
+
+
+def test_ops_roofline_plot(report, tmp_path):
+    ops = {"meta": {"copy": {"gbs": 50.0}, "date": "2026-11-28"},
+           "prox": [{"tasks": t, "momentum": 0.0, "ours_min_bytes": 1e6 * t,
+                     "variants": {"ours": {"median_ms": 0.03 * t}, "loop": {"median_ms": 0.1 * t}}} for t in (1, 16)],
+           "cg_iteration": [{"tasks": t, "ours_min_bytes": 2e6 * t, "variants": {"ours": {"median_ms": 0.05 * t}}}
+                            for t in (1, 16)]}
+    path = tmp_path / "ops.png"
+    assert report.plot_ops(ops, "cpu-test", path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not report.plot_ops(None, "cpu-test", tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
