@@ -45,7 +45,8 @@ build: $(BUILD_STAMP)
 # The CPU half of the benchmark report, each writing JSON + markdown (+ PNG) into
 # benchmarks/results/: fused ops, the meta-step against the machine's floor, the
 # HVPs of a solve four ways, peak memory against inner steps (iMAML flat, MAML
-# growing) and T, the meta-step against plain PyTorch, MAML against learn2learn;
+# growing) and T, the meta-step against plain PyTorch (5-way 1-shot and 20-way
+# 5-shot), MAML against learn2learn;
 # then report.py gathers them into results/<machine>-<date>.{json,md,png}.
 bench: $(BUILD_STAMP)
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_ops.py --device cpu
@@ -54,6 +55,8 @@ bench: $(BUILD_STAMP)
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/sweep_memory.py --device cpu
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/sweep_memory.py --device cpu --sweep tasks
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_meta_step.py --device cpu
+	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_meta_step.py --device cpu --ways 20 --shots 5 --tasks 8 \
+		--variants ours_batched,ours_sequential,plain_loop,plain_vmap --check-tasks 1
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_maml.py --device cpu
 	$(RUN) $(PY) benchmarks/report.py
 
