@@ -115,7 +115,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--steps", default="5,10,20,40", help="comma-separated inner-step counts (--sweep inner)")
+    p.add_argument("--steps", default="5,10,20,40,100", help="comma-separated inner-step counts (--sweep inner)")
     p.add_argument("--sweep", default="inner", choices=("inner", "tasks"))
     p.add_argument("--task-counts", default="1,4,16,64", help="comma-separated T (--sweep tasks, at 5 inner steps)")
     p.add_argument("--out", default=None)
