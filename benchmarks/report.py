@@ -95,6 +95,8 @@ def meta_step_rows(d: dict, label: str) -> List[List[str]]:
     return rows
 
 
+META_STEP_KINDS = (("meta_step", "5-way 1-shot"), ("meta_step-20w5s", "20-way 5-shot"))
+
 # Issue 6's goals, as figures: (machine kind, what, variant, baseline, at least).
 SPEED_GOALS = (("cpu", "meta-step speed-up over the plain per-task loop", "ours_batched", "plain_loop", 1.5),
                ("gpu", "meta-step speed-up over the plain per-task loop, eager", "ours_batched", "plain_loop", 20.0),
@@ -123,7 +125,7 @@ def goal_rows(machine: str, data: Dict[str, dict]) -> List[List[str]]:
     for goal_kind, what, ours, base, goal in SPEED_GOALS:
         if goal_kind != kind:
             continue
-        for step_kind, label in (("meta_step", "5-way 1-shot"), ("meta_step-20w5s", "20-way 5-shot")):
+        for step_kind, label in META_STEP_KINDS:
             configs = [c for c in data.get(step_kind, {}).get("configs", [])
                        if ours in c["variants"] and base in c["variants"]]
             if not configs:
@@ -134,18 +136,18 @@ def goal_rows(machine: str, data: Dict[str, dict]) -> List[List[str]]:
                         if len(ratios) > 1 else ratio(ratios[0]))
             rows.append([f"{what} ≥ {goal:g}x ({label})", measured, verdict(ratios, goal)])
     if kind == "gpu":
-        ops = data.get("ops")
-        if not ops:
-            rows.append([f"fused ops ≥ {COPY_GOAL_PCT:g} % of copy bandwidth at large T", "not measured", "—"])
-        else:
-            for section, label in (("prox", "fused prox step"), ("cg_iteration", "one CG iteration's vector work")):
-                largest = max(r["tasks"] for r in ops[section])
-                for r in (r for r in ops[section] if r["tasks"] == largest):
-                    v = r["variants"]
-                    op = v.get("ours_op", v["ours"])
-                    momentum = f", momentum {r['momentum']:g}" if "momentum" in r else ""
-                    rows.append([f"{label} ≥ {COPY_GOAL_PCT:g} % of copy bandwidth (T = {largest}{momentum})",
-                                 f"{op['pct_of_copy']:.0f} %", verdict([op["pct_of_copy"]], COPY_GOAL_PCT)])
+        ops = data.get("ops") or {}
+        for section, label in (("prox", "fused prox step"), ("cg_iteration", "one CG iteration's vector work")):
+            if not ops.get(section):
+                rows.append([f"{label} ≥ {COPY_GOAL_PCT:g} % of copy bandwidth at large T", "not measured", "—"])
+                continue
+            largest = max(r["tasks"] for r in ops[section])
+            for r in (r for r in ops[section] if r["tasks"] == largest):
+                v = r["variants"]
+                op = v.get("ours_op", v["ours"])
+                momentum = f", momentum {r['momentum']:g}" if "momentum" in r else ""
+                rows.append([f"{label} ≥ {COPY_GOAL_PCT:g} % of copy bandwidth (T = {largest}{momentum})",
+                             f"{op['pct_of_copy']:.0f} %", verdict([op["pct_of_copy"]], COPY_GOAL_PCT)])
     return rows
 
 
@@ -164,8 +166,7 @@ def gather(machine: str) -> Optional[dict]:
                      f"batched jvp(grad) {fmt(h['batched_jvp_grad'])} ms",
                      f"per task {fmt(h['per_task_double_backward'])} ms",
                      f"{h['per_task_double_backward'] / h['batched_double_backward']:.2f}x"])
-    for kind, label in (("meta_step", "5-way 1-shot"), ("meta_step-20w5s", "20-way 5-shot"),
-                        ("meta_step-sequential", "5-way 1-shot, sequential")):
+    for kind, label in META_STEP_KINDS + (("meta_step-sequential", "5-way 1-shot, sequential"),):
         if kind in data:
             rows += meta_step_rows(data[kind], label)
     if "maml" in data:
@@ -213,16 +214,24 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, path: Path) -> bool:
-    d = report.get("meta_step")
-    if not d:
-        return False
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None without matplotlib (the report is then text only)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(report: dict, path: Path) -> bool:
+    d = report.get("meta_step")
+    if not d:
+        return False
+    plt = pyplot()
+    if plt is None:
         return False
     configs = d["configs"]
     names = list(configs[0]["variants"])
@@ -249,12 +258,8 @@ def plot_ops(ops: Optional[dict], machine: str, path: Path) -> bool:
     sits lower; none can sit above the copy line unless the working set fits in cache."""
     if not ops:
         return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     copy = ops["meta"]["copy"]["gbs"]
     sections = (("prox", "fused prox step (momentum 0)", lambda r: r.get("momentum", 0.0) == 0.0),

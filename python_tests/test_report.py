@@ -89,3 +89,12 @@ def test_ops_roofline_plot(report, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not report.plot_ops(None, "cpu-test", tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_gpu_goals_without_ops_say_not_measured(report):
+    """No ops file, or one whose run stopped before a section, leaves 'not measured' rows, not an error."""
+    for data in ({}, {"ops": {"prox": [{"tasks": 32, "momentum": 0.0, "variants": {"ours": {"pct_of_copy": 80.0}}}]}}):
+        rows = report.goal_rows("NVIDIA-H100-80GB-HBM3", data)
+        assert goal(rows, "one CG iteration's vector work ≥ 70 % of copy bandwidth at large T")[1:] == [
+            "not measured", "—"]
+        assert sum(r[1] == "not measured" for r in rows) == (10 if not data else 9)
