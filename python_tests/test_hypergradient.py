@@ -263,6 +263,45 @@ def test_declared_proximal_lambda_that_does_not_match_the_loss_is_rejected():
         upper_hypergradient(upper)
 
 
+def test_proximal_mismatch_error_shows_the_measured_derivative_with_one_sign():
+    """A term -0.1 ||phi - theta||^2 has mixed derivative +0.2 I: the message said "--0.2 I"."""
+    upper, *_ = prox_setup(Config(type="cg", cg_iterations=3, proximal_lambda=0.4), c=-0.1)
+    with pytest.raises(ValueError, match=r"is not -0.4 I \(measured 0.2 I along") as info:
+        upper_hypergradient(upper)
+    assert "--" not in str(info.value)
+
+
+def test_cg_breakdowns_is_zero_before_any_breakdown_and_the_warning_fits_the_config(monkeypatch):
+    engine, upper, lower, _ = quadratic_setup(Config(type="cg", cg_iterations=6))
+    assert lower.cg_breakdowns == 0  # before any hypergradient
+    upper_hypergradient(upper)
+    assert not lower.last_hypergradient_info["cg"].breakdown.any() and lower.cg_breakdowns == 0
+    # An indefinite lower Hessian breaks CG down: counted, and the warning suggests what applies.
+    lower.extra_config["A"] = -lower.extra_config["A"]
+    with pytest.warns(UserWarning, match="CG broke down") as caught:
+        upper_hypergradient(upper)
+    assert lower.cg_breakdowns == 1
+    message = str(caught[0].message)
+    assert "larger proximal_lambda" not in message and "proximal_lambda=" in message
+    # With a declared proximal term, the warning names damping (the solver's flag is forced here).
+    import imaml_ext.ops as ops
+
+    real = ops.cg_solve
+
+    def broken(*args, **kwargs):
+        x, info = real(*args, **kwargs)
+        return x, info._replace(breakdown=torch.ones_like(info.breakdown))
+
+    monkeypatch.setattr(ops, "cg_solve", broken)
+    upper, lower, *_ = prox_setup(Config(type="cg", cg_iterations=3, proximal_lambda=0.8), c=0.4)
+    assert lower.cg_breakdowns == 0
+    with pytest.warns(UserWarning, match="CG broke down") as caught:
+        upper_hypergradient(upper)
+    message = str(caught[0].message)
+    assert lower.cg_breakdowns == 1
+    assert "cg_damping=1, lam_damping=10" in message and "larger proximal_lambda (now 0.8)" in message
+
+
 def test_declared_proximal_on_a_loss_without_the_term_is_rejected():
     upper, lower, *_ = prox_setup(Config(type="darts", proximal_lambda=1.0), c=0.0)
     lower.training_step = lambda batch: F.cross_entropy(lower.module(batch[0]), batch[1])

@@ -52,10 +52,16 @@ def cg(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
     if bool(info.breakdown.any()):  # one sync per hypergradient, as the per-step loss.item()
         curr.cg_breakdowns = getattr(curr, "cg_breakdowns", 0) + 1
         if curr.cg_breakdowns == 1:
+            if lam is not None:
+                remedy = (f"Damping, Config(cg_damping=1, lam_damping=10) as the iMAML authors' code, keeps the system "
+                          f"positive definite; so do a larger proximal_lambda (now {lam}) or more inner steps")
+            else:
+                remedy = ("A declared proximal term (Config(proximal_lambda=...), with cg_damping / lam_damping), "
+                          "a loss that is convex near its minimum, or more inner steps avoid it")
             warnings.warn(
                 f'problem "{curr.name}": CG broke down (p.Ap <= 0 or a non-finite value: the Hessian of its loss '
                 "is not positive definite here); the hypergradient uses the last good iterate. "
-                "A larger proximal_lambda (or a smaller cg_iterations) avoids it; lower.cg_breakdowns counts them.",
+                f"{remedy}. {curr.name}.cg_breakdowns counts the hypergradients where it happened.",
                 stacklevel=3,
             )
     return result

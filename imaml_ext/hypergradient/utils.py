@@ -102,7 +102,7 @@ def verify_proximal(curr, prev, in_grad: Sequence[Tensor], lam: float) -> None:
     if float(residual) > 1e-3 * lam * float(uu.sqrt()):
         raise ValueError(
             f'problem "{curr.name}": Config.proximal_lambda={lam} does not match its loss: the mixed second '
-            f'derivative to "{prev.name}" is not -{lam} I (measured -{measured:.6g} I along a random direction). '
+            f'derivative to "{prev.name}" is not -{lam} I (measured {-measured:.6g} I along a random direction). '
             "A term c * ||phi - theta||^2 means proximal_lambda = 2 * c (the tutorial's reg_loss with reg=r is 2r)."
         )
     curr.last_hypergradient_info[key] = True
