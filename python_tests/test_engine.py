@@ -838,6 +838,8 @@ def test_unknown_hypergradient_type():
         ({"gradient_clipping": -1.0}, r"Config\.gradient_clipping must be a finite number >= 0\.0"),
         ({"gradient_clipping": float("inf")}, r"Config\.gradient_clipping must be a finite number"),
         ({"log_step": 2.0}, r"Config\.log_step must be an integer"),
+        ({"log_step": 0}, r"Config\.log_step must be an integer >= 1 \(log every log_step steps\) or < 0 \(no logging, "
+                          r"Betty's default -1\); got 0"),
         ({"initial_dynamic_scale": 0.0}, r"Config\.initial_dynamic_scale must be a finite number > 0\.0"),
         ({"scale_factor": 1.0}, r"Config\.scale_factor must be a finite number > 1\.0"),
         ({"proximal_lambda": 0.0}, r"Config\.proximal_lambda must be a finite number > 0\.0"),
@@ -862,7 +864,12 @@ def test_too_many_positional_config_values():
         ({"roll_back": True}, ValueError, r"EngineConfig\.roll_back=True is not supported"),
         ({"strategy": "distributed"}, ValueError,
          r"EngineConfig\.strategy must be one of 'default'; got 'distributed'"),
-        ({"train_iters": -1}, ValueError, r"EngineConfig\.train_iters must be an integer >= 0; got -1"),
+        ({"train_iters": -1}, ValueError, r"EngineConfig\.train_iters must be an integer >= 1; got -1"),
+        ({"train_iters": 0}, ValueError, r"EngineConfig\.train_iters must be an integer >= 1; got 0"),
+        ({"device": "gpu"}, ValueError, r"EngineConfig\.device must be a device such as 'cpu', 'cuda' or 'cuda:1'; "
+                                        r"got 'gpu'"),
+        ({"device": "mps"}, ValueError, r"EngineConfig\.device: got 'mps', but this torch has no usable mps backend"),
+        ({"device": 0}, TypeError, r"EngineConfig\.device must be a str or a torch\.device; got int"),
         ({"valid_step": 2.5}, ValueError, r"EngineConfig\.valid_step must be an integer"),
         ({"logger_type": "wandb"}, ValueError, r"EngineConfig\.logger_type must be one of 'none', 'tensorboard'; "
                                                r"got 'wandb'"),
@@ -871,8 +878,16 @@ def test_too_many_positional_config_values():
     ],
 )
 def test_invalid_engine_config(kwargs, exc, match):
+    if kwargs.get("device") == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this torch has MPS")
     with pytest.raises(exc, match=match):
         EngineConfig(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_engine_config_without_cuda_is_a_value_error():
+    with pytest.raises(ValueError, match=r"EngineConfig\.device: got 'cuda', but this torch sees no CUDA device"):
+        EngineConfig(device="cuda")
 
 
 # --------------------------------------------------------------------------- 9. bad inputs: Engine

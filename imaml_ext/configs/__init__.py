@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from .._device import check_device
+
 HYPERGRADIENT_TYPES = ("cg", "darts", "neumann")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOGGER_TYPES = ("none", "tensorboard")
@@ -108,7 +110,7 @@ class Config:
     gradient_clipping: float = 0.0
     warmup_steps: int = 0
 
-    # logging
+    # logging: every log_step local steps; < 0 (the default -1, as Betty) logs nothing
     log_step: int = -1
     log_local_step: bool = False
 
@@ -137,8 +139,9 @@ class Config:
         _check_int(owner, "unroll_steps", self.unroll_steps, 1)
         _check_int(owner, "gradient_accumulation", self.gradient_accumulation, 1)
         _check_int(owner, "warmup_steps", self.warmup_steps, 0)
-        if isinstance(self.log_step, bool) or not isinstance(self.log_step, int):
-            raise ValueError(f"Config.log_step must be an integer (<= 0 turns logging off); got {self.log_step!r}")
+        if isinstance(self.log_step, bool) or not isinstance(self.log_step, int) or self.log_step == 0:
+            raise ValueError(f"Config.log_step must be an integer >= 1 (log every log_step steps) or < 0 (no logging, "
+                             f"Betty's default -1); got {self.log_step!r}")
         if self.fp16:
             if self.precision not in ("fp32", "fp16"):
                 raise ValueError(f"Config.fp16=True contradicts Config.precision={self.precision!r}")
@@ -207,7 +210,9 @@ class EngineConfig:
 
     def __post_init__(self):
         owner = "EngineConfig"
-        _check_int(owner, "train_iters", self.train_iters, 0)
+        _check_int(owner, "train_iters", self.train_iters, 1)
+        if self.device is not None:
+            check_device(self.device, "EngineConfig.device")
         if isinstance(self.valid_step, bool) or not isinstance(self.valid_step, int):
             raise ValueError(f"EngineConfig.valid_step must be an integer (<= 0 turns validation off); got {self.valid_step!r}")
         _check_choice(owner, "logger_type", self.logger_type, LOGGER_TYPES)
