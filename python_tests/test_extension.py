@@ -46,3 +46,28 @@ def test_cuda_kernels_registered_when_built_with_cuda():
     if os.environ.get("IMAML_EXT_EXPECT_CUDA_KERNELS") != "1":
         pytest.skip("set IMAML_EXT_EXPECT_CUDA_KERNELS=1 when the build forced the CUDA kernels")
     assert ops.has_compiled_kernels("cuda")
+
+
+def test_unbuilt_extension_is_called_not_built_not_a_circular_import(tmp_path):
+    """A source tree without the compiled _C: Python's ImportError blames a "circular import";
+    the warning must say the extension is not built, and how to build it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(_extension.__file__).resolve().parents[1]
+    shutil.copytree(package, tmp_path / "imaml_ext", ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    code = ("import warnings, torch, imaml_ext.ops as ops\n"
+            "warnings.simplefilter('always')\n"
+            "p = [torch.zeros(1, 2)]\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    ops.prox_sgd_step_(p, [torch.ones(1, 2)], [torch.zeros(2)], 0.1, 0.2)\n"
+            "print(ops._extension.__file__)\n"
+            "print([str(x.message) for x in w])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(tmp_path) in proc.stdout  # the copy ran, not the built package
+    assert "imaml_ext._C is not built (there is no _C." in proc.stdout and "make build" in proc.stdout
+    assert "circular" not in proc.stdout and "partially initialized" not in proc.stdout

@@ -22,6 +22,19 @@ except ImportError as error:  # the wrappers fall back to the reference, with a 
 _warned: set = set()
 
 
+def _missing_reason() -> str:
+    """Why ``_C`` is absent, in plain words: Python's own message for a missing submodule of a
+    package being imported blames a circular import."""
+    import importlib.machinery
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1]
+    built = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in sorted(package.glob("_C" + suffix))]
+    if not built:
+        return f"is not built (there is no _C{importlib.machinery.EXTENSION_SUFFIXES[0]} in {package})"
+    return f"is built ({built[0].name}) but did not load: {LOAD_ERROR}"
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -47,7 +60,7 @@ def use_compiled(device: torch.device) -> bool:
     if _C is None:
         _warn_once(
             "no-extension",
-            f"imaml_ext: the compiled extension imaml_ext._C is not available ({LOAD_ERROR}); "
+            f"imaml_ext: the compiled extension imaml_ext._C {_missing_reason()}; "
             f"running the pure-PyTorch reference instead. To get the fused kernels, {BUILD_HINT}.",
         )
     elif device.type == "cuda":
