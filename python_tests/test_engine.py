@@ -913,10 +913,13 @@ def test_cycle_in_l2u():
         Engine([a, b], EngineConfig(device="cpu"), dependencies={"l2u": {a: [a]}})
 
 
-def test_two_problems_with_one_name():
+def test_two_problems_with_one_name_are_numbered_and_a_clash_after_is_refused():
     a, b = ProxLower("lower"), MetaUpper("lower")
-    with pytest.raises(ValueError, match=r'two problems are named "lower" \(problems\[0\] and problems\[1\]\)'):
-        Engine([a, b], EngineConfig(device="cpu"))
+    engine = Engine([a, b], EngineConfig(device="cpu"))
+    assert (a.name, b.name) == ("lower_0", "lower_1") and engine.lower_0 is a and b.lower_0 is a
+    a, b, c = ProxLower("lower"), MetaUpper("lower"), MetaUpper("lower_0")
+    with pytest.raises(ValueError, match=r'two problems are named "lower_0" \(problems\[0\] and problems\[2\]\)'):
+        Engine([a, b, c], EngineConfig(device="cpu"))
 
 
 @pytest.mark.parametrize("name", ["run", "config", "leaves", "train_step", "global_step", "validation", "problems"])
@@ -1055,8 +1058,8 @@ def test_no_data_and_no_get_batch():
     m = nn.Linear(2, 1)
     p = NoData("lower", module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
     engine = Engine([p], EngineConfig(train_iters=1, device="cpu"))
-    with pytest.raises(ValueError, match=r'problem "lower" has no train_data_loader: pass one \(or a list\) or '
-                                         r"override get_batch\(\)"):
+    with pytest.raises(ValueError, match=r'problem "lower" has no train_data_loader: pass one \(or a tuple of them\) '
+                                         r"or override get_batch\(\)"):
         engine.run()
 
 
@@ -1165,12 +1168,12 @@ def test_get_batch_moves_tensors_to_the_device():
     assert isinstance(moved["pair"], Pair) and moved["pair"].a.device.type == "meta" and moved["pair"].b == "s"
 
 
-def test_get_batch_with_a_list_of_loaders():
+def test_get_batch_with_a_tuple_of_loaders():
     dl_a, xa, ya = loader(6, 2)  # 3 batches an epoch
     dl_b, xb, yb = loader(4, 3, d=2)  # 2 batches an epoch: rows 0-2, 3
     m = nn.Linear(D, 1)
     p = LoaderProblem("lower", module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
-                      train_data_loader=[dl_a, dl_b])
+                      train_data_loader=(dl_a, dl_b))
     Engine([p], EngineConfig(train_iters=1, device="cpu"))
     rows_a = [(0, 2), (2, 4), (4, 6)] * 2
     rows_b = [(0, 3), (3, 4)] * 3
