@@ -226,7 +226,7 @@ def test_download_file_url_into_default_dir(official, npz_gray105, npz_images28,
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
     monkeypatch.setattr(omni, "_repo_root", lambda: tmp_path / "elsewhere" / "repo")
-    with pytest.raises(FileNotFoundError, match=r"download=True \(--download"):
+    with pytest.raises(FileNotFoundError, match=r"Pass root=<folder> or set IMAML_DATA=.*pass download=True to"):
         load_omniglot()
     assert not own_cache.exists()
 

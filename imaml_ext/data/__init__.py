@@ -11,7 +11,7 @@ Typical use::
     support_x, support_y, query_x, query_y = tasks.train.sample(32)   # 32 tasks at once
 """
 
-from .download import OFFICIAL_MD5, OFFICIAL_URL, DownloadError, download_omniglot
+from .download import OFFICIAL_MD5, OFFICIAL_URL, DownloadError, download_omniglot, option_spelling
 from .l2l import ClassRotation, OmniglotDataset, from_l2l_taskset, l2l_tasksets, split_task
 from .omniglot import (
     NUM_CLASSES,
@@ -54,6 +54,7 @@ __all__ = [
     "l2l_tasksets",
     "load_omniglot",
     "omniglot_tasks",
+    "option_spelling",
     "split_classes",
     "split_task",
 ]

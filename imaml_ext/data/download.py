@@ -15,6 +15,8 @@ import re
 import socket
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Optional, Union
@@ -35,6 +37,27 @@ OFFICIAL_MD5: Mapping[str, str] = MappingProxyType({
 ZIP_NAMES = tuple(OFFICIAL_MD5)
 
 _CHUNK = 1 << 16
+
+# How the data errors name the options: the Python API's keywords by default, the command
+# line's flags inside option_spelling(...) (imaml_ext.train).
+_SPELLING: ContextVar[Mapping[str, str]] = ContextVar(
+    "omniglot_option_spelling", default=MappingProxyType({"root": "root=<folder>", "download": "download=True"}))
+
+
+@contextmanager
+def option_spelling(root: str, download: str):
+    """Inside it, the data layer's messages name ``root`` and ``download`` as given here
+    (``option_spelling("--data <folder>", "--download")`` for a command line)."""
+    token = _SPELLING.set(MappingProxyType({"root": root, "download": download}))
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)
+
+
+def spelled(option: str) -> str:
+    """``"root"`` or ``"download"`` as the current messages name it."""
+    return _SPELLING.get()[option]
 
 
 class DownloadError(OSError):
@@ -76,7 +99,7 @@ def _manual_hint(dest: Path) -> str:
     names = " and ".join(ZIP_NAMES)
     return (
         f"To install the data by hand, download {names} from {OFFICIAL_URL} and put them into "
-        f"{str(dest)!r} (or into any folder, then pass root=<folder> or set IMAML_DATA=<folder>); "
+        f"{str(dest)!r} (or into any folder, then pass {spelled('root')} or set IMAML_DATA=<folder>); "
         f"the folders images_background/ and images_evaluation/ extracted from them work too."
     )
 

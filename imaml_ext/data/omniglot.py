@@ -149,7 +149,7 @@ def default_search_paths() -> List[Path]:
 
 def _given_root(root: Optional[PathLike]) -> Optional[Tuple[str, Path]]:
     if root is not None:
-        return ("root=", Path(root).expanduser())
+        return (_download.spelled("root").split("<")[0].strip(), Path(root).expanduser())
     if os.environ.get(DATA_ENV):
         return (f"${DATA_ENV}", Path(os.environ[DATA_ENV]).expanduser())
     return None
@@ -164,8 +164,7 @@ def _locate(root: Optional[PathLike]) -> _Source:
             raise FileNotFoundError(
                 f"Omniglot data not found: {how} is {str(path)!r}, but neither it nor "
                 f"{str(path / 'omniglot')!r} nor {str(path / 'omniglot-py')!r} holds {_LAYOUTS}. "
-                f"Pass download=True (--download in the examples) to download the official zips "
-                f"into {str(path)!r}."
+                f"Pass {_download.spelled('download')} to download the official zips into {str(path)!r}."
             )
         return found
 
@@ -177,8 +176,8 @@ def _locate(root: Optional[PathLike]) -> _Source:
     places = ", ".join(repr(str(p / "omniglot")) for p in searched)
     raise FileNotFoundError(
         f"Omniglot data not found: no folder holding {_LAYOUTS} at {places} (nor omniglot-py/ "
-        f"beside them). Pass root=<folder> or set {DATA_ENV}=<folder> (the folder with the data, "
-        f"or its parent holding omniglot/), or pass download=True (--download in the examples) "
+        f"beside them). Pass {_download.spelled('root')} or set {DATA_ENV}=<folder> (the folder with the data, "
+        f"or its parent holding omniglot/), or pass {_download.spelled('download')} "
         f"to download the official zips into {str(default_download_dir())!r}."
     )
 
@@ -421,7 +420,7 @@ def _read_official_set(path: Path, which: str) -> np.ndarray:
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise ValueError(
             f"{str(path)!r} is not a readable zip file ({e}): it is truncated or damaged. Delete it and "
-            f"download it again (load_omniglot(download=True) or download_omniglot)."
+            f"download it again ({_download.spelled('download')})."
         ) from e
 
 
