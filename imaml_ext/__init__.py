@@ -2,17 +2,23 @@
 Betty-compatible multilevel API (Env, ImplicitProblem, IterativeProblem,
 Engine, Config, EngineConfig)."""
 
-from . import ops
-from .batched import IMAML, MAML, MetaStepResult, TaskBatchedModule
+from . import data, models, ops
+from .batched import IMAML, MAML, BatchedModule, MetaStepResult, TaskBatchedModule, task_cross_entropy
 from .configs import Config, EngineConfig
 from .engine import Engine
 from .envs import Env
+from .models import Conv4
 from .problems import ImplicitProblem, IterativeProblem, Problem
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ops",
+    "data",
+    "models",
+    "Conv4",
+    "BatchedModule",
+    "task_cross_entropy",
     "IMAML",
     "MAML",
     "MetaStepResult",

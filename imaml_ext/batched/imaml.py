@@ -312,6 +312,16 @@ class IMAML:
 
     # ----- the meta-step -----
     def meta_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> MetaStepResult:
+        """One meta-step over a batch of T tasks: each task's proximal inner loop from theta, then
+        the implicit meta-gradient, whose mean over the tasks is added to theta's ``.grad`` (as
+        ``backward()`` would; zero it before and step an optimizer after).
+
+        ``support_x`` / ``query_x`` are ``[T, n, *input]``, ``support_y`` / ``query_y`` the
+        ``[T, n]`` labels in ``[0, ways)``, all on the model's device (what
+        ``TaskSampler.sample(T)`` returns). The returned :class:`MetaStepResult` holds device
+        tensors (the query loss and accuracy, the support loss, the CG info, the non-finite
+        mask); the step itself syncs with the host only to check the labels' range
+        (``check_labels=False`` turns that off)."""
         num_tasks = self._check_batch(support_x, support_y, query_x, query_y)
         module = self.batched(num_tasks)
         theta = module.theta()
