@@ -73,3 +73,44 @@ def test_first_and_second_order_differ():
         F.cross_entropy(learner(x), y).backward()
         grads[first_order] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert (grads[False] - grads[True]).norm() > 1e-3 * grads[False].norm()
+
+
+class WithHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 6, dtype=f64))
+        self.head = nn.Linear(6, 3).to(f64)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x @ self.w))
+
+
+class AttributeInner(Inner):
+    """Betty code that reads the weights as attributes: self.module.w, self.module.head.weight."""
+
+    def training_step(self, batch):
+        x, y = batch
+        m = self.module
+        return F.cross_entropy(F.linear(torch.tanh(x @ m.w), m.head.weight, m.head.bias), y)
+
+
+def test_module_attributes_are_the_current_differentiable_weights():
+    """self.module.w inside training_step worked with ImplicitProblem but raised AttributeError
+    with IterativeProblem; it must be the current weight, so the meta-gradient is the forward's."""
+    T, steps = 2, 3
+    tasks = (torch.randn(T, 6, 4, dtype=f64), torch.randint(0, 3, (T, 6)),
+             torch.randn(T, 9, 4, dtype=f64), torch.randint(0, 3, (T, 9)))
+    model = WithHead()
+    captured = {}
+    for kind in (Inner, AttributeInner):
+        theta, phi = copy.deepcopy(model), copy.deepcopy(model)
+        outer = QueryUpper("upper", Config(gradient_accumulation=T), theta, torch.optim.SGD(theta.parameters(), lr=0.0))
+        inner = kind("lower", Config(unroll_steps=steps, first_order=False), phi, torch.optim.SGD(phi.parameters(), lr=0.4))
+        per_task_engine(steps)([outer, inner], EngineConfig(device="cpu", train_iters=T * steps),
+                               {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}}, env=TaskEnv(tasks)).run()
+        captured[kind] = outer.captured
+        inner.start_inner_loop()  # in a loop: the attribute is the differentiable weight itself
+        assert inner.module.w is inner.trainable_parameters()[0] and inner.module.head.weight.requires_grad
+    for got, expected in zip(captured[AttributeInner], captured[Inner]):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    assert any(g.abs().sum() > 0 for g in captured[Inner])

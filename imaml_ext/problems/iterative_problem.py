@@ -33,11 +33,48 @@ class _FastWeightsModule(nn.Module):
             return self.inner(*args, **kwargs)
         return functional_call(self.inner, weights, args, kwargs, strict=False)
 
+    def __getattr__(self, name: str):
+        # The wrapped module's own attributes (self.module.w in a Betty program); during an
+        # inner loop a parameter is its current differentiable weight, as the forward uses.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        return _fast_attribute(self.inner, name, "", self._problem)
+
     def state_dict(self, *args, **kwargs):
         return self.inner.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.inner.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _fast_attribute(module: nn.Module, name: str, prefix: str, problem: "IterativeProblem"):
+    """``module.name`` with the problem's differentiable weights: a parameter is its current
+    weight, a submodule holding some is a view that does the same (``self.module.head.weight``)."""
+    weights = problem._named_weights()
+    full = prefix + name
+    if weights is not None and full in weights:
+        return weights[full]
+    value = getattr(module, name)
+    if weights is not None and isinstance(value, nn.Module) and any(k.startswith(full + ".") for k in weights):
+        return _FastWeightsView(value, full + ".", problem)
+    return value
+
+
+class _FastWeightsView:
+    """A submodule of an ``IterativeProblem``'s module, seen with the differentiable weights."""
+
+    def __init__(self, module: nn.Module, prefix: str, problem: "IterativeProblem"):
+        self._module, self._prefix, self._problem = module, prefix, problem
+
+    def __getattr__(self, name: str):
+        return _fast_attribute(self._module, name, self._prefix, self._problem)
+
+    def __call__(self, *args, **kwargs):
+        weights = self._problem._named_weights() or {}
+        own = {k[len(self._prefix):]: v for k, v in weights.items() if k.startswith(self._prefix)}
+        return functional_call(self._module, own, args, kwargs, strict=False)
 
 
 class IterativeProblem(Problem):
