@@ -23,6 +23,7 @@ import platform
 import random
 import signal
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,9 +32,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ._device import check_device
 from ._io import atomic_write
 from .batched import IMAML, MAML
-from .data import NUM_DRAWERS, DownloadError, PROTOCOLS, TaskIndices, TaskSampler, load_omniglot, omniglot_tasks, split_classes
+from .data import NUM_DRAWERS, DownloadError, PROTOCOLS, option_spelling, TaskIndices, TaskSampler, load_omniglot, omniglot_tasks, split_classes
 from .models import Conv4
 
 TASKS = ("omniglot",)
@@ -44,11 +46,41 @@ CHECKPOINT_FORMAT = 1
 # Arguments that do not change what a run computes: they may differ on --resume.
 # Options added after checkpoints were first written, with the value those runs had.
 ADDED_OPTION_DEFAULTS = {"precision": "fp32"}
-RUNTIME_KEYS = ("out", "resume", "progress", "tensorboard", "data", "download", "stop_after", "on_nonfinite")
+RUNTIME_KEYS = ("out", "resume", "progress", "tensorboard", "data", "download", "stop_after", "on_nonfinite",
+                "evaluate", "undamped")
+# What only the final evaluation reads: may change on --resume (and --steps may grow, extending the run).
+EVALUATION_KEYS = ("eval_tasks", "eval_batch", "baseline")
+# What --evaluate RUN_FOLDER accepts beside it; the rest comes from the run's checkpoint.
+EVALUATE_OPTIONS = ("evaluate", *EVALUATION_KEYS, "device", "data", "download", "progress")
+# The columns of metrics.csv, in this order (then any others): a train row's, then a validation row's.
+CSV_COLUMNS = ("split", "step", "loss", "accuracy", "support_loss", "cg_residual", "cg_breakdown", "lr", "tasks_per_s",
+               "nonfinite_tasks", "best_accuracy")
+# The iMAML authors' damping of the CG system, the command line's default (--undamped: 0 and 0).
+AUTHORS_DAMPING = {"cg_damping": 1.0, "lam_damping": 10.0}
+_UNSET = object()
 
 
 class RunError(Exception):
     """A problem with the command line or the run folder: printed without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Every refusal is one line, argparse's own and ours alike (no usage block before some)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and every option's default in --help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if isinstance(action, argparse.BooleanOptionalAction) and "default" not in text:
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if ("default" in text or not action.option_strings or action.nargs == 0
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 # --------------------------------------------------------------------------- arguments
@@ -65,14 +97,14 @@ def _add(parser, name: str, **kwargs):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="imaml-train",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     task = p.add_argument_group("task")
     _add(task, "task", default="omniglot", help=f"data set: {', '.join(TASKS)}")
-    _add(task, "ways", type=int, default=5)
+    _add(task, "ways", type=int, default=5, help="classes per task")
     _add(task, "shots", type=int, default=1, help="support examples per class")
     _add(task, "query", type=int, default=15, help="query examples per class")
     _add(task, "split", default="finn", choices=PROTOCOLS,
@@ -84,20 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     algo = p.add_argument_group("meta-learning")
     _add(algo, "algo", default="imaml", choices=ALGOS,
          help="imaml (implicit gradients), maml (through the unrolled inner loop) or fomaml (first-order MAML)")
-    _add(algo, "inner_steps", type=int, default=16)
+    _add(algo, "inner_steps", type=int, default=16, help="proximal inner-loop steps per task")
     _add(algo, "base_lr", type=float, default=0.1, help="inner-loop learning rate")
     lam = algo.add_mutually_exclusive_group()
-    lam.add_argument("--lam", type=float, default=None, help="proximal strength lambda (default 2)")
+    lam.add_argument("--lam", type=float, default=None, help="proximal strength lambda (default: 2)")
     lam.add_argument("--reg", type=float, default=None, help="the tutorial's reg * ||phi - theta||^2: lambda = 2 * reg")
-    _add(algo, "cg_iterations", type=int, default=5)
-    _add(algo, "cg_damping", type=float, default=0.0,
-         help="solve ((1 + cg_damping) I + H / (lam + lam_damping)) x = g; the iMAML authors' code uses 1")
-    _add(algo, "lam_damping", type=float, default=0.0, help="see --cg_damping; the iMAML authors' code uses 10")
+    _add(algo, "cg_iterations", type=int, default=5, help="CG iterations of the implicit-gradient solve")
+    _add(algo, "cg_damping", type=float, default=None,
+         help="solve ((1 + cg_damping) I + H / (lam + lam_damping)) x = g (default: 1, the iMAML authors' code)")
+    _add(algo, "lam_damping", type=float, default=None, help="see --cg_damping (default: 10, the iMAML authors' code)")
+    _add(algo, "undamped", action="store_true",
+         help="the exact system (I + H / lam) x = g: --cg_damping 0 --lam_damping 0 (CG can break down far from "
+              "the inner minimum, see the README)")
     _add(algo, "clip_grad", type=float, default=0.0, help="clip the meta-gradient's norm to this (0: off)")
     _add(algo, "meta_batch_size", type=int, default=32, help="tasks per meta-step (T)")
     _add(algo, "hidden_size", type=int, default=64, help="Conv4 channels")
-    _add(algo, "meta_lr", type=float, default=1e-3)
-    _add(algo, "optimizer", default="adam", choices=("adam", "adamw"))
+    _add(algo, "meta_lr", type=float, default=1e-3, help="the meta-optimizer's learning rate")
+    _add(algo, "optimizer", default="adam", choices=("adam", "adamw"), help="the meta-optimizer")
     _add(algo, "scheduler", default="none", choices=("none", "cosine"), help="meta learning-rate schedule")
     _add(algo, "steps", type=int, default=10000, help="meta-steps")
     _add(algo, "forward", default="auto", choices=("auto", "vmap", "loop"),
@@ -108,13 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
               "CG; fp16 with a dynamic loss scale (see the README for their accuracy)")
 
     run = p.add_argument_group("run")
-    _add(run, "seed", type=int, default=0)
+    _add(run, "seed", type=int, default=0, help="seed of the model, the task sampler and every RNG")
     _add(run, "device", default=None, help="default: cuda if available, else cpu")
     _add(run, "out", default=None, help="run folder (default: runs/<task>-<ways>w<shots>s-<time>)")
-    _add(run, "resume", action="store_true", help="continue the run in --out from its checkpoint")
+    _add(run, "resume", action="store_true",
+         help="continue the run in --out from its checkpoint; --eval_tasks, --eval_batch and --baseline may "
+              "change, and a larger --steps extends a run (a finished one too)")
+    _add(run, "evaluate", default=None, metavar="RUN_FOLDER",
+         help="only evaluate RUN_FOLDER's checkpoint on --eval_tasks test tasks (with --eval_batch, --baseline, "
+              "--device, --data); appends the result to RUN_FOLDER/evaluations.jsonl")
     _add(run, "log_every", type=int, default=10, help="meta-steps per metrics row")
     _add(run, "valid_every", type=int, default=500, help="meta-steps between validations (0: none)")
-    _add(run, "valid_tasks", type=int, default=200)
+    _add(run, "valid_tasks", type=int, default=200, help="validation tasks, the same ones each time")
     _add(run, "checkpoint_every", type=int, default=500, help="meta-steps between checkpoints")
     _add(run, "eval_tasks", type=int, default=600, help="meta-test tasks at the end (0: none)")
     _add(run, "eval_batch", type=int, default=None, help="tasks per evaluation batch (default: meta_batch_size)")
@@ -126,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="a task with a non-finite loss or meta-gradient is always left out of theta's update; "
               "error: stop at the next log step, naming it; skip-task: count it in the log and go on")
     _add(run, "tensorboard", action="store_true", help="also write tensorboard scalars to <out>/tensorboard")
-    _add(run, "progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    _add(run, "progress", action=argparse.BooleanOptionalAction, default=True,
+         help="progress bar; without it each metrics row is printed as a line")
     return p
 
 
@@ -134,10 +175,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        check_args(args)
+        if args.evaluate is not None:
+            # Only what was given counts: every action's value starts unset, not at its default.
+            given = parser.parse_args(argv, argparse.Namespace(**{a.dest: _UNSET for a in parser._actions}))
+            args.given = sorted(k for k, v in vars(given).items() if v is not _UNSET)
+            check_evaluate_args(args)
+        else:
+            check_args(args)
     except RunError as error:
         parser.error(str(error))
     return args
+
+
+def check_evaluate_args(args: argparse.Namespace) -> None:
+    other = [k for k in args.given if k not in EVALUATE_OPTIONS]
+    if other:
+        raise RunError(f"--evaluate takes the run's configuration from its checkpoint; only "
+                       f"{', '.join('--' + k for k in EVALUATE_OPTIONS[1:])} may be given with it; got --{other[0]}")
+    if args.eval_tasks < 1:
+        raise RunError(f"--eval_tasks must be >= 1 with --evaluate; got {args.eval_tasks}")
+    if args.eval_batch is not None and args.eval_batch < 1:
+        raise RunError(f"--eval_batch must be >= 1; got {args.eval_batch}")
+    args.device = _device_arg(args.device)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -153,6 +212,11 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < 1:
             raise RunError(f"--{name} must be >= 1; got {value}")
+    for name, value in AUTHORS_DAMPING.items():
+        if args.undamped and getattr(args, name) not in (None, 0.0):
+            raise RunError(f"--undamped sets --{name} 0; got --{name} {getattr(args, name)} as well")
+        if getattr(args, name) is None:
+            setattr(args, name, 0.0 if args.undamped else value)
     for name in ("cg_damping", "lam_damping", "clip_grad"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
@@ -180,14 +244,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise RunError(f"--eval_batch must be >= 1; got {args.eval_batch}")
     if args.stop_after is not None and not 1 <= args.stop_after:
         raise RunError(f"--stop_after must be >= 1; got {args.stop_after}")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        raise RunError(f"--device: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"--device {args.device}: this torch sees no CUDA device")
+    args.device = _device_arg(args.device)
+    device = torch.device(args.device)
     if args.precision != "fp32" and args.algo != "imaml":
         raise RunError(f"--precision {args.precision} is built for --algo imaml only; got --algo {args.algo}")
     if args.precision == "fp16" and args.on_nonfinite != "skip-task":
@@ -198,6 +256,17 @@ def check_args(args: argparse.Namespace) -> None:
     if args.out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         args.out = os.path.join("runs", f"{args.task}-{args.ways}w{args.shots}s-{stamp}")
+
+
+def _device_arg(name: Optional[str]) -> str:
+    """--device, checked: cuda when there is one and none is given, else cpu."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        check_device(name, "--device")
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    return name
 
 
 def run_config(args: argparse.Namespace) -> Dict[str, object]:
@@ -272,7 +341,9 @@ class RunFolder:
         self.write_csv(rows)
 
     def write_csv(self, rows: List[Dict[str, object]]) -> None:
-        keys: List[str] = []
+        """One column per key, in CSV_COLUMNS' order; a run with no row yet gets the header alone."""
+        present = {k for r in rows for k in r}
+        keys = [k for k in CSV_COLUMNS if k in present or not rows]
         for r in rows:
             keys += [k for k in r if k not in keys]
         buffer = io.StringIO()
@@ -282,7 +353,10 @@ class RunFolder:
         data = buffer.getvalue().encode()
         atomic_write(self.csv, lambda f: f.write(data))
 
-    def plot_curves(self, rows: List[Dict[str, object]], baseline: Optional[float] = None) -> bool:
+    def plot_curves(self, rows: List[Dict[str, object]], baseline: Optional[float] = None,
+                    test: Optional[Dict[str, float]] = None, step: Optional[int] = None) -> bool:
+        """Loss and accuracy against the meta-step; ``test`` (a summarise() dict) marks the final
+        meta-test accuracy at ``step``, with its 95 % interval."""
         try:
             import matplotlib
 
@@ -299,11 +373,18 @@ class RunFolder:
                 ax_acc.plot(steps, [100 * r["accuracy"] for r in part], style, label=f"{split} query accuracy")
         if baseline is not None:
             ax_acc.axhline(baseline, color="gray", linestyle="--", label="random init, test")
+        if test is not None and step is not None:
+            ax_acc.errorbar([step], [test["accuracy"]], yerr=[test["ci95"]], fmt="*", color="black", markersize=10,
+                            capsize=4, label=f"meta-test, {test['tasks']} tasks: {test['accuracy']:.2f} ± "
+                                             f"{test['ci95']:.2f} %")
         for ax, label in ((ax_loss, "cross-entropy"), (ax_acc, "accuracy (%)")):
             ax.set_xlabel("meta-step")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+            else:  # stopped before its first row: say so rather than an empty legend
+                ax.text(0.5, 0.5, "no metrics logged yet", ha="center", va="center", transform=ax.transAxes)
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
@@ -366,27 +447,60 @@ def _previous_hint(folder: RunFolder) -> str:
             f"to resume from step {step}.")
 
 
-def load_checkpoint(folder: RunFolder, config: Dict[str, object]) -> Dict[str, object]:
+def read_checkpoint(folder: RunFolder, flag: str = "--resume") -> Dict[str, object]:
     if not folder.checkpoint.exists():
-        raise RunError(f"--resume: {folder.checkpoint} does not exist; start the run without --resume."
-                       + _previous_hint(folder))
+        start = "start the run without --resume" if flag == "--resume" else "is it a run folder?"
+        raise RunError(f"{flag}: {folder.checkpoint} does not exist; {start}." + _previous_hint(folder))
     try:
         ckpt = torch.load(folder.checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: name it, never a raw unpickling trace
-        raise RunError(f"--resume: cannot read {folder.checkpoint} ({type(error).__name__}: {error})."
+        raise RunError(f"{flag}: cannot read {folder.checkpoint} ({type(error).__name__}: {error})."
                        + _previous_hint(folder)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise RunError(f"--resume: {folder.checkpoint} is not an imaml_ext checkpoint (format {CHECKPOINT_FORMAT})")
+        raise RunError(f"{flag}: {folder.checkpoint} is not an imaml_ext checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def load_checkpoint(folder: RunFolder, config: Dict[str, object]) -> Dict[str, object]:
+    ckpt = read_checkpoint(folder)
     # Checkpoints from before an option existed ran with its default.
     saved = {**ADDED_OPTION_DEFAULTS, **ckpt["config"]}
-    differ = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+    differ = [k for k in sorted(set(saved) | set(config))
+              if saved.get(k) != config.get(k) and k not in (*EVALUATION_KEYS, "steps")]
     if differ:
         shown = "; ".join(f"--{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ)
+        undamped = not saved.get("cg_damping") and not saved.get("lam_damping") and "cg_damping" in differ
         raise RunError(
             f"--resume: the checkpoint in {folder.path} is from another configuration ({shown}). "
-            f"Resume with the same arguments, or start a new run in another --out."
+            + ("The defaults are now the iMAML authors' damping: --undamped resumes a run that had none. "
+               if undamped else "")
+            + "Resume with the same arguments, or start a new run in another --out."
         )
+    if config["steps"] < ckpt["step"]:
+        raise RunError(f"--resume: --steps {config['steps']} is below the checkpoint's step {ckpt['step']} in "
+                       f"{folder.path}; give --steps {ckpt['step']} or more (a larger --steps extends the run)")
     return ckpt
+
+
+def _extend(args, folder: RunFolder, ckpt, optimizer, scheduler, main_rank: bool) -> None:
+    """--resume with another --steps: the run goes on to the new --steps. A cosine schedule is
+    stretched to end there: from the checkpoint's step on, the learning rate follows the cosine
+    over the new --steps (up again where the old one had decayed); earlier steps keep the old
+    one's. The old results.json, if any, is kept as results-<old steps>-steps.json."""
+    old, step = ckpt["config"]["steps"], ckpt["step"]
+    note = ""
+    if scheduler is not None:
+        scheduler.T_max = args.steps
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * step / args.steps)) / 2
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        note = (f"; the cosine schedule now ends at step {args.steps}: the learning rate goes on from "
+                f"{scheduler._last_lr[0]:.3g}")
+    if not main_rank:
+        return
+    if folder.results.exists():
+        os.replace(folder.results, folder.path / f"results-{old}-steps.json")
+    print(f"extending the run in {folder.path} from --steps {old} to {args.steps}, at step {step}{note}")
 
 
 class Distributed:
@@ -469,6 +583,7 @@ class _StopSignal:
 def train(args: argparse.Namespace) -> Dict[str, object]:
     """Run (or resume) the training described by ``args``; returns the results dict."""
     folder = RunFolder(args.out)
+    check_out_folder(folder.path)
     config = run_config(args)
     if args.resume:
         ckpt = load_checkpoint(folder, config)
@@ -491,13 +606,35 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
         ddp.stop()
 
 
+def check_out_folder(path: Path) -> None:
+    """Refuse an --out that is a file, lies under one, or where no folder can be made, before
+    anything runs (the run folder itself is made once the data are loaded)."""
+    parent = path
+    try:
+        if path.exists() and not path.is_dir():
+            raise RunError(f"--out {path} is a file, not a folder; choose another --out")
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise RunError(f"--out {path} lies under {parent}, which is a file, not a folder; choose another --out")
+        os.rmdir(tempfile.mkdtemp(prefix=".imaml-train-", dir=parent))  # can folders be made there?
+    except OSError as error:
+        raise RunError(f"--out {path}: cannot make a folder in {parent} ({error.strerror or error}); "
+                       f"choose another --out") from None
+
+
+def _load_images(args) -> torch.Tensor:
+    try:
+        with option_spelling(root="--data <folder>", download="--download"):  # the flags, in its messages
+            return load_omniglot(args.data, download=args.download)
+    except (FileNotFoundError, ValueError, DownloadError) as error:  # missing or damaged data: the message names it
+        raise RunError(str(error)) from None
+
+
 def _train(args, folder: RunFolder, config, ckpt, ddp: "Distributed", device: torch.device) -> Dict[str, object]:
     main_rank = ddp.rank == 0
 
-    try:
-        images = load_omniglot(args.data, download=args.download)
-    except (FileNotFoundError, ValueError, DownloadError) as error:  # missing or damaged data: the message names it
-        raise RunError(str(error)) from None
+    images = _load_images(args)
     tasks = omniglot_tasks(args.ways, args.shots, args.query, images=images, protocol=args.split,
                            split_seed=args.split_seed, seed=args.seed, device=device)
     del images
@@ -522,16 +659,23 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: "Distributed", device: to
         for key, value in ckpt["window"].items():
             window[key] = value.to(device) if isinstance(value, torch.Tensor) else value
         start_step, best_valid = ckpt["step"], ckpt["best_valid"]
+        if ckpt["config"].get("steps") != args.steps:
+            _extend(args, folder, ckpt, optimizer, scheduler, main_rank)
         rows = [r for r in folder.read_metrics() if r["step"] <= start_step]
         if main_rank:
             folder.write_metrics(rows)  # drop what an interrupted run logged after its checkpoint
+            if ckpt["config"] != config:  # a longer --steps, or other evaluation options
+                folder.write_json(folder.config, {**config, "imaml_ext": _version(), "torch": torch.__version__})
     else:
         torch.manual_seed(args.seed)
         np.random.seed(args.seed % 2**32)
         random.seed(args.seed)
         rows = []
         if main_rank:
-            folder.path.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.path.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise RunError(f"--out {folder.path}: cannot make the run folder ({error.strerror or error})") from None
             folder.write_json(folder.config, {**config, "imaml_ext": _version(), "torch": torch.__version__})
             folder.write_metrics(rows)
 
@@ -568,6 +712,8 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: "Distributed", device: to
             return
         with open(folder.jsonl, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+        if bar is None:  # no progress bar (--no-progress): the rows themselves, one line each
+            print(_row_text(row), flush=True)
         if logger is not None:
             logger.log({k: v for k, v in row.items() if k not in ("split", "step")}, tag=row["split"], step=row["step"])
 
@@ -672,7 +818,7 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: "Distributed", device: to
                 log_row({"split": "validation", "step": step, "loss": metrics["loss"].mean().item(),
                          "accuracy": acc, "best_accuracy": best_valid})
                 if bar is not None:
-                    bar.write(f"step {step}: validation accuracy {100 * acc:.2f}% (best {100 * best_valid:.2f}%)")
+                    bar.write(_row_text(rows[-1]))
                 window_start = time.perf_counter()
             if step % args.checkpoint_every == 0 and step < stop_at:
                 save(step)
@@ -682,24 +828,61 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: "Distributed", device: to
         bar.close()
     save(step)
     if not main_rank:
-        return {"rank": ddp.rank, "stopped_at": step}
+        return {"rank": ddp.rank, "stopped_at": step, "signal": stop.received}
     folder.write_csv(rows)
     if logger is not None:
         logger.close()
 
     if step < args.steps:
-        why = f"signal {stop.received}" if stop.received is not None else f"--stop_after {args.stop_after}"
+        why = (signal.Signals(stop.received).name if stop.received is not None else f"--stop_after {args.stop_after}")
         folder.plot_curves(rows)
         print(f"stopped at meta-step {step} of {args.steps} ({why}); checkpoint in {folder.checkpoint}. "
               f"Continue with the same arguments and --resume.")
-        return {"stopped_at": step, "out": str(folder.path)}
+        return {"stopped_at": step, "out": str(folder.path), "signal": stop.received}
 
     results = final_evaluation(args, imaml, tasks.test, folder)
-    folder.plot_curves(rows, baseline=results.get("baseline", {}).get("accuracy"))
+    folder.plot_curves(rows, baseline=results.get("baseline", {}).get("accuracy"), test=results.get("test"),
+                       step=step)
     return results
 
 
-def final_evaluation(args, imaml: IMAML, test_sampler: TaskSampler, folder: RunFolder) -> Dict[str, object]:
+def _row_text(row: Dict[str, object]) -> str:
+    if row["split"] == "validation":
+        return (f"step {row['step']}: validation accuracy {100 * row['accuracy']:.2f}% "
+                f"(best {100 * row['best_accuracy']:.2f}%)")
+    text = (f"step {row['step']}: query loss {row['loss']:.4f}, accuracy {100 * row['accuracy']:.2f}%, "
+            f"{row['tasks_per_s']:.1f} tasks/s")
+    if "cg_breakdown" in row:
+        text += f", CG breakdowns {100 * row['cg_breakdown']:.0f}%"
+    return text
+
+
+def evaluate_run(args: argparse.Namespace) -> Dict[str, object]:
+    """``--evaluate RUN_FOLDER``: the checkpoint's model, adapted to --eval_tasks test tasks, beside
+    the same adaptation from the run's random initialisation (--no-baseline skips it); nothing
+    is trained. The test tasks are drawn as the run's own final evaluation draws them, so the
+    same --eval_tasks gives the same tasks. The result is appended to evaluations.jsonl."""
+    folder = RunFolder(args.evaluate)
+    ckpt = read_checkpoint(folder, "--evaluate")
+    run = argparse.Namespace(**{**vars(build_parser().parse_args([])), **ADDED_OPTION_DEFAULTS, **ckpt["config"]})
+    for name in ("eval_tasks", "baseline", "device", "data", "download", "progress"):
+        setattr(run, name, getattr(args, name))
+    if args.eval_batch is not None:
+        run.eval_batch = args.eval_batch
+    device = Distributed(1, 0, 0).device(run.device)
+    tasks = omniglot_tasks(run.ways, run.shots, run.query, images=_load_images(run), protocol=run.split,
+                           split_seed=run.split_seed, seed=run.seed, device=device)
+    model = build_model(run)
+    model.load_state_dict(ckpt["model"])
+    results = final_evaluation(run, build_imaml(model, run), tasks.test, folder, write=False)
+    results.update(step=ckpt["step"], eval_batch=run.eval_batch, ways=run.ways, shots=run.shots)
+    with open(folder.path / "evaluations.jsonl", "a") as f:
+        f.write(json.dumps(results, sort_keys=True) + "\n")
+    return results
+
+
+def final_evaluation(args, imaml: IMAML, test_sampler: TaskSampler, folder: RunFolder,
+                     write: bool = True) -> Dict[str, object]:
     results: Dict[str, object] = {
         "out": str(folder.path),
         "steps": args.steps,
@@ -714,7 +897,8 @@ def final_evaluation(args, imaml: IMAML, test_sampler: TaskSampler, folder: RunF
         if args.baseline:
             baseline = build_imaml(build_model(args), args)
             results["baseline"] = summarise(evaluate(baseline, test_sampler, indices, args.eval_batch)["accuracy"])
-    folder.write_json(folder.results, results)
+    if write:
+        folder.write_json(folder.results, results)
     return results
 
 
@@ -749,7 +933,7 @@ def _machine(device: str) -> str:
 
 def format_results(args, results: Dict[str, object]) -> str:
     lines = []
-    setting = f"{args.ways}-way {args.shots}-shot"
+    setting = f"{results.get('ways', args.ways)}-way {results.get('shots', args.shots)}-shot"
     if "test" in results:
         t = results["test"]
         lines.append(f"meta-test accuracy, {setting}, {t['tasks']} tasks: {t['accuracy']:.2f} ± {t['ci95']:.2f} % (95% CI)")
@@ -763,12 +947,16 @@ def format_results(args, results: Dict[str, object]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        results = train(args)
+        results = evaluate_run(args) if args.evaluate is not None else train(args)
     except RunError as error:
         print(f"imaml-train: error: {error}", file=sys.stderr)
         return 2
     if "stopped_at" in results or "rank" in results:
-        return 0
+        # Ctrl-C: the shell's 128 + SIGINT, after the checkpoint; SIGTERM (a job's time limit) and
+        # --stop_after end as planned stops.
+        return 128 + signal.SIGINT if results.get("signal") == signal.SIGINT else 0
+    if args.evaluate is not None:
+        print(f"checkpoint at meta-step {results['step']} of {args.evaluate}:")
     print(format_results(args, results))
     return 0
 

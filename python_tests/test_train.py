@@ -182,18 +182,25 @@ def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path, reference_run, 
     assert rows_without_timing(out) == rows_without_timing(reference_run)
 
 
-def test_sigterm_checkpoints_and_resume_matches(tmp_path, reference_run, data_root, monkeypatch, capsys):
+def signal_after_step(monkeypatch, n, signum):
+    """The process sends itself ``signum`` during meta-step ``n``: handled, the run ends after it.
+    Returns the real meta_step."""
     real_step = train_cli.IMAML.meta_step
     calls = {"n": 0}
 
-    def step_then_sigterm(self, *batch):
+    def step_then_signal(self, *batch):
         calls["n"] += 1
         result = real_step(self, *batch)
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled: the run ends after this step
+        if calls["n"] == n:
+            os.kill(os.getpid(), signum)
         return result
 
-    monkeypatch.setattr(train_cli.IMAML, "meta_step", step_then_sigterm)
+    monkeypatch.setattr(train_cli.IMAML, "meta_step", step_then_signal)
+    return real_step
+
+
+def test_sigterm_checkpoints_and_resume_matches(tmp_path, reference_run, data_root, monkeypatch, capsys):
+    real_step = signal_after_step(monkeypatch, 2, signal.SIGTERM)
     out = tmp_path / "killed"
     assert run(out, "--scheduler", "cosine", data=data_root) == 0
     assert "stopped at meta-step 2" in capsys.readouterr().out
@@ -500,3 +507,159 @@ def test_device_gets_an_index_before_set_device(monkeypatch, world, local_rank, 
     device = train_cli.Distributed(world, 0, local_rank).device(name)
     assert str(device) == expected
     assert chosen == ([] if expected == "cpu" else [device])
+
+
+# --------------------------------------------------------------------------- the first hour (issue 19)
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "proc"])
+def test_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, capsys, where):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    out = {"file": afile, "under_file": afile / "sub", "proc": Path("/proc/imaml-train-x")}[where]
+    if where == "proc" and not Path("/proc").is_dir():
+        pytest.skip("no /proc here")
+    assert run(out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"imaml-train: error: --out {out}") and err.count("\n") == 1, err
+    assert "Traceback" not in err and afile.read_text() == "not a folder"
+
+
+def test_run_folder_files_get_the_mode_open_gives(tmp_path, data_root):
+    """Under umask 0022 every file of the run folder is 0644, as open() makes it (mkstemp gave 0600)."""
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "modes"
+        assert run(out, "--steps", "4", "--stop_after", "2", data=data_root) == 0
+        assert run(out, "--steps", "4", "--resume", data=data_root) == 0  # checkpoint.prev.pt too
+    finally:
+        os.umask(old)
+    files = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert {"config.json", "metrics.jsonl", "metrics.csv", "results.json", "curves.png", "checkpoint.pt",
+            "checkpoint.prev.pt"} <= set(files)
+    assert files == {name: 0o644 for name in files}
+
+
+def test_run_stopped_before_its_first_row_writes_a_header_and_no_legend_warning(tmp_path, data_root):
+    out = tmp_path / "early"
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(out, "--steps", "3", "--stop_after", "1", data=data_root) == 0
+    assert not [w for w in caught if "legend" in str(w.message)], [str(w.message) for w in caught]
+    header = (out / "metrics.csv").read_text()
+    assert header == ",".join(train_cli.CSV_COLUMNS) + "\n"
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_errors_name_the_flags(tmp_path, capsys):
+    missing = tmp_path / "no-omniglot-here"
+    assert run(tmp_path / "out", data=str(missing)) == 2
+    err = capsys.readouterr().err
+    assert f"--data is {str(missing)!r}" in err and "Pass --download to download" in err
+    assert "download=True" not in err and "root=" not in err
+
+
+def test_sigint_checkpoints_and_exits_130(tmp_path, data_root, monkeypatch, capsys):
+    signal_after_step(monkeypatch, 1, signal.SIGINT)  # Ctrl-C
+    out = tmp_path / "interrupted"
+    assert run(out, data=data_root) == 130
+    assert "stopped at meta-step 1 of 6 (SIGINT)" in capsys.readouterr().out
+    assert checkpoint(out)["step"] == 1
+
+
+def test_help_shows_every_default():
+    text = train_cli.build_parser().format_help()
+    for shown in ("classes per task (default: 5)", "(default: 10000)", "proximal inner-loop steps per task (default: 16)",
+                  "(default: 1, the iMAML authors' code)", "(default: on)", "(default: 600)", "lambda (default: 2)"):
+        assert shown in " ".join(text.split()), shown
+
+
+@pytest.mark.parametrize("argv", [["--split", "random"], ["--lam", "-1"], ["--steps", "x"], ["--nonsense"]])
+def test_every_refusal_is_one_line_without_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("imaml-train: error: ") and err.count("\n") == 1, err
+
+
+def test_no_progress_prints_the_rows(tmp_path, data_root, capsys):
+    assert run(tmp_path / "quiet", "--steps", "4", "--eval_tasks", "0", data=data_root) == 0
+    out = capsys.readouterr().out
+    assert "step 2: query loss " in out and "step 4: query loss " in out
+    assert "step 3: validation accuracy " in out
+
+
+def test_curves_mark_the_final_meta_test_accuracy(tmp_path, data_root, monkeypatch):
+    from matplotlib.axes import Axes
+
+    marks = []
+    real = Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar", lambda self, x, y, *a, **k: (marks.append((x, y, k.get("label"))),
+                                                                        real(self, x, y, *a, **k))[1])
+    out = tmp_path / "marked"
+    assert run(out, "--steps", "2", data=data_root) == 0
+    test = json.loads((out / "results.json").read_text())["test"]
+    assert marks == [([2], [test["accuracy"]], f"meta-test, 12 tasks: {test['accuracy']:.2f} ± {test['ci95']:.2f} %")]
+
+
+def test_defaults_are_the_authors_damping_and_undamped_is_one_flag():
+    args = train_cli.parse_args([])
+    assert (args.cg_damping, args.lam_damping) == (1.0, 10.0)
+    args = train_cli.parse_args(["--undamped"])
+    assert (args.cg_damping, args.lam_damping) == (0.0, 0.0)
+    assert train_cli.build_imaml(train_cli.build_model(args), args).cg_damping == 0.0
+    assert train_cli.parse_args(["--cg_damping", "0.5"]).lam_damping == 10.0
+
+
+def test_undamped_with_a_damping_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--undamped", "--lam_damping", "3"])
+    assert "--undamped sets --lam_damping 0; got --lam_damping 3.0 as well" in capsys.readouterr().err
+
+
+def test_evaluate_a_run_folder_with_other_evaluation_options(tmp_path, reference_run, data_root, capsys):
+    import shutil
+
+    out = tmp_path / "evaluated"
+    shutil.copytree(reference_run, out)
+    common = ["--evaluate", str(out), "--device", "cpu", "--data", data_root, "--no-progress"]
+    assert train_cli.main([*common, "--eval_tasks", "12", "--eval_batch", "5"]) == 0
+    assert train_cli.main([*common, "--eval_tasks", "7", "--no-baseline"]) == 0
+    first, second = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    results = json.loads((out / "results.json").read_text())
+    assert first["test"]["accuracy"] == pytest.approx(results["test"]["accuracy"], abs=1e-9)  # the same 12 tasks
+    assert first["baseline"]["accuracy"] == pytest.approx(results["baseline"]["accuracy"], abs=1e-9)
+    assert first["step"] == 6 and second["test"]["tasks"] == 7 and "baseline" not in second
+    assert "checkpoint at meta-step 6" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train_cli.parse_args([*common, "--ways", "3"])
+    assert "only --eval_tasks, --eval_batch, --baseline, --device, --data, --download, --progress may be given " \
+           "with it; got --ways" in capsys.readouterr().err
+    assert train_cli.main(["--evaluate", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
+    assert "checkpoint.pt does not exist" in capsys.readouterr().err
+
+
+def test_resume_extends_a_finished_run_and_may_change_evaluation_options(tmp_path, reference_run, data_root, capsys):
+    import math
+    import shutil
+
+    out = tmp_path / "extended"
+    shutil.copytree(reference_run, out)
+    assert run(out, "--scheduler", "cosine", "--resume", "--steps", "10", "--eval_tasks", "7", "--no-baseline",
+               data=data_root) == 0
+    assert "from --steps 6 to 10, at step 6; the cosine schedule now ends at step 10" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8, 10]
+    assert rows_without_timing(out)[:5] == rows_without_timing(reference_run)  # the first 6 steps unchanged
+    # From step 6 on, the learning rate follows the cosine over 10 steps.
+    for r in train_rows[3:]:
+        assert r["lr"] == pytest.approx(1e-3 * (1 + math.cos(math.pi * r["step"] / 10)) / 2, rel=1e-9, abs=1e-15)
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 10 and results["test"]["tasks"] == 7 and "baseline" not in results
+    assert json.loads((out / "results-6-steps.json").read_text()) == json.loads((reference_run / "results.json").read_text())
+    assert checkpoint(out)["step"] == 10 and json.loads((out / "config.json").read_text())["steps"] == 10
+    assert run(out, "--scheduler", "cosine", "--resume", "--steps", "8", data=data_root) == 2
+    assert "--steps 8 is below the checkpoint's step 10" in capsys.readouterr().err
