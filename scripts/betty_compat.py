@@ -188,6 +188,10 @@ def main(argv=None) -> int:
         a, b = results["imaml_ext"]["learned"], results["betty"]["learned"]
         cells.append(f"{max(abs(x - y) for x, y in zip(a, b)):.4f}" if a and len(a) == len(b) else "")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Where the two differ, with `type=\"cg\"` (`test_install` and `hpo_implicit_cg`), Betty's solve is "
+              "not conjugate gradient (its new direction comes from the residual before the step, and with "
+              "`cg_alpha` != 1 the step length and the residual use different matrices); ours is. See "
+              "`docs/betty-compat.md`."]
     for copy, original in SAME_AS:
         if (root / copy).read_bytes() == (root / original).read_bytes():
             lines += ["", f"`{copy}` is byte for byte `{original}`, so it is run once."]
