@@ -1,12 +1,13 @@
 # Set-up on a fresh machine is `make demo` or `make test`: both create .venv,
-# install what the project needs and build the extension on first use.
+# install what the project needs, build the extension and install imaml_ext
+# (editable, with the imaml-train command) into .venv on first use.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.extension-built
-SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 # The CUDA kernels are compiled whenever a CUDA toolkit is here, even without a
 # GPU, so a CUDA compile error fails `make test`. REQUIRE_CUDA_BUILD=1 (CI)
@@ -69,9 +70,12 @@ $(DEPS_STAMP): requirements-dev.txt scripts/install_learn2learn.sh | $(PY)
 	bash scripts/install_learn2learn.sh $(PY)
 	touch $@
 
+# The package is installed into the venv editable (imaml_ext/ is what runs), so
+# .venv/bin/imaml-train and `import imaml_ext` work from any folder; the extension
+# is built against the venv's torch, incrementally in build/ (see setup.py).
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
-	@echo "imaml_ext: building the extension ($(if $(findstring FORCE_CUDA,$(CUDA_ENV)),CPU + CUDA kernels with $(NVCC),CPU kernels only: no CUDA toolkit found))"
-	$(RUN) $(PY) setup.py -q build_ext --inplace
+	@echo "imaml_ext: building the extension ($(if $(findstring FORCE_CUDA,$(CUDA_ENV)),CPU + CUDA kernels with $(NVCC),CPU kernels only: no CUDA toolkit found)) and installing imaml_ext into $(VENV), editable"
+	$(RUN) $(PY) -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
 	touch $@
 
 # On a machine with a GPU and a CUDA build of torch already installed: builds

@@ -9,11 +9,13 @@ torch must already be installed: build with `pip install --no-build-isolation .`
 so the extension is compiled against the torch it will run with.
 """
 
+import filecmp
 import glob
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -156,7 +158,31 @@ class BuildExtension(cpp_extension.BuildExtension):
     segfaults the first time the extension formats a number into an error
     message (seen with /opt/gcc on the GPU machines; the system g++ is fine), so
     such a build is refused here instead of crashing a user's first bad call.
+
+    An editable install (``pip install --no-build-isolation -e .``, what ``make``
+    runs) compiles into build/ as ``setup.py build_ext --inplace`` does, not into
+    a fresh temporary folder, so ninja recompiles only what changed; and the
+    built extension replaces the one in the package atomically, so a process
+    that has the old one loaded keeps running instead of reading a half-written file.
     """
+
+    def finalize_options(self):
+        super().finalize_options()
+        if getattr(self, "editable_mode", False):
+            self.build_temp = os.path.join(
+                ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            )
+
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        """A new file renamed over the old one (a new inode), never the old one rewritten in place."""
+        if os.path.isdir(outfile):
+            outfile = os.path.join(outfile, os.path.basename(infile))
+        if os.path.exists(outfile) and filecmp.cmp(infile, outfile, shallow=False):
+            return outfile, 0
+        partial = f"{outfile}.{os.getpid()}.partial"
+        shutil.copy2(infile, partial)
+        os.replace(partial, outfile)
+        return outfile, 1
 
     def build_extension(self, ext):
         super().build_extension(ext)
