@@ -221,13 +221,15 @@ def test_run_folder_with_another_run_is_refused_untouched(tmp_path, reference_ru
     assert snapshot(reference_run) == before
 
 
-def test_resume_with_another_config_is_refused_untouched(tmp_path, data_root, capsys):
+@pytest.mark.parametrize("other, named", [(["--lam", "0.5"], "--lam: checkpoint 2.0, now 0.5"),
+                                          (["--preset", "omniglot-5w5s"], "--shots: checkpoint 1, --preset omniglot-5w5s 5")])
+def test_resume_with_another_config_is_refused_untouched(tmp_path, data_root, capsys, other, named):
     out = tmp_path / "r"
     assert run(out, "--stop_after", "2", data=data_root) == 0
     before = snapshot(out)
-    assert run(out, "--resume", "--lam", "0.5", data=data_root) == 2
+    assert run(out, "--resume", *other, data=data_root) == 2
     err = capsys.readouterr().err
-    assert "--lam: checkpoint 2.0, now 0.5" in err and "another configuration" in err
+    assert named in err and "another configuration" in err
     assert snapshot(out) == before
 
 
@@ -635,7 +637,7 @@ def test_evaluate_a_run_folder_with_other_evaluation_options(tmp_path, reference
     assert "checkpoint at meta-step 6" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         train_cli.parse_args([*common, "--ways", "3"])
-    assert "only --eval_tasks, --eval_batch, --baseline, --device, --data, --download, --progress may be given " \
+    assert "only --eval_tasks, --eval_batch, --baseline, --eval_lam, --device, --data, --download, --progress may be given " \
            "with it; got --ways" in capsys.readouterr().err
     assert train_cli.main(["--evaluate", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
     assert "checkpoint.pt does not exist" in capsys.readouterr().err
@@ -663,3 +665,164 @@ def test_resume_extends_a_finished_run_and_may_change_evaluation_options(tmp_pat
     assert checkpoint(out)["step"] == 10 and json.loads((out / "config.json").read_text())["steps"] == 10
     assert run(out, "--scheduler", "cosine", "--resume", "--steps", "8", data=data_root) == 2
     assert "--steps 8 is below the checkpoint's step 10" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- presets
+
+
+PAPER_5WAY = {"task": "omniglot", "split": "finn", "algo": "imaml", "ways": 5, "inner_steps": 16, "base_lr": 0.1,
+              "lam": 2.0, "cg_iterations": 5, "cg_damping": 1.0, "lam_damping": 10.0, "meta_batch_size": 32,
+              "hidden_size": 64, "meta_lr": 1e-3, "optimizer": "adam", "scheduler": "none", "steps": 20000,
+              "eval_tasks": 600}
+
+
+@pytest.mark.parametrize("name, ways, shots", [("omniglot-5w1s", 5, 1), ("omniglot-5w5s", 5, 5),
+                                               ("omniglot-20w1s", 20, 1), ("omniglot-20w5s", 20, 5)])
+def test_each_preset_resolves_to_the_papers_values(name, ways, shots):
+    config = train_cli.run_config(train_cli.parse_args(["--preset", name, "--device", "cpu"]))
+    expected = {**PAPER_5WAY, "ways": ways, "shots": shots, "query": shots}
+    if ways == 20:  # the paper's Table 3: 25 inner steps for 20-way; MAML's 20-way meta-batch
+        expected.update(inner_steps=25, meta_batch_size=16)
+    assert {k: config[k] for k in expected} == expected
+
+
+def test_an_option_given_beside_a_preset_wins():
+    args = train_cli.parse_args(["--steps", "50", "--preset", "omniglot-5w5s", "--inner_steps", "3", "--query", "7",
+                                 "--device", "cpu"])
+    assert (args.steps, args.inner_steps, args.query, args.shots, args.meta_batch_size) == (50, 3, 7, 5, 32)
+    assert train_cli.parse_args(["--preset", "omniglot-5w1s", "--reg", "0.25", "--device", "cpu"]).lam == 0.5
+    undamped = train_cli.parse_args(["--preset", "omniglot-5w1s", "--undamped", "--device", "cpu"])
+    assert (undamped.cg_damping, undamped.lam_damping) == (0.0, 0.0)
+
+
+def test_preset_goes_into_config_json(tmp_path, data_root):
+    out = tmp_path / "preset"
+    assert run(out, "--preset", "omniglot-5w1s", "--steps", "1", "--eval_tasks", "0", data=data_root) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "omniglot-5w1s" and config["inner_steps"] == 2 and config["cg_damping"] == 1.0
+    assert "preset" not in checkpoint(out)["config"]  # the values it resolved to are what a resume compares
+
+
+def test_unknown_preset_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--preset", "omniglot-5w2s"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--preset must be one of omniglot-5w1s, omniglot-5w5s, omniglot-20w1s, " \
+                                      "omniglot-20w5s; got 'omniglot-5w2s'" in err
+
+
+# --------------------------------------------------------------------------- --time_budget
+
+
+def test_time_budget_chain_equals_one_run(tmp_path, reference_run, data_root, monkeypatch, capsys):
+    """Each meta-step takes one second of a fake clock, and an invocation's first meta-step is free
+    of estimates: with --time_budget 2.5 the first invocation (starting the run, through --resume)
+    stops before step 3 (step 3 and its validation, estimated from a meta-step's time per task,
+    would not fit), the next after step 4 (validated at step 3 in no time), then before step 6 (its
+    validation not yet timed in that invocation), and the last one finishes with the final
+    evaluation. The result is the uninterrupted run's, bit for bit."""
+    from imaml_ext.training import loop
+    from imaml_ext.training.time_budget import TimeBudget
+
+    now = {"t": 0.0}
+    real_step = train_cli.IMAML.meta_step
+
+    def one_second_step(self, *batch):
+        now["t"] += 1.0
+        return real_step(self, *batch)
+
+    monkeypatch.setattr(train_cli.IMAML, "meta_step", one_second_step)
+    monkeypatch.setattr(loop, "TimeBudget", lambda seconds: TimeBudget(seconds, clock=lambda: now["t"]))
+    out = tmp_path / "chain"
+    stops = []
+    for _ in range(5):
+        assert run(out, "--scheduler", "cosine", "--resume", "--time_budget", "2.5", data=data_root) == 0
+        stops.append(checkpoint(out)["step"])
+        if (out / "results.json").exists():
+            break
+        assert "--time_budget 2.5 s: the next meta-step would not fit" in capsys.readouterr().out
+    assert stops == [2, 4, 5, 6]
+    assert_same_state(checkpoint(reference_run), checkpoint(out))
+    assert checkpoint(reference_run)["scheduler"] == checkpoint(out)["scheduler"]
+    assert rows_without_timing(out) == rows_without_timing(reference_run)
+    a = json.loads((reference_run / "results.json").read_text())
+    b = json.loads((out / "results.json").read_text())
+    assert a["test"]["accuracy"] == b["test"]["accuracy"] and a["baseline"] == b["baseline"]
+    invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    assert [(i["from_step"], i["to_step"]) for i in invocations] == [(0, 2), (2, 4), (4, 5), (5, 6)]
+
+
+def test_time_budget_leaves_the_final_evaluation_for_the_next_invocation(tmp_path, reference_run, data_root,
+                                                                          monkeypatch, capsys):
+    """A fake clock: meta-steps take 1 s, validation 1 s a task. After step 6 the final evaluation
+    (2 x 12 tasks, about 24 s) does not fit in what is left of 30 s: the invocation stops with the
+    checkpoint at step 6 and no results; the next one only evaluates, as the uninterrupted run did."""
+    from imaml_ext.training import loop
+    from imaml_ext.training.time_budget import TimeBudget
+
+    now = {"t": 0.0}
+    real_step, real_evaluate = train_cli.IMAML.meta_step, loop.evaluate
+
+    def one_second_step(self, *batch):
+        now["t"] += 1.0
+        return real_step(self, *batch)
+
+    def validation(imaml, sampler, indices, batch):
+        now["t"] += float(indices.classes.shape[0])
+        return real_evaluate(imaml, sampler, indices, batch)
+
+    monkeypatch.setattr(train_cli.IMAML, "meta_step", one_second_step)
+    monkeypatch.setattr(loop, "evaluate", validation)
+    monkeypatch.setattr(loop, "TimeBudget", lambda seconds: TimeBudget(seconds, clock=lambda: now["t"]))
+    out = tmp_path / "late"
+    assert run(out, "--scheduler", "cosine", "--time_budget", "30", data=data_root) == 0
+    assert "stopped at meta-step 6 of 6 (--time_budget 30 s: the final evaluation would not fit" in capsys.readouterr().out
+    assert checkpoint(out)["step"] == 6 and not (out / "results.json").exists()
+    assert run(out, "--scheduler", "cosine", "--resume", "--time_budget", "30", data=data_root) == 0
+    a = json.loads((reference_run / "results.json").read_text())
+    b = json.loads((out / "results.json").read_text())
+    assert a["test"]["accuracy"] == b["test"]["accuracy"] and a["baseline"] == b["baseline"]
+
+
+def test_real_time_budget_run_completes(tmp_path, data_root):
+    out = tmp_path / "budget"
+    assert run(out, "--time_budget", "3600", "--steps", "2", data=data_root) == 0
+    assert json.loads((out / "results.json").read_text())["test"]["tasks"] == 12
+
+
+def test_resume_with_time_budget_refuses_a_config_json_of_another_run(tmp_path, capsys):
+    out = tmp_path / "started"
+    out.mkdir()
+    config = train_cli.run_config(train_cli.parse_args([*TINY, "--out", str(out)]))
+    (out / "config.json").write_text(json.dumps({**config, "torch": torch.__version__}))
+    before = snapshot(out)
+    assert run(out, "--resume", "--time_budget", "60", "--lam", "0.5") == 2
+    assert "config.json in" in (err := capsys.readouterr().err) and "--lam: run 2.0, now 0.5" in err
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_time_budget_must_be_positive(value, capsys):
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--time_budget", value, "--device", "cpu"])
+    assert "--time_budget must be a number of seconds > 0" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- --eval_lam
+
+
+def test_eval_lam_zero_fine_tunes_without_the_proximal_term(tmp_path, reference_run, data_root):
+    import shutil
+
+    args = train_cli.parse_args(["--eval_lam", "0", "--device", "cpu"])
+    assert isinstance(train_cli.build_evaluator(train_cli.build_model(args), args), train_cli.MAML)
+    args = train_cli.parse_args(["--eval_lam", "0.5", "--device", "cpu"])
+    assert train_cli.build_evaluator(train_cli.build_model(args), args).lam == 0.5
+    out = tmp_path / "sgd"
+    shutil.copytree(reference_run, out)
+    assert train_cli.main(["--evaluate", str(out), "--device", "cpu", "--data", data_root, "--eval_tasks", "12",
+                           "--eval_batch", "5", "--eval_lam", "0"]) == 0
+    sgd = json.loads((out / "evaluations.jsonl").read_text())
+    proximal = json.loads((out / "results.json").read_text())
+    assert sgd["eval_lam"] == 0.0 and proximal["eval_lam"] == 2.0
+    assert sgd["test"]["accuracy"] != proximal["test"]["accuracy"]

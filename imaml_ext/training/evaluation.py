@@ -1,0 +1,115 @@
+"""Meta-test evaluation: per-task accuracy after adaptation, its mean with a 95 % interval,
+the final evaluation of a run (results.json) and --evaluate RUN_FOLDER (evaluations.jsonl)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from typing import Dict
+
+import torch
+
+from ..batched import IMAML
+from ..data import TaskIndices, TaskSampler
+from .arguments import ADDED_OPTION_DEFAULTS, build_parser
+from .distributed import Distributed
+from .learner import build_evaluator, build_model, evaluation_lam
+from .run_folder import RunFolder, read_checkpoint
+from .tasks import make_tasks
+
+
+def slice_indices(indices: TaskIndices, start: int, stop: int) -> TaskIndices:
+    return TaskIndices(*(t[start:stop] for t in indices))
+
+
+def evaluate(imaml: IMAML, sampler: TaskSampler, indices: TaskIndices, batch: int) -> Dict[str, torch.Tensor]:
+    """Per-task query accuracy and loss after the proximal inner loop, ``batch`` tasks at a time."""
+    accuracy, loss = [], []
+    total = indices.classes.shape[0]
+    for start in range(0, total, batch):
+        task_loss, task_accuracy = imaml.evaluate(*sampler.gather(slice_indices(indices, start, start + batch)),
+                                                  per_task=True)
+        loss.append(task_loss)
+        accuracy.append(task_accuracy)
+    return {"accuracy": torch.cat(accuracy), "loss": torch.cat(loss)}
+
+
+def summarise(per_task_accuracy: torch.Tensor) -> Dict[str, float]:
+    """Mean accuracy in percent with the half-width of its 95 % confidence interval."""
+    acc = per_task_accuracy.double().cpu() * 100.0
+    n = acc.numel()
+    std = acc.std(unbiased=True).item() if n > 1 else float("nan")
+    return {"accuracy": acc.mean().item(), "ci95": 1.96 * std / math.sqrt(n), "tasks": n}
+
+
+def evaluate_run(args: argparse.Namespace) -> Dict[str, object]:
+    """``--evaluate RUN_FOLDER``: the checkpoint's model, adapted to --eval_tasks test tasks, beside
+    the same adaptation from the run's random initialisation (--no-baseline skips it); nothing
+    is trained. The test tasks are drawn as the run's own final evaluation draws them, so the
+    same --eval_tasks gives the same tasks. The result is appended to evaluations.jsonl."""
+    folder = RunFolder(args.evaluate)
+    ckpt = read_checkpoint(folder, "--evaluate")
+    run = argparse.Namespace(**{**vars(build_parser().parse_args([])), **ADDED_OPTION_DEFAULTS, **ckpt["config"]})
+    for name in ("eval_tasks", "baseline", "eval_lam", "device", "data", "download", "progress"):
+        setattr(run, name, getattr(args, name))
+    if args.eval_batch is not None:
+        run.eval_batch = args.eval_batch
+    tasks = make_tasks(run, Distributed(1, 0, 0).device(run.device))
+    model = build_model(run)
+    model.load_state_dict(ckpt["model"])
+    results = final_evaluation(run, model, tasks.test, folder, write=False)
+    results.update(step=ckpt["step"], eval_batch=run.eval_batch, ways=run.ways, shots=run.shots)
+    with open(folder.path / "evaluations.jsonl", "a") as f:
+        f.write(json.dumps(results, sort_keys=True) + "\n")
+    return results
+
+
+def final_evaluation(args, model: torch.nn.Module, test_sampler: TaskSampler, folder: RunFolder,
+                     write: bool = True) -> Dict[str, object]:
+    """The trained ``model`` adapted to --eval_tasks test tasks with --eval_lam's inner loop, beside
+    the same adaptation from the random initialisation (--baseline); written to results.json."""
+    results: Dict[str, object] = {
+        "out": str(folder.path),
+        "steps": args.steps,
+        "machine": _machine(args.device),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "eval_lam": evaluation_lam(args),
+    }
+    if args.eval_tasks:
+        indices = test_sampler.sample_indices(args.eval_tasks)  # the same tasks for both models
+        start = time.perf_counter()
+        results["test"] = summarise(evaluate(build_evaluator(model, args), test_sampler, indices,
+                                             args.eval_batch)["accuracy"])
+        results["test"]["seconds"] = time.perf_counter() - start
+        if args.baseline:
+            baseline = build_evaluator(build_model(args), args)
+            results["baseline"] = summarise(evaluate(baseline, test_sampler, indices, args.eval_batch)["accuracy"])
+    if write:
+        folder.write_json(folder.results, results)
+    return results
+
+
+def _machine(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def format_results(args, results: Dict[str, object]) -> str:
+    lines = []
+    setting = f"{results.get('ways', args.ways)}-way {results.get('shots', args.shots)}-shot"
+    if "test" in results:
+        t = results["test"]
+        lines.append(f"meta-test accuracy, {setting}, {t['tasks']} tasks: {t['accuracy']:.2f} ± {t['ci95']:.2f} % (95% CI)")
+        if "baseline" in results:
+            b = results["baseline"]
+            lines.append(f"same adaptation from the random initialisation:      {b['accuracy']:.2f} ± {b['ci95']:.2f} %")
+    lines.append(f"run folder: {results['out']}")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,47 @@
+"""The model (the paper's Conv4) and the learner that meta-trains and adapts it."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..batched import IMAML, MAML
+from ..models import Conv4
+
+
+def build_model(args) -> Conv4:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return Conv4(args.ways, args.hidden_size).to(args.device)
+
+
+def build_imaml(model, args) -> IMAML:
+    """The learner of ``--algo``: IMAML, or MAML (a subclass) for maml / fomaml."""
+    if args.algo != "imaml":
+        return MAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, first_order=args.algo == "fomaml",
+                    ways=args.ways, check_labels=False, forward=args.forward)
+    return IMAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, lam=args.lam,
+                 cg_iterations=args.cg_iterations, ways=args.ways, check_labels=False, forward=args.forward,
+                 cg_damping=args.cg_damping, lam_damping=args.lam_damping, nonfinite="skip",
+                 precision=args.precision)
+
+
+def evaluation_lam(args) -> float:
+    """The lambda of the final evaluation's inner loop: --eval_lam, by default --lam (0 for maml / fomaml)."""
+    if getattr(args, "eval_lam", None) is not None:
+        return float(args.eval_lam)
+    return float(args.lam) if args.algo == "imaml" else 0.0
+
+
+def build_evaluator(model, args) -> IMAML:
+    """The learner the final evaluation adapts ``model`` with: the training one, or with --eval_lam
+    another lambda; at 0, plain SGD from theta (no proximal term), as the iMAML authors'
+    measure_accuracy.py fine-tunes at test time."""
+    lam = evaluation_lam(args)
+    if args.algo != "imaml" or lam == args.lam:
+        return build_imaml(model, args)
+    if lam == 0:
+        return MAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, first_order=True, ways=args.ways,
+                    check_labels=False, forward=args.forward)
+    return build_imaml(model, argparse.Namespace(**{**vars(args), "lam": lam}))
