@@ -23,7 +23,7 @@ CUDA_ENV := IMAML_EXT_NO_CUDA=1
 endif
 RUN := PATH=$(abspath $(VENV))/bin:$$PATH $(CUDA_ENV)
 
-.PHONY: demo ops-demo test build bench gpu-check clean
+.PHONY: demo ops-demo test build bench reproduce gpu-check clean
 
 # The main job: a short Omniglot 5-way 1-shot training (about 5 minutes on 2 CPU
 # cores), meta-test accuracy on 600 tasks beside the random initialisation's.
@@ -60,6 +60,17 @@ bench: $(BUILD_STAMP)
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_meta_step.py --device cpu --ways 20 --shots 5 --tasks 8 \
 		--variants ours_batched,ours_sequential,plain_loop,plain_vmap --check-tasks 1
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_maml.py --device cpu
+	$(RUN) $(PY) benchmarks/report.py
+
+# The iMAML paper's Omniglot table: runs or resumes each of imaml-train's presets
+# (omniglot-5w1s, -5w5s, -20w1s, -20w5s: 20,000 meta-steps each, a GPU's work) in
+# runs/reproduce/<preset>, then writes benchmarks/results/accuracy-<machine>-<date>.{json,md,png}
+# beside the paper's and Betty's figures, and the machine's report. REPRODUCE_ARGS picks, e.g.
+# --presets omniglot-5w1s --time_budget 540 (go on with the same command), or
+# --collect RUN_FOLDER ... (a finished run, nothing trained); -- then passes options to imaml-train.
+REPRODUCE_ARGS ?=
+reproduce: $(BUILD_STAMP)
+	$(RUN) $(PY) benchmarks/reproduce.py $(REPRODUCE_ARGS)
 	$(RUN) $(PY) benchmarks/report.py
 
 $(PY):

@@ -1,7 +1,9 @@
 """The benchmark report of one machine: the headline figures of every benchmark's latest result
 file for that machine, each beside its baseline, gathered into
-benchmarks/results/<machine>-<date>.{json,md}, a PNG of the meta-step speed-ups and
-<machine>-<date>-ops.png, the fused ops against the copy bandwidth (their roofline).
+benchmarks/results/<machine>-<date>.{json,md}, a PNG of the meta-step speed-ups,
+<machine>-<date>-ops.png, the fused ops against the copy bandwidth (their roofline), and, with an
+accuracy file of benchmarks/reproduce.py, the Omniglot accuracy table and
+<machine>-<date>-accuracy.png, accuracy against meta-steps.
 Nothing is measured here: every figure comes from the named result file, with its own date.
 
     python benchmarks/report.py                  # every machine with results
@@ -18,7 +20,7 @@ from typing import Dict, List, Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("ops", "hvp", "meta_step", "meta_step-20w5s", "meta_step-sequential", "floor", "maml", "memory-sweep",
-         "tasks-sweep")
+         "tasks-sweep", "accuracy")
 DATED = re.compile(r"^(?P<stem>.+)-(?P<date>\d{4}-\d{2}-\d{2})\.json$")
 
 
@@ -151,6 +153,70 @@ def goal_rows(machine: str, data: Dict[str, dict]) -> List[List[str]]:
     return rows
 
 
+def _pct(value: Optional[float], ci: Optional[float] = None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f} ± {ci:.2f} %" if ci is not None else f"{value:.2f} %"
+
+
+ACCURACY_HEADER = ["setting", "meta-steps", "ours (95 % CI)", "random init", "paper (iMAML-GD)", "Betty README",
+                   "wall time", "how"]
+
+
+def accuracy_rows(entries: List[dict]) -> List[List[str]]:
+    """One row per entry of an accuracy file (benchmarks/reproduce.py): ACCURACY_HEADER's columns."""
+    rows = []
+    for e in entries:
+        label = f"{e['ways']}-way {e['shots']}-shot" + (f" ({e['preset']})" if e.get("preset") else "")
+        if e["finished"]:
+            ours = f"{_pct(e['accuracy'], e['ci95'])} ({e['tasks']} tasks)"
+            steps = f"{e['steps']:,}"
+        else:
+            ours = "not finished"
+            steps = f"{e['steps_done']:,} of {e['steps']:,}"
+        base = e.get("baseline") or {}
+        wall = f"{e['wall_seconds'] / 60:.0f} min" if e.get("wall_seconds") else "—"
+        s = e["settings"]
+        eval_lam = s["eval_lam"] if s.get("eval_lam") is not None else s["lam"]
+        how = (f"Conv4-{s['hidden_size']}, {s['inner_steps']} inner at {s['base_lr']:g}, λ {s['lam']:g}, "
+               f"{s['cg_iterations']} CG, T {s['meta_batch_size']}, lr {s['meta_lr']:g} {s['scheduler']}, "
+               f"{s['query']} query/class, test-time λ {eval_lam:g}")
+        rows.append([label, steps, ours, _pct(base.get("accuracy"), base.get("ci95")), _pct(e.get("paper")),
+                     _pct(e.get("betty")), wall, how])
+    return rows
+
+
+def plot_accuracy(entries: List[dict], machine: str, path: Path) -> bool:
+    """Validation accuracy against meta-steps for each run, its final meta-test accuracy (with the
+    95 % interval) and the paper's figure for the same setting as a dashed line."""
+    curves = [e for e in entries if e.get("curve") or e.get("accuracy") is not None]
+    plt = pyplot() if curves else None
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for e in curves:
+        label = f"{e['ways']}-way {e['shots']}-shot"
+        line = None
+        if e.get("curve"):
+            steps, acc = zip(*e["curve"])
+            (line,) = ax.plot(steps, acc, "o-", markersize=3, label=f"{label}, validation")
+        color = line.get_color() if line is not None else None
+        if e.get("accuracy") is not None:
+            ax.errorbar([e["steps"]], [e["accuracy"]], yerr=[e["ci95"]], fmt="*", markersize=10, capsize=4,
+                        color=color, label=f"{label}, meta-test {e['accuracy']:.2f} %")
+        if e.get("paper") is not None:
+            ax.axhline(e["paper"], color=color, linestyle="--", linewidth=0.8, label=f"{label}, paper {e['paper']:.2f} %")
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("query accuracy (%)")
+    ax.set_title(f"Omniglot accuracy against meta-steps: {machine}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def gather(machine: str) -> Optional[dict]:
     files = latest_files(machine)
     if not files:
@@ -192,11 +258,13 @@ def gather(machine: str) -> Optional[dict]:
                              f"iMAML {fmt(by['imaml'][lo]['peak_mib'])} → {fmt(by['imaml'][hi]['peak_mib'])} MiB",
                              f"unrolled MAML {fmt(by['maml'][lo]['peak_mib'])} → {fmt(by['maml'][hi]['peak_mib'])} MiB",
                              f"{by['maml'][hi]['peak_mib'] / by['imaml'][hi]['peak_mib']:.1f}x less at {hi}"])
+    accuracy = data.get("accuracy", {}).get("entries", [])
     dates = sorted(d["meta"]["date"] for d in data.values())
     return {"machine": machine, "date": dates[-1], "sources": {k: p.name for k, p in files.items()},
             "device": next(iter(data.values()))["meta"].get("device_name"),
             "torch": sorted({d["meta"]["torch"] for d in data.values()}), "rows": rows,
             "goals": goal_rows(machine, data),
+            "accuracy": accuracy_rows(accuracy), "accuracy_entries": accuracy,
             "meta_step": data.get("meta_step"), "ops": data.get("ops")}
 
 
@@ -210,6 +278,11 @@ def render(report: dict) -> str:
         lines += ["", "Goals of the benchmark issue (figures, not timed tests):", "",
                   "| goal | measured | verdict |", "|---|---|---|"]
         lines += ["| " + " | ".join(r) + " |" for r in report["goals"]]
+    if report.get("accuracy"):
+        lines += ["", "Omniglot meta-test accuracy (`benchmarks/reproduce.py`), beside the iMAML paper's (iMAML-GD, "
+                  "Table 3) and Betty's README figures:", "",
+                  "| " + " | ".join(ACCURACY_HEADER) + " |", "|" + "---|" * len(ACCURACY_HEADER)]
+        lines += ["| " + " | ".join(r) + " |" for r in report["accuracy"]]
     lines += ["", "Sources: " + ", ".join(f"`{v}`" for v in report["sources"].values()) + ".", ""]
     return "\n".join(lines)
 
@@ -298,11 +371,14 @@ def main(argv=None) -> None:
         base = RESULTS / f"{machine}-{report['date']}"
         png = plot(report, base.with_suffix(".png"))
         ops_png = plot_ops(report.pop("ops"), machine, base.parent / f"{base.name}-ops.png")
+        accuracy_png = plot_accuracy(report.pop("accuracy_entries"), machine,
+                                     base.parent / f"{base.name}-accuracy.png")
         report.pop("meta_step")
         base.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         base.with_suffix(".md").write_text(render(report))
         print(render(report))
-        print(f"wrote {base}.json, .md" + (", .png" if png else "") + (f", {base.name}-ops.png" if ops_png else ""))
+        print(f"wrote {base}.json, .md" + (", .png" if png else "") + (f", {base.name}-ops.png" if ops_png else "")
+              + (f", {base.name}-accuracy.png" if accuracy_png else ""))
 
 
 if __name__ == "__main__":
