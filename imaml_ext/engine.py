@@ -4,7 +4,9 @@ as Betty does (``train_step`` each global step, ``validation`` every
 
 from __future__ import annotations
 
+import collections
 import math
+import warnings
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -27,7 +29,7 @@ class Engine:
 
     _RESERVED = frozenset(
         {"problems", "config", "env", "logger", "device", "leaves", "dependencies", "global_step",
-         "train_iters", "valid_step"}
+         "train_iters", "valid_step", "task_batching"}
     )
 
     def __init__(
@@ -70,6 +72,36 @@ class Engine:
             problem.initialize(self)
         if self.env is not None:
             self.env.initialize(self)
+        self._task_batcher = None
+        self.task_batching = self._plan_task_batching()
+
+    def _plan_task_batching(self):
+        """engine.task_batching: whether the G inner loops of a meta-step run as one batch."""
+        from .task_batching import NotBatchable, TaskBatcher, TaskBatchingInfo, find_pattern
+
+        mode = self.config.task_batching
+        info = TaskBatchingInfo(mode=mode)
+        if mode == "off":
+            info.reason = "EngineConfig(task_batching='off')"
+            return info
+        try:
+            upper, lower = find_pattern(self)
+        except NotBatchable as cause:
+            info.reason, info.pattern = str(cause), getattr(cause, "pattern", None)
+            if mode == "on":
+                raise ValueError(f"EngineConfig(task_batching='on'): {cause}") from None
+            if not cause.structural:
+                warnings.warn(f"task batching: {cause}; running task by task", RuntimeWarning, stacklevel=3)
+            return info
+        info.active, info.pattern, info.tasks = True, "gradient_accumulation", upper.gas
+        self._task_batcher = TaskBatcher(self, upper, lower, info, self.config.task_batching_forward,
+                                         self.config.task_batching_max_tasks)
+        return info
+
+    def _flush_tasks(self) -> None:
+        """Runs recorded tasks whose meta-step is not complete, task by task."""
+        if self._task_batcher is not None:
+            self._task_batcher.flush()
 
     # ----- validation of the arguments -----
     def _check_problems(self, problems) -> List[Problem]:
@@ -78,14 +110,17 @@ class Engine:
         problems = list(problems)
         if not problems:
             raise ValueError("Engine: problems must hold at least one Problem; got an empty list")
-        names = {}
         for i, problem in enumerate(problems):
             if not isinstance(problem, Problem):
                 raise TypeError(f"Engine: problems[{i}] must be a Problem; got {type(problem).__name__}")
+        self._rename_shared_names(problems)
+        names = {}
+        for i, problem in enumerate(problems):
             if problem.name in names:
                 raise ValueError(
                     f'Engine: two problems are named "{problem.name}" (problems[{names[problem.name]}] and '
-                    f"problems[{i}]); names must be unique, since each becomes an attribute"
+                    f"problems[{i}]) after several problems that shared a name were numbered; names must be "
+                    "unique, since each becomes an attribute"
                 )
             names[problem.name] = i
             if hasattr(type(self), problem.name) or problem.name in self.__dict__ or problem.name in self._RESERVED:
@@ -94,6 +129,18 @@ class Engine:
                     "rename the problem"
                 )
         return problems
+
+    @staticmethod
+    def _rename_shared_names(problems: List[Problem]) -> None:
+        """As Betty does: problems that share a name become name_0, name_1, ... in
+        the order of ``problems`` (``problem.name`` and the attribute alike)."""
+        shared = collections.Counter(problem.name for problem in problems)
+        taken: Dict[str, int] = {}
+        for problem in problems:
+            base = problem.name
+            if shared[base] > 1:
+                problem.name = f"{base}_{taken.get(base, 0)}"
+                taken[base] = taken.get(base, 0) + 1
 
     def _check_names_against_attributes(self) -> None:
         """A problem becomes an attribute of every other problem and of the env,
@@ -248,6 +295,7 @@ class Engine:
             problem.train()
 
     def eval(self) -> None:
+        self._flush_tasks()
         for problem in self.problems:
             problem.eval()
 
@@ -267,6 +315,7 @@ class Engine:
                     if self._early_stop(stats):
                         self._stdout.info(f"[Early Stopping] [Global Step {self.global_step}]")
                         break
+        self._flush_tasks()
         self.logger.close()
 
     def _early_stop(self, stats: dict) -> bool:

@@ -555,7 +555,7 @@ def test_validation_not_called_unless_overridden(capsys, stdout_log, monkeypatch
 
 
 def test_log_step_off_prints_nothing(capsys, stdout_log):
-    engine, lower, upper = bilevel(Config(log_step=0), Config(log_step=-1), EngineConfig(train_iters=3, device="cpu"))
+    engine, lower, upper = bilevel(Config(log_step=-1), Config(log_step=-1), EngineConfig(train_iters=3, device="cpu"))
     engine.run()
     assert "[Problem" not in capsys.readouterr().out and upper.count == 3
 
@@ -1106,21 +1106,38 @@ def inner(config=None, optimizer=torch.optim.SGD):
     return Inner("inner", config, m, optimizer(m.parameters(), lr=0.1))
 
 
+def under_a_parent(problem):
+    """An engine where ``problem`` has a parent, which differentiates through its updates."""
+    upper = MetaUpper("upper")
+    return Engine([problem, upper], EngineConfig(device="cpu"),
+                  dependencies={"l2u": {problem: [upper]}, "u2l": {upper: [problem]}})
+
+
 def test_iterative_problem_with_an_optimizer_it_cannot_unroll():
     with pytest.raises(ValueError, match=r'problem "inner": an IterativeProblem unrolls its optimizer .*written for '
                                          r"SGD, Adam; got RMSprop"):
-        Engine([inner(optimizer=torch.optim.RMSprop)], EngineConfig(device="cpu"))
+        under_a_parent(inner(optimizer=torch.optim.RMSprop))
     m = nn.Linear(D, 1)
     p = Inner("inner", None, m, torch.optim.Adam(m.parameters(), lr=0.1, amsgrad=True))
     with pytest.raises(ValueError, match=r'problem "inner": Adam\(amsgrad=True\) cannot be unrolled'):
-        Engine([p], EngineConfig(device="cpu"))
+        under_a_parent(p)
     with pytest.raises(ValueError, match=r'problem "inner": precision="fp16" needs a GradScaler'):
-        Engine([inner(Config(precision="fp16"))], EngineConfig(device="cpu"))
+        under_a_parent(inner(Config(precision="fp16")))
+
+
+def test_iterative_problem_with_no_parent_steps_any_optimizer():
+    """Nobody differentiates through a top-level problem's updates: it steps its optimizer
+    (AdamW, RMSprop) as an ImplicitProblem does, as the tutorial's one-word switch needs."""
+    problem = inner(optimizer=torch.optim.RMSprop)
+    before = [p.detach().clone() for p in problem.module.parameters()]
+    Engine([problem], EngineConfig(train_iters=2, device="cpu")).run()
+    assert problem.count == 2
+    assert all(not torch.equal(a, b) for a, b in zip(before, problem.module.parameters()))
 
 
 def test_iterative_problem_warns_on_a_hypergradient_type():
     with pytest.warns(UserWarning, match=r'problem "inner": Config\.type=\'cg\' is ignored for an IterativeProblem'):
-        Engine([inner(Config(type="cg"))], EngineConfig(device="cpu"))
+        under_a_parent(inner(Config(type="cg")))
 
 
 # --------------------------------------------------------------------------- 10. get_batch

@@ -85,6 +85,7 @@ def run_tutorial(meta_steps, meta_batch_size=4, inner_steps=5, reg=0.25, lower_c
 def test_tutorial_as_written_learns():
     meta_steps, meta_batch_size = 50, 4
     engine, (loss0, acc0), (loss1, acc1) = run_tutorial(meta_steps, meta_batch_size)
+    assert engine.task_batching.active and engine.task_batching.tasks == meta_batch_size
     assert engine.upper.count == meta_steps * meta_batch_size
     assert engine.lower.count == meta_steps * meta_batch_size * 5
     assert loss1 < 0.9 * loss0, f"adapted query loss {loss0:.3f} -> {loss1:.3f}"
@@ -102,6 +103,9 @@ def test_tutorial_with_fused_cg_and_declared_proximal_term_learns():
     config = Config(type="cg", unroll_steps=5, cg_iterations=3, proximal_lambda=2 * reg, cg_damping=1.0,
                     lam_damping=10.0)
     engine, (loss0, acc0), (loss1, acc1) = run_tutorial(50, reg=reg, lower_config=config)
-    assert 1 <= engine.lower.last_hypergradient_info["cg"].iterations.item() <= 3
+    # one CG solve per task of the meta-batch, run as one batch (engine.task_batching)
+    assert engine.task_batching.active
+    iterations = engine.lower.last_hypergradient_info["cg"].iterations
+    assert iterations.shape == (4,) and bool(((1 <= iterations) & (iterations <= 3)).all())
     assert loss1 < 0.9 * loss0, f"adapted query loss {loss0:.3f} -> {loss1:.3f}"
     assert acc1 > acc0 + 1, f"adapted accuracy {acc0:.1f} % -> {acc1:.1f} %"

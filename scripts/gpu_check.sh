@@ -19,7 +19,7 @@ out=$(cd "$out" && pwd)
 PY=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET_S:-540}
 selected=${GPU_CHECK_STAGES:-}
-known_stages=" build tests meta_step_5w1s sweep_tasks sweep_inner floor hvp meta_step_20w5s meta_step_sequential ops "
+known_stages=" build tests meta_step_5w1s sweep_tasks sweep_inner floor hvp meta_step_20w5s meta_step_sequential dropin ops "
 for s in ${selected//,/ }; do
     if [[ $known_stages != *" $s "* ]]; then
         echo "GPU_CHECK_STAGES: unknown stage '$s'; the stages are:$known_stages" >&2
@@ -113,6 +113,11 @@ stage meta_step_20w5s 60 "$PY" benchmarks/bench_meta_step.py --device cuda --way
 stage meta_step_sequential 45 "$PY" benchmarks/bench_meta_step.py --device cuda --tasks 32 --inner-steps 5 \
     --cg-iters 5 --variants ours_batched,ours_sequential --repeats 3 --check-tasks 1 \
     --out "benchmarks/results/meta_step-sequential-$card.json"
+# Issue 15: the Betty tutorial's classes, unchanged, batched by the Engine, against task by task, IMAML
+# and Betty 0.1.1 itself (carry its package folder as .betty/betty, or set BETTY_DIR).
+betty_dir=${BETTY_DIR:-.betty}
+stage dropin 150 "$PY" benchmarks/bench_dropin.py --device cuda --configs 16x5,32x5,32x16 --repeats 3 \
+    $( [ -f "$betty_dir/betty/__init__.py" ] && echo "--betty $betty_dir" )
 # On 2026-11-28 the default grid (T 1,16,32,128, 240 s of torch.compile) did not finish in 120 s:
 # the large T that the bandwidth goal is about, fewer samples, a bounded compile.
 stage ops 120 "$PY" benchmarks/bench_ops.py --device cuda --tasks 32,128,512 --max-seconds 4 --compile-budget 40

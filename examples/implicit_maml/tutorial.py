@@ -206,7 +206,8 @@ def build(argv=None):
     engine_config = EngineConfig(
         train_iters=args.train_iters if args.train_iters is not None else 1000 * steps_per_meta_step,
         valid_step=args.valid_step if args.valid_step is not None else 100 * steps_per_meta_step,
-        device=args.device,
+        # Betty's EngineConfig has no device (it picks cuda when available): pass it only when asked for
+        **({"device": args.device} if args.device else {}),
     )
 
     u2l = {outer: [inner]}

@@ -181,9 +181,12 @@ class Config:
 class EngineConfig:
     """Configuration of the ``Engine``: Betty's fields and defaults.
 
-    ``device`` (imaml_ext): where problems and the env live; None picks "cuda"
-    when available, else "cpu", as Betty does. ``log_dir`` (imaml_ext): the
-    tensorboard folder when logger_type="tensorboard" (None: runs/<time>).
+    ``device`` (imaml_ext): where the env and the problems given no
+    ``device=`` of their own live (a problem's ``device=`` takes precedence);
+    None picks "cuda" when available, else "cpu", as Betty does. ``log_dir``
+    (imaml_ext): the tensorboard folder when logger_type="tensorboard" (None:
+    runs/<time>). ``distributed`` is Betty 0.1.1's switch (DataParallel over
+    the visible GPUs): only False here.
     """
 
     train_iters: int = 50000
@@ -199,6 +202,7 @@ class EngineConfig:
     # distributed training: one process here; torch.distributed runs go through imaml_ext.train
     strategy: str = "default"
     backend: str = "nccl"
+    distributed: bool = False  # Betty 0.1.1's name
 
     # early stopping on a validation metric
     early_stopping: bool = False
@@ -208,8 +212,18 @@ class EngineConfig:
 
     device: Optional[str] = None
 
+    # imaml_ext: run the G inner loops of a meta-step (an upper problem with
+    # gradient_accumulation=G over one lower problem) as one batch; see engine.task_batching
+    task_batching: str = "auto"  # "auto": when the pattern holds; "on": raise the cause when not; "off"
+    task_batching_forward: str = "auto"  # "vmap", "loop" over tasks, "auto": loop on a CPU, vmap elsewhere
+    task_batching_max_tasks: Optional[int] = None  # tasks run at once (None: as many as memory allows)
+
     def __post_init__(self):
         owner = "EngineConfig"
+        _check_choice(owner, "task_batching", self.task_batching, ("auto", "on", "off"))
+        _check_choice(owner, "task_batching_forward", self.task_batching_forward, ("auto", "vmap", "loop"))
+        if self.task_batching_max_tasks is not None:
+            _check_int(owner, "task_batching_max_tasks", self.task_batching_max_tasks, 1)
         _check_int(owner, "train_iters", self.train_iters, 1)
         if self.device is not None:
             check_device(self.device, "EngineConfig.device")
@@ -225,6 +239,11 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.strategy must be one of {', '.join(map(repr, STRATEGIES))}; got {self.strategy!r} "
                 "(data-parallel runs go through torchrun -m imaml_ext.train)"
+            )
+        if self.distributed:
+            raise ValueError(
+                "EngineConfig.distributed=True (Betty 0.1.1's DataParallel over the visible GPUs) is not supported "
+                "by imaml_ext; use distributed=False (data-parallel runs go through torchrun -m imaml_ext.train)"
             )
         _check_choice(owner, "early_stopping_mode", self.early_stopping_mode, ("min", "max"))
         _check_int(owner, "early_stopping_tolerance", self.early_stopping_tolerance, 1)

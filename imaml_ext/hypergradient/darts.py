@@ -20,6 +20,9 @@ def darts(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
             verify_proximal(curr, prev, in_grad, lam)
         return reduce_tasks([lam * v.detach() for v in vector], task_count(curr))
 
+    batch = getattr(curr, "_task_batch", None)
+    if batch is not None and batch.running:
+        return _darts_per_task(vector, curr, prev, batch)
     params = curr.trainable_parameters()
     prev_params = prev.trainable_parameters()
     norm = torch.sqrt(sum((v.detach().float() ** 2).sum() for v in vector))
@@ -45,3 +48,35 @@ def darts(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
             for p, s in zip(params, saved):
                 p.data.copy_(s)
     return [(gm - gp) / (2.0 * eps) for gp, gm in zip(grad_plus, grad_minus)]
+
+
+def _darts_per_task(vector: Sequence[Tensor], curr, prev, batch) -> List[Tensor]:
+    """The Engine's task-batched lower problem: each task's step eps_t from its own ||v_t||,
+    as the sequential engine takes it, and sum_t (g_t(phi_t - eps_t v_t) - g_t(phi_t + eps_t v_t)) / (2 eps_t)
+    as two gradients of the tasks' losses weighted by 1 / (2 eps_t)."""
+    params = curr.trainable_parameters()  # [T, *shape]
+    prev_params = prev.trainable_parameters()
+    norm = torch.sqrt(sum((v.detach().float() ** 2).flatten(1).sum(1) for v in vector))
+    eps = curr.config.darts_alpha / (norm.double() + 1e-12)  # [T], in double as the sequential float
+
+    def per_task(values: Tensor, like: Tensor) -> Tensor:
+        return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    def weighted_grad_at(shift: float, sign: float) -> List[Tensor]:
+        with torch.no_grad():
+            for p, v in zip(params, vector):
+                p.data.add_(v.to(p.dtype) * per_task(shift * eps, p))
+        losses = batch.lower_loss_vector(keep_dtype=True)
+        weights = (sign / (2.0 * eps)).to(losses.dtype)
+        grads = torch.autograd.grad((losses * weights).sum(), prev_params, allow_unused=True)
+        return [g.detach() for g in zeros_for_none(grads, prev_params)]
+
+    saved = [p.detach().clone() for p in params]
+    try:
+        grad_plus = weighted_grad_at(1.0, -1.0)
+        grad_minus = weighted_grad_at(-2.0, 1.0)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.data.copy_(s)
+    return [gm + gp for gp, gm in zip(grad_plus, grad_minus)]

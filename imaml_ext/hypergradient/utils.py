@@ -51,6 +51,9 @@ def task_count(curr):
     independent task per slice: CG then runs per task), else None."""
     from ..batched.module import BatchedModule
 
+    batch = getattr(curr, "_task_batch", None)
+    if batch is not None and batch.running:
+        return batch.num_tasks
     return curr.module.num_tasks if isinstance(curr.module, BatchedModule) else None
 
 

@@ -86,7 +86,9 @@ class IterativeProblem(Problem):
     nesterov and weight decay; torch.optim.Adam). With
     ``Config(first_order=False)`` the gradients keep their graph (second
     order); with the default ``first_order=True`` they are detached (first-order
-    MAML). The parent's loss is then differentiated through the trajectory.
+    MAML). As in Betty, a parent with ``Config(first_order=False)`` also makes
+    them second order (Betty reads the setting off the parents). The parent's
+    loss is then differentiated through the trajectory.
 
     An inner loop starts from this problem's module parameters (after
     ``on_inner_loop_start``, e.g. a ``load_state_dict`` copy of the upper's,
@@ -105,9 +107,15 @@ class IterativeProblem(Problem):
         self._grad_sum: Optional[List[Tensor]] = None
         self._started_from: Optional[List[Tensor]] = None
         self._steps_in_loop = 0
+        self._unrolls = True
 
     def initialize(self, engine) -> None:
         super().initialize(engine)
+        # A problem with no parents has nobody to differentiate through its updates: it
+        # steps its optimizer (any optimizer) as an ImplicitProblem does.
+        self._unrolls = bool(self.parents)
+        if not self._unrolls:
+            return
         if self.config.type != "darts":
             warnings.warn(
                 f'problem "{self.name}": Config.type={self.config.type!r} is ignored for an IterativeProblem '
@@ -139,6 +147,12 @@ class IterativeProblem(Problem):
             self._groups.append(group)
         self.module = _FastWeightsModule(self.module, self)
 
+    @property
+    def second_order(self) -> bool:
+        """Whether the updates keep the gradients' graph: this problem's own
+        Config(first_order=False), or Betty's rule, a parent's."""
+        return not self.config.first_order or any(not parent.config.first_order for parent in self.parents)
+
     # ----- the differentiable weights -----
     def _named_weights(self) -> Optional[Dict[str, Tensor]]:
         if self._weights is None:
@@ -149,6 +163,8 @@ class IterativeProblem(Problem):
         return list(self._weights) if self._weights is not None else list(self.module.parameters())
 
     def trainable_parameters(self) -> List[Tensor]:
+        if self._task_batch is not None and self._task_batch.running:
+            return list(self._task_batch.phi)
         if self._weights is not None:
             return list(self._weights)
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -165,23 +181,77 @@ class IterativeProblem(Problem):
             )
         self._started_from = params
 
+    def _parent_start(self) -> Optional[List[Tensor]]:
+        """The parent's parameters, when on_inner_loop_start left this problem's equal to them
+        (the tutorial's ``load_state_dict`` copy): the unroll then starts from them with the
+        graph kept, as ``start_from`` does, so the parent gets MAML's gradient."""
+        if self._started_from is not None or len(self.parents) != 1:
+            return None
+        theirs = self.parents[0].trainable_parameters()
+        mine = self._module_params
+        if [tuple(p.shape) for p in theirs] != [tuple(p.shape) for p in mine]:
+            return None
+        if not all(a.dtype == b.dtype and a.device == b.device and torch.equal(a, b) for a, b in zip(mine, theirs)):
+            return None
+        if not getattr(self, "_logged_parent_start", False):
+            self._logged_parent_start = True
+            self._logger.info(
+                f'[Problem "{self.name}"] on_inner_loop_start copied "{self.parents[0].name}"\'s parameters: the '
+                "unroll starts from them with their graph kept (as start_from does), so the parent's gradient is MAML's"
+            )
+        return list(theirs)
+
     def start_inner_loop(self) -> None:
+        if not self._unrolls:
+            return super().start_inner_loop()
         self._started_from = None
         self.on_inner_loop_start()
-        if self._started_from is not None:
-            self._weights = list(self._started_from)
+        start = self._started_from if self._started_from is not None else self._parent_start()
+        if start is not None:
+            self._weights = list(start)
         else:
             self._weights = [p.detach().clone().requires_grad_(True) for p in self._module_params]
         self._opt_state = [{} for _ in self._weights]
         self._grad_sum = None
         self._steps_in_loop = 0
 
+    # ----- the Engine's task batching: G inner loops of this problem at once -----
+    def batched_start(self, num_tasks: int) -> List[Tensor]:
+        """Every task's start, [G, *shape]: on_inner_loop_start's, with the graph to the parent kept."""
+        self._started_from = None
+        self.on_inner_loop_start()
+        start = self._started_from if self._started_from is not None else self._parent_start()
+        self._weights = None
+        self._opt_state = [{} for _ in self._module_params]
+        if start is not None:
+            return [p.unsqueeze(0).expand(num_tasks, *p.shape) for p in start]
+        return [p.detach().unsqueeze(0).repeat(num_tasks, *([1] * p.dim())).requires_grad_(True)
+                for p in self._module_params]
+
+    def batched_descend(self, weights: List[Tensor], loss: Tensor) -> List[Tensor]:
+        """One differentiable update of every task (the optimizer's maths is elementwise)."""
+        create_graph = self.second_order
+        grads = torch.autograd.grad(loss, weights, create_graph=create_graph, allow_unused=True)
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
+        if not create_graph:
+            grads = [g.detach() for g in grads]
+        return self._update(weights, grads)
+
+    def batched_finish(self, weights: List[Tensor]) -> None:
+        with torch.no_grad():
+            for p, w in zip(self._module_params, weights):
+                p.copy_(w[-1])
+        self._weights = None
+        self._opt_state = []
+
     # ----- one local step -----
     def one_step_descent(self) -> dict:
+        if not self._unrolls:
+            return super().one_step_descent()
         if self._weights is None:
             self.start_inner_loop()
         first = self._steps_in_loop == 0
-        create_graph = not self.config.first_order
+        create_graph = self.second_order
         meter = GraphSizeMeter() if first and create_graph else None
         if meter is not None:
             with meter:
@@ -252,6 +322,8 @@ class IterativeProblem(Problem):
         return out
 
     def step_normal(self, global_step: Optional[int] = None) -> None:
+        if not self._unrolls:
+            return super().step_normal(global_step)
         unrolled = self.config.unroll_steps * self.gas
         will_finish = self._training and (self._count + 1) % unrolled == 0 and self._count + 1 > self.config.warmup_steps
         super().step_normal(global_step)

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._device import check_device
 from ..configs import Config
 from ..logging import format_stats, get_logger
 
@@ -31,16 +32,32 @@ def to_device(batch: Any, device) -> Any:
     return batch
 
 
+def _describe(value: Any) -> str:
+    """What came, for an error message: its type and a short repr."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
 class Problem:
     """One level: a module, its optimizer and scheduler, its data, its loss.
 
     Subclasses define ``training_step(batch)`` returning the loss (a scalar
     tensor) or a dict with ``"loss"`` and other metrics to log. Data come from
-    ``train_data_loader`` (one loader or a list) or an overridden ``get_batch()``.
-    Hooks: ``on_inner_loop_start``, ``configure_module / optimizer / scheduler /
-    train_data_loader`` (used when the constructor argument is None),
-    ``grad_callback(params)`` (gradients complete, before clipping) and
-    ``param_callback(params)`` (after the optimizer step).
+    ``train_data_loader`` or an overridden ``get_batch()``. Betty's rule: a
+    *tuple* is several loaders and ``get_batch`` returns a tuple of their
+    batches; anything else (a list of batches included) is one loader and
+    ``get_batch`` returns its batch. Hooks: ``on_inner_loop_start``,
+    ``on_epoch_end`` (the first loader has run out and starts again),
+    ``configure_module / optimizer / scheduler / train_data_loader`` (used when
+    the constructor argument is None), ``grad_callback(params)`` (gradients
+    complete, before clipping) and ``param_callback(params)`` (after the
+    optimizer step).
+
+    ``device`` (as in Betty): where this problem's module and batches live. It
+    takes precedence over ``EngineConfig(device=...)``, which applies to the
+    problems given none (and to the env); with neither, "cuda" when available,
+    else "cpu".
     """
 
     def __init__(
@@ -51,6 +68,7 @@ class Problem:
         optimizer: Optional[torch.optim.Optimizer] = None,
         scheduler=None,
         train_data_loader=None,
+        device=None,
         extra_config: Optional[dict] = None,
     ):
         if not isinstance(name, str) or not name.isidentifier():
@@ -59,6 +77,8 @@ class Problem:
             config = Config()
         if not isinstance(config, Config):
             raise TypeError(f'problem "{name}": config must be an imaml_ext Config; got {type(config).__name__}')
+        if device is not None:
+            device = check_device(device, f'problem "{name}": device')
         self.name = name
         self.config = config
         self.module = module
@@ -67,7 +87,8 @@ class Problem:
         self.train_data_loader = train_data_loader
         self.extra_config = extra_config or {}
 
-        self.device = None
+        self._device_arg = device  # None: the Engine's device
+        self.device = device
         self.engine = None
         self.env = None
         self.cur_batch = None
@@ -81,6 +102,9 @@ class Problem:
         self._inner_loop_start = True
         self._training = True
         self._data_iterators = None
+        self._task_batch = None  # the Engine's TaskBatcher while it runs this (lower) problem's tasks at once
+        self._data_epochs: List[List[int]] = []
+        self._loader_origin = "the train_data_loader= argument"
         self._logger = get_logger()
         self.last_hypergradient_info: Dict[str, Any] = {}
 
@@ -122,20 +146,16 @@ class Problem:
     def initialize(self, engine) -> None:
         """Called once by the Engine: device, configure_* hooks, scaler."""
         self.engine = engine
-        self.device = engine.device
-        if self.module is None:
-            self.module = self.configure_module()
+        self.device = self._device_arg if self._device_arg is not None else engine.device
+        self.module = self._configured("module", self.configure_module)
         if self.module is None:
             raise ValueError(f'problem "{self.name}" has no module: pass module= or override configure_module()')
         self.module.to(self.device)
-        if self.optimizer is None:
-            self.optimizer = self.configure_optimizer()
+        self.optimizer = self._configured("optimizer", self.configure_optimizer)
         if self.optimizer is None and self.trainable_parameters():
             raise ValueError(f'problem "{self.name}" has no optimizer: pass optimizer= or override configure_optimizer()')
-        if self.scheduler is None:
-            self.scheduler = self.configure_scheduler()
-        if self.train_data_loader is None:
-            self.train_data_loader = self.configure_train_data_loader()
+        self.scheduler = self._configured("scheduler", self.configure_scheduler)
+        self.train_data_loader = self._configured("train_data_loader", self.configure_train_data_loader)
         if self.config.precision == "fp16":
             self.scaler = torch.amp.GradScaler(
                 torch.device(self.device).type,
@@ -143,6 +163,40 @@ class Problem:
                 growth_factor=self.config.scale_factor,
             )
         self.ready = [False] * len(self._children)
+
+    _EXPECTED = {
+        "module": "a torch.nn.Module",
+        "optimizer": "a torch optimizer (with step() and param_groups)",
+        "scheduler": "a learning-rate scheduler (with step())",
+        "train_data_loader": "an iterable of batches (a DataLoader, a list of batches) or a tuple of them",
+    }
+
+    def _configured(self, what: str, hook):
+        """The constructor's ``what`` or, when None, ``hook()``'s, checked for its kind."""
+        value, where = getattr(self, what), f"the {what}= argument"
+        if value is None:
+            value, where = hook(), f"configure_{what}()"
+        if what == "train_data_loader":
+            self._loader_origin = where
+        if value is None or self._is_kind(what, value):
+            return value
+        raise TypeError(
+            f'problem "{self.name}": {where} must give {self._EXPECTED[what]}; got {_describe(value)}'
+        )
+
+    @staticmethod
+    def _is_kind(what: str, value) -> bool:
+        if what == "module":
+            return isinstance(value, nn.Module)
+        if what == "optimizer":
+            return callable(getattr(value, "step", None)) and hasattr(value, "param_groups")
+        if what == "scheduler":
+            return callable(getattr(value, "step", None)) and not hasattr(value, "param_groups")
+        loaders = value if isinstance(value, tuple) else (value,)
+        return len(loaders) > 0 and all(
+            hasattr(loader, "__iter__") and not isinstance(loader, (str, bytes, dict, Tensor, nn.Module))
+            for loader in loaders
+        )
 
     def configure_module(self):
         return None
@@ -172,6 +226,9 @@ class Problem:
     def on_inner_loop_start(self) -> None:
         pass
 
+    def on_epoch_end(self) -> None:
+        """Called by get_batch when the first (or only) loader has run out, before it starts again."""
+
     def start_inner_loop(self) -> None:
         self.on_inner_loop_start()
 
@@ -185,6 +242,8 @@ class Problem:
         return list(self.module.parameters())
 
     def trainable_parameters(self) -> List[Tensor]:
+        if self._task_batch is not None and self._task_batch.running:
+            return list(self._task_batch.phi)  # every task's weights, [T, *shape], for the hypergradient
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def train(self) -> None:
@@ -217,24 +276,45 @@ class Problem:
 
     # ----- data -----
     def get_batch(self):
+        """The next batch of ``train_data_loader`` (a tuple of loaders: a tuple of batches)."""
         loaders = self.train_data_loader
         if loaders is None:
             raise ValueError(
-                f'problem "{self.name}" has no train_data_loader: pass one (or a list) or override get_batch()'
+                f'problem "{self.name}" has no train_data_loader: pass one (or a tuple of them) or override get_batch()'
             )
-        single = not isinstance(loaders, (list, tuple))
-        loaders = [loaders] if single else list(loaders)
-        if self._data_iterators is None:
+        single = not isinstance(loaders, tuple)  # Betty's rule: only a tuple is several loaders
+        loaders = (loaders,) if single else loaders
+        if self._data_iterators is None or len(self._data_iterators) != len(loaders):
             self._data_iterators = [iter(loader) for loader in loaders]
+            self._data_epochs = [[0, 0] for _ in loaders]  # per loader: epochs ended, batches this epoch
         batches = []
         for i, loader in enumerate(loaders):
-            try:
-                batch = next(self._data_iterators[i])
-            except StopIteration:  # a new epoch
-                self._data_iterators[i] = iter(loader)
-                batch = next(self._data_iterators[i])
+            batch = self._next_batch(i, loader, "train_data_loader" if single else f"train_data_loader[{i}]")
             batches.append(to_device(batch, self.device))
         return batches[0] if single else tuple(batches)
+
+    def _next_batch(self, i: int, loader, which: str):
+        counts = self._data_epochs[i]
+        for _ in range(2):
+            try:
+                batch = next(self._data_iterators[i])
+            except StopIteration:
+                if counts[1] == 0:
+                    hint = "" if counts[0] == 0 else (
+                        f" in epoch {counts[0] + 1}, after batches in the ones before: a one-shot iterator or "
+                        "generator cannot start again; pass a list of batches or a DataLoader"
+                    )
+                    raise ValueError(
+                        f'problem "{self.name}": {which} (from {self._loader_origin}: {_describe(loader)}) '
+                        f"yielded no batch{hint}"
+                    ) from None
+                if i == 0:
+                    self.on_epoch_end()
+                counts[0], counts[1] = counts[0] + 1, 0
+                self._data_iterators[i] = iter(loader)
+                continue
+            counts[1] += 1
+            return batch
 
     # ----- one local step -----
     def autocast(self):
@@ -271,6 +351,8 @@ class Problem:
 
     def loss_for_hypergradient(self) -> Tensor:
         """This problem's loss on its last batch at its current parameters."""
+        if self._task_batch is not None and self._task_batch.running:
+            return self._task_batch.lower_loss_vector().sum()
         if self.cur_batch is None:
             raise RuntimeError(f'problem "{self.name}" has taken no step yet, so it has no loss to differentiate')
         loss, _ = self.parse_loss(self.training_step_exec(self.cur_batch))
@@ -403,6 +485,10 @@ class Problem:
         """One local step (data, loss, gradient, update); then the parents' step
         when this problem has unrolled ``unroll_steps * gradient_accumulation``."""
         self._global_step = global_step
+        batcher = getattr(self.engine, "_task_batcher", None)
+        if batcher is not None and batcher.lower is self:
+            batcher.lower_step(global_step)  # recorded; the Engine runs the meta-batch's tasks at once
+            return
         self.step_normal(global_step=global_step)
 
     def __repr__(self) -> str:

@@ -1,0 +1,444 @@
+"""Runs the G inner loops of a meta-step as one batch, from the user's own code.
+
+While the Engine steps as written (the user's ``train_step``, ``Env.step``,
+``get_batch``), the lower problem's steps are only recorded: its batch, the
+global step and the counters, as the sequential engine would leave them. When
+the upper problem's accumulation window closes, the window runs at once:
+
+- the lower's ``on_inner_loop_start`` sets the start, copied into [G, *shape];
+- each inner step runs the user's ``training_step`` for every task with that
+  task's weights (``functional_call``, under ``vmap`` or in a loop over tasks),
+  so ``self.module(x)`` and ``self.parameters()`` keep their per-task meaning;
+  the per-task gradients step all tasks in one SGD update;
+- the upper's ``training_step`` runs the same way on the adapted weights, and its
+  ``backward`` applies the lower's hypergradient (cg, neumann, darts) to all
+  tasks at once, with per-task CG scalars;
+- then the upper's optimizer, scheduler, callbacks and logs, task by task, as the
+  sequential engine orders them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from ..batched.memory import GraphSizeMeter, available_bytes
+from ..logging import get_logger
+from .plan import NotBatchable, TaskBatchingInfo
+from .sgd import TaskSGD
+
+
+class _Call(nn.Module):
+    """A ``functional_call`` target: ``fn(*args)`` with ``module``'s parameters swapped."""
+
+    def __init__(self, module: nn.Module, fn: Callable):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "fn", fn)
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _structure(batch: Any):
+    """The shape of a batch: nesting, tensor shapes and dtypes, other leaves as they are."""
+    if isinstance(batch, Tensor):
+        return ("tensor", tuple(batch.shape), batch.dtype, batch.device)
+    if isinstance(batch, dict):
+        return ("dict", tuple((k, _structure(v)) for k, v in batch.items()))
+    if isinstance(batch, (list, tuple)):
+        return (type(batch).__name__, tuple(_structure(v) for v in batch))
+    return ("value", batch)
+
+
+def _stack(batches: Sequence[Any]) -> Any:
+    first = batches[0]
+    if isinstance(first, Tensor):
+        return torch.stack(list(batches))
+    if isinstance(first, dict):
+        return {k: _stack([b[k] for b in batches]) for k in first}
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(_stack([b[i] for b in batches]) for i in range(len(first))))
+    if isinstance(first, (list, tuple)):
+        return type(first)(_stack([b[i] for b in batches]) for i in range(len(first)))
+    return first
+
+
+def _stack_dims(batch: Any) -> Any:
+    """vmap's in_dims for a stacked batch: 0 for tensors, None for other leaves."""
+    if isinstance(batch, Tensor):
+        return 0
+    if isinstance(batch, dict):
+        return {k: _stack_dims(v) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_stack_dims(v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_stack_dims(v) for v in batch)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+class TaskBatcher:
+    """The Engine's task-batched execution of one upper and one lower problem."""
+
+    # the share of the free memory a chunk of tasks may plan to take
+    memory_fraction = 0.8
+
+    def __init__(self, engine, upper, lower, info: TaskBatchingInfo, forward: str, max_tasks: Optional[int]):
+        from ..problems.iterative_problem import IterativeProblem, _FastWeightsModule
+
+        self.engine, self.upper, self.lower, self.info = engine, upper, lower, info
+        self.iterative = isinstance(lower, IterativeProblem)
+        module = lower.module
+        self.target = module.inner if isinstance(module, _FastWeightsModule) else module
+        self.names = [n for n, p in self.target.named_parameters() if p.requires_grad]
+        self.module_params = [p for p in self.target.parameters() if p.requires_grad]
+        self.keys = [f"module.{n}" for n in self.names]
+        self.sgd = None if self.iterative else TaskSGD(lower.optimizer, self.module_params)
+        device = torch.device(engine.device if lower.device is None else lower.device)
+        self.forward = forward if forward != "auto" else ("loop" if device.type == "cpu" else "vmap")
+        # The upper's training_step is tried under vmap on a GPU; the tutorial's .item() sends it to the loop.
+        self.upper_forward = "loop" if self.forward == "loop" else "vmap"
+        self.max_tasks = max_tasks
+        self.chunk: Optional[int] = max_tasks
+        info.forward, info.upper_forward = self.forward, self.upper_forward
+        self.pending: List[dict] = []
+        self.current: Optional[dict] = None
+        self.checked = False
+        self.in_task_call = False
+        self.phi: Optional[List[Tensor]] = None
+        self.last_batches: Optional[list] = None
+        self._warned_shapes = False
+        self._logger = get_logger()
+
+    # ----- what the lower problem shows while a window runs -----
+    @property
+    def running(self) -> bool:
+        return self.phi is not None and not self.in_task_call
+
+    @property
+    def num_tasks(self) -> int:
+        return self.phi[0].shape[0]
+
+    def lower_loss_vector(self, keep_dtype: bool = False) -> Tensor:
+        """Each task's lower loss on its last batch at its current weights: [n], float32 as
+        ``loss_for_hypergradient`` gives it (or in the loss's own dtype)."""
+        losses, _ = self.task_losses(self.lower, self.phi, self.last_batches, self.forward)
+        return losses if keep_dtype else losses.float()
+
+    # ----- recording -----
+    def lower_step(self, global_step: Optional[int]) -> None:
+        lower, upper = self.lower, self.upper
+        if not (lower._training and upper._training) or not self.info.active:
+            self.flush()
+            lower.step_normal(global_step=global_step)
+            return
+        lower._global_step = global_step
+        if self.current is None:
+            self.current = {"lower": [], "upper": None}
+        lower._count += 1
+        self.current["lower"].append((global_step, lower._count, lower.get_batch()))
+        if lower._count % lower.config.unroll_steps:
+            return
+        lower._inner_loop_start = True
+        upper._global_step = global_step
+        if upper._inner_loop_start:
+            upper.start_inner_loop()
+            upper._inner_loop_start = False
+        upper._count += 1
+        self.current["upper"] = (global_step, upper._count, upper.get_batch())
+        self.pending.append(self.current)
+        self.current = None
+        if upper._count % upper.gas == 0:
+            self.run_window()
+
+    def flush(self) -> None:
+        """Runs what is recorded but not yet run (a window cut by the end of training,
+        a validation or a switch to eval) task by task, exactly as the sequential engine."""
+        tasks = self.pending + ([self.current] if self.current else [])
+        self.pending, self.current = [], None
+        if tasks:
+            self._replay(tasks)
+
+    def _replay(self, tasks: List[dict]) -> None:
+        lower, upper = self.lower, self.upper
+        lower._count -= sum(len(t["lower"]) for t in tasks)
+        upper._count -= sum(1 for t in tasks if t["upper"] is not None)
+        try:
+            for task in tasks:
+                if task["upper"] is not None:
+                    upper.get_batch = lambda batch=task["upper"][2]: batch
+                for global_step, _, batch in task["lower"]:
+                    lower.get_batch = lambda batch=batch: batch
+                    lower.step_normal(global_step=global_step)
+        finally:
+            for problem in (lower, upper):
+                problem.__dict__.pop("get_batch", None)
+
+    # ----- one window -----
+    def run_window(self) -> None:
+        tasks, self.pending = self.pending, []
+        try:
+            if not self.checked:
+                self._first_window_checks(tasks)
+                self.checked = True
+            self._check_shapes(tasks)
+        except NotBatchable as cause:
+            self._refuse(cause, tasks)
+            return
+        n = len(tasks)
+        chunk = min(self.chunk or n, n)
+        for start in range(0, n, chunk):
+            self._run_tasks(tasks[start:start + chunk])
+        self._close_window(tasks)
+
+    def _refuse(self, cause: NotBatchable, tasks: List[dict]) -> None:
+        message = f"task batching: {cause}"
+        if self.info.mode == "on":
+            raise ValueError(f"EngineConfig(task_batching='on'): {cause}") from None
+        per_window = getattr(cause, "per_window", False)
+        if not per_window:
+            self.info.active, self.info.reason = False, str(cause)
+        if not (per_window and self._warned_shapes):
+            warnings.warn(message + ("; this meta-step runs task by task" if per_window else
+                                     "; running task by task"), RuntimeWarning, stacklevel=5)
+            self._warned_shapes = self._warned_shapes or per_window
+        self._replay(tasks)
+
+    def _first_window_checks(self, tasks: List[dict]) -> None:
+        lower = self.lower
+        params = [p for p in lower.module.parameters()]
+        saved = [p.detach().clone() for p in params]
+        optimizer = lower.optimizer
+        momentum = any(g.get("momentum", 0) for g in optimizer.param_groups) if not self.iterative else False
+        saved_state = {k: dict(v) for k, v in optimizer.state.items()}
+        try:
+            lower.on_inner_loop_start()
+            first = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p in params:
+                    p.add_(torch.randn_like(p))
+            if momentum:
+                for p in self.module_params:
+                    optimizer.state[p]["momentum_buffer"] = torch.ones_like(p)
+            lower.on_inner_loop_start()
+            moved = [n for (n, _), a, b in zip(lower.module.named_parameters(), first, params) if not torch.equal(a, b)]
+            kept_buffers = momentum and any("momentum_buffer" in optimizer.state.get(p, {}) for p in self.module_params)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+            optimizer.state.clear()
+            optimizer.state.update(saved_state)
+        if moved:
+            raise NotBatchable(
+                f'on_inner_loop_start of "{lower.name}" does not set all of its parameters ({", ".join(moved[:3])} '
+                "keep the last inner loop's values), so its inner loops are not independent tasks"
+            )
+        if kept_buffers:
+            raise NotBatchable(
+                f'the SGD momentum buffers of "{lower.name}" carry from one inner loop into the next (as the '
+                "sequential engine runs them); clear them in on_inner_loop_start (self.optimizer.state.clear()) "
+                "to make the inner loops independent tasks"
+            )
+        # The lower's training_step must be a function of its batch and weights alone: vmap says so.
+        phi = [p.detach().unsqueeze(0).expand(2, *p.shape).clone() for p in self.module_params]
+        pair = [tasks[0]["lower"][0][2], tasks[min(1, len(tasks) - 1)]["lower"][0][2]]
+        if _structure(pair[0]) == _structure(pair[1]):
+            try:
+                self.task_losses(lower, phi, pair, "vmap")
+            except Exception as error:  # noqa: BLE001 (any failure under vmap is the cause to report)
+                raise NotBatchable(
+                    f'"{lower.name}".training_step cannot run for all tasks at once under torch.func.vmap '
+                    f"({_first_line(error)}): e.g. .item(), or Python control flow on a tensor's value"
+                ) from None
+        self._plan_memory(tasks)
+
+    def _check_shapes(self, tasks: List[dict]) -> None:
+        def refuse(what, g, a, b):
+            cause = NotBatchable(
+                f"the tasks' batches differ within one meta-batch: {what} of task 0 is {a}, of task {g} {b}"
+            )
+            cause.per_window = True
+            raise cause
+
+        steps = [len(t["lower"]) for t in tasks]
+        for g, t in enumerate(tasks):
+            if steps[g] != steps[0]:
+                refuse("the number of inner steps", g, steps[0], steps[g])
+            for k in range(steps[0]):
+                a, b = _structure(tasks[0]["lower"][k][2]), _structure(t["lower"][k][2])
+                if a != b:
+                    refuse(f'the "{self.lower.name}" batch of inner step {k + 1}', g, a, b)
+            a, b = _structure(tasks[0]["upper"][2]), _structure(t["upper"][2])
+            if a != b:
+                refuse(f'the "{self.upper.name}" batch', g, a, b)
+
+    def _plan_memory(self, tasks: List[dict]) -> None:
+        """Measures one task's graph and splits the window into chunks that fit."""
+        n = len(tasks)
+        if self.max_tasks is not None:
+            self.chunk = min(self.max_tasks, n)
+        else:
+            phi = [p.detach().unsqueeze(0).clone().requires_grad_(True) for p in self.module_params]
+            with GraphSizeMeter() as meter:
+                self.task_losses(self.lower, phi, [tasks[0]["lower"][0][2]], "loop")
+            # the loss graph, its gradient graph kept for the HVPs, and the upper's: about 3x
+            per_task = 3 * meter.bytes + sum(4 * p.numel() * p.element_size() for p in phi)
+            free = available_bytes(phi[0].device)
+            fits = n if free is None else max(1, int(self.memory_fraction * free // max(per_task, 1)))
+            self.chunk = min(n, fits)
+            if self.chunk < n:
+                self._logger.info(
+                    f"task batching: the {n} tasks of a meta-step run in chunks of {self.chunk} (about "
+                    f"{per_task * n / 2**30:.2f} GiB for all at once, {free / 2**30:.2f} GiB free on {phi[0].device})"
+                )
+        self.info.chunk = self.chunk
+
+    # ----- running the user's training_step for every task -----
+    def task_losses(self, problem, phi: Sequence[Tensor], batches: Sequence[Any], forward: str):
+        """(losses [n], metrics: a dict per task) of ``problem.training_step`` with the lower's
+        weights of each task (phi [n, *shape]) and each task's batch."""
+
+        def step(batch):
+            return problem.parse_loss(problem.training_step_exec(batch))
+
+        call = _Call(self.target, step)
+        self.in_task_call = True
+        try:
+            if forward == "loop":
+                outs = [functional_call(call, {k: p[g] for k, p in zip(self.keys, phi)}, (batch,))
+                        for g, batch in enumerate(batches)]
+                return torch.stack([loss for loss, _ in outs]), [metrics for _, metrics in outs]
+            stacked = _stack(batches)
+            losses, metrics = vmap(
+                lambda weights, batch: functional_call(call, weights, (batch,)),
+                in_dims=(0, _stack_dims(stacked)),
+                randomness="different",
+            )(dict(zip(self.keys, phi)), stacked)
+            return losses, [{k: v[g] for k, v in metrics.items()} for g in range(len(batches))]
+        finally:
+            self.in_task_call = False
+
+    def _upper_losses(self, batches):
+        if self.upper_forward == "vmap":
+            try:
+                return self.task_losses(self.upper, self.phi, batches, "vmap")
+            except Exception as error:  # noqa: BLE001 (the loop is the documented path for such steps)
+                self.upper_forward = "loop"
+                self.info.upper_forward = f"loop (its training_step does not vmap: {_first_line(error)})"
+        return self.task_losses(self.upper, self.phi, batches, "loop")
+
+    # ----- the batched meta-step -----
+    def _start(self, n: int) -> List[Tensor]:
+        lower = self.lower
+        if self.iterative:
+            return lower.batched_start(n)
+        lower.on_inner_loop_start()
+        phi = [p.detach().unsqueeze(0).repeat(n, *([1] * p.dim())).requires_grad_(True) for p in self.module_params]
+        self.sgd.reset(phi)
+        return phi
+
+    def _run_tasks(self, tasks: List[dict]) -> None:
+        lower, upper = self.lower, self.upper
+        n = len(tasks)
+        self.phi = self._start(n)
+        lower._task_batch = self
+        try:
+            lower_losses = []
+            for k in range(len(tasks[0]["lower"])):
+                batches = [t["lower"][k][2] for t in tasks]
+                losses, metrics = self.task_losses(lower, self.phi, batches, self.forward)
+                if self.iterative:
+                    self.phi = lower.batched_descend(self.phi, losses.sum())
+                else:
+                    grads = torch.autograd.grad(losses.sum(), self.phi, allow_unused=True)
+                    self.sgd.step(self.phi, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.phi)])
+                lower_losses.append((losses.detach(), metrics))
+            self.last_batches = [t["lower"][-1][2] for t in tasks]
+            values = torch.stack([l for l, _ in lower_losses]).tolist()  # [K][n]: one sync per chunk
+            for k, row in enumerate(values):
+                for g, value in enumerate(row):
+                    if value != value or value in (float("inf"), float("-inf")):
+                        global_step, count, _ = tasks[g]["lower"][k]
+                        raise FloatingPointError(
+                            f'problem "{lower.name}": training_step returned a non-finite loss ({value}) at local '
+                            f"step {count} (global step {global_step}; task {g + 1} of the batched meta-step)"
+                        )
+            for g, task in enumerate(tasks):
+                task["lower_stats"] = [
+                    {"loss": values[k][g], **_plain(lower_losses[k][1][g])} for k in range(len(values))
+                ]
+
+            losses, metrics = self._upper_losses([t["upper"][2] for t in tasks])
+            upper_values = losses.detach().tolist()
+            for g, (task, value) in enumerate(zip(tasks, upper_values)):
+                if value != value or value in (float("inf"), float("-inf")):
+                    global_step, count, _ = task["upper"]
+                    raise FloatingPointError(
+                        f'problem "{upper.name}": training_step returned a non-finite loss ({value}) at local step '
+                        f"{count} (global step {global_step}; task {g + 1} of the batched meta-step)"
+                    )
+                task["upper_stats"] = {"loss": value, **_plain(metrics[g])}
+            upper.backward(losses.sum() / upper.gas)
+        finally:
+            self._leave(tasks)
+
+    def _leave(self, tasks: List[dict]) -> None:
+        """The lower holds the last task's adapted weights, as after the sequential engine."""
+        lower = self.lower
+        phi, self.phi = self.phi, None
+        lower._task_batch = None
+        lower.cur_batch = tasks[-1]["lower"][-1][2]
+        if self.iterative:
+            lower.batched_finish(phi)
+            return
+        with torch.no_grad():
+            for p, w in zip(self.module_params, phi):
+                p.copy_(w[-1])
+        if any(g.get("momentum", 0) for g in lower.optimizer.param_groups):
+            for p, buf in zip(self.module_params, self.sgd.buffers):
+                lower.optimizer.state[p]["momentum_buffer"] = buf[-1].clone()
+
+    def _close_window(self, tasks: List[dict]) -> None:
+        """The upper's optimizer, scheduler and logs task by task, in the sequential order."""
+        lower, upper = self.lower, self.upper
+        if lower.config.log_step > 0:
+            for task in tasks:
+                for (global_step, count, _), stats in zip(task["lower"], task["lower_stats"]):
+                    if count % lower.config.log_step == 0:
+                        lower._count, saved = count, lower._count
+                        lower.log(stats, global_step)
+                        lower._count = saved
+        final = upper._count
+        for task in tasks:
+            global_step, count, batch = task["upper"]
+            upper._count, upper.cur_batch = count, batch
+            if count % upper.gas == 0:
+                upper.optimizer_step()
+                upper.param_callback(upper.trainable_parameters())
+                upper.zero_grad()
+            if upper.scheduler is not None:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                    upper.scheduler.step()
+            if upper.config.log_step > 0 and count % upper.config.log_step == 0:
+                upper.log(task["upper_stats"], global_step)
+        upper._count = final
+        upper.ready = [False] * len(upper.children)
+
+
+def _plain(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Logged values as numbers (a per-task tensor metric becomes its value)."""
+    return {k: (v.item() if isinstance(v, Tensor) and v.numel() == 1 else v) for k, v in metrics.items()}
+
+
+__all__ = ["TaskBatcher"]
