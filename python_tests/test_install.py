@@ -33,7 +33,7 @@ def test_console_script_runs_from_another_folder(venv, tmp_path):
     done = subprocess.run([str(script), "--help"], cwd=tmp_path, env=outside_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage: imaml-train")
+    assert done.stdout.startswith("usage: imaml-train") and "--preset" in done.stdout
 
 
 def test_package_imports_from_another_folder(venv, tmp_path):

@@ -732,7 +732,7 @@ def test_time_budget_chain_equals_one_run(tmp_path, reference_run, data_root, mo
         return real_step(self, *batch)
 
     monkeypatch.setattr(train_cli.IMAML, "meta_step", one_second_step)
-    monkeypatch.setattr(loop, "TimeBudget", lambda seconds: TimeBudget(seconds, clock=lambda: now["t"]))
+    monkeypatch.setattr(loop, "TimeBudget", lambda seconds, spent: TimeBudget(seconds, clock=lambda: now["t"], margin=0.1))
     out = tmp_path / "chain"
     stops = []
     for _ in range(5):
@@ -773,7 +773,7 @@ def test_time_budget_leaves_the_final_evaluation_for_the_next_invocation(tmp_pat
 
     monkeypatch.setattr(train_cli.IMAML, "meta_step", one_second_step)
     monkeypatch.setattr(loop, "evaluate", validation)
-    monkeypatch.setattr(loop, "TimeBudget", lambda seconds: TimeBudget(seconds, clock=lambda: now["t"]))
+    monkeypatch.setattr(loop, "TimeBudget", lambda seconds, spent: TimeBudget(seconds, clock=lambda: now["t"], margin=0.1))
     out = tmp_path / "late"
     assert run(out, "--scheduler", "cosine", "--time_budget", "30", data=data_root) == 0
     assert "stopped at meta-step 6 of 6 (--time_budget 30 s: the final evaluation would not fit" in capsys.readouterr().out

@@ -157,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "stop_after", type=int, default=None,
          help="end this invocation after this many meta-steps in all (checkpointed); --resume continues")
     _add(run, "time_budget", type=float, default=None, metavar="SECONDS",
-         help="end this invocation, with a checkpoint, before SECONDS have passed since it started (each next "
-              "meta-step, validation and the final evaluation is estimated from the last); repeat the same "
-              "command with --resume, which may then also start the run, to go on bit for bit")
+         help="end this invocation, with a checkpoint, before SECONDS have passed since the process started "
+              "(each next meta-step, validation and the final evaluation is estimated from this invocation's "
+              "own); repeat the same command with --resume, which may then also start the run, to go on bit "
+              "for bit")
     _add(run, "on_nonfinite", default="error", choices=("error", "skip-task"),
          help="a task with a non-finite loss or meta-gradient is always left out of theta's update; "
               "error: stop at the next log step, naming it; skip-task: count it in the log and go on")

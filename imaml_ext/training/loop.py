@@ -24,14 +24,14 @@ from .learner import build_imaml, build_model
 from .run_folder import RunFolder, check_out_folder, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .signals import StopSignal
 from .tasks import make_tasks
-from .time_budget import TimeBudget
+from .time_budget import TimeBudget, process_age
 
 WINDOW_KEYS = ("loss", "accuracy", "support_loss", "cg_residual", "cg_breakdown", "nonfinite")
 
 
 def train(args: argparse.Namespace) -> Dict[str, object]:
     """Run (or resume) the training described by ``args``; returns the results dict."""
-    budget = TimeBudget(args.time_budget) if args.time_budget is not None else None  # counted from here
+    budget = TimeBudget(args.time_budget, spent=process_age()) if args.time_budget is not None else None
     folder = RunFolder(args.out)
     check_out_folder(folder.path)
     config = run_config(args)
