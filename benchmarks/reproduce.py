@@ -226,7 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     for path in write(entries, Path(args.results), args.machine):
         print(path.with_suffix(".md").read_text())
-        print(f"wrote {path}, .md, .png")
+        png = path.with_suffix(".png")
+        print(f"wrote {path}, .md" + (", .png" if png.exists() else " (no curve to plot yet)"))
     return 0
 
 
