@@ -51,6 +51,7 @@ def build(
     reg: float = 0.25,
     scheduler: bool = True,
     dtype=torch.float64,
+    accuracy_item: bool = True,
 ):
     """The tutorial's program. ``kind``: "implicit" (as written) or "iterative" (the
     tutorial's one-word switch, ImplicitProblem -> IterativeProblem everywhere)."""
@@ -78,8 +79,8 @@ def build(
             inputs, labels = batch
             out = self.lower(inputs)
             loss = F.cross_entropy(out, labels)
-            acc = 100.0 * (out.argmax(dim=1) == labels).float().mean().item()
-            return {"loss": loss, "acc": acc}
+            acc = 100.0 * (out.argmax(dim=1) == labels).float().mean()
+            return {"loss": loss, "acc": acc.item() if accuracy_item else acc}
 
         def get_batch(self):
             inputs, labels = self.env.batch["test"]

@@ -86,6 +86,41 @@ def test_vmap_forward_and_chunks_equal_the_loop():
     assert relative_difference(theta(sequential), theta(vmapped)) < TOL
 
 
+def test_upper_step_without_item_runs_under_vmap():
+    sequential, _ = both(meta_steps=2, meta_batch=4, inner_steps=2, accuracy_item=False)
+    vmapped = build("on", meta_batch=4, inner_steps=2, forward="vmap", accuracy_item=False)
+    run_meta_steps(vmapped, 2)
+    assert vmapped.task_batching.upper_forward == "vmap"
+    assert relative_difference(theta(sequential), theta(vmapped)) < TOL
+
+
+def logged_lines(engine, meta_steps):
+    import logging
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("imaml_ext")
+    logger.addHandler(handler)
+    try:
+        run_meta_steps(engine, meta_steps)
+    finally:
+        logger.removeHandler(handler)
+    import re
+
+    # the values to 10 digits: the batched arithmetic sums in another order
+    rounded = (re.sub(r"\d+\.\d+", lambda m: f"{float(m.group()):.10g}", line) for line in lines)
+    return sorted(line for line in rounded if line.startswith("[Problem"))
+
+
+def test_logs_are_the_sequential_engines():
+    """Each task's own loss and metrics at the counts where the sequential engine logs them."""
+    kwargs = dict(meta_batch=4, inner_steps=2, upper_config={"log_step": 3}, lower_config={"log_step": 5})
+    sequential = logged_lines(build("off", **kwargs), 2)
+    batched = logged_lines(build("on", **kwargs), 2)
+    assert len(sequential) == 2 + 3 and batched == sequential
+
+
 def test_sgd_momentum_dampening_nesterov_weight_decay():
     def clears_state(Lower):
         class ClearsMomentum(Lower):
