@@ -205,7 +205,7 @@ class Engine:
                         f'dependencies["l2u"] has no chain of parents from "{lower.name}" up to "{upper.name}"'
                     )
                 for path in paths:
-                    upper.add_path([upper] + path)
+                    upper._add_path([upper] + path)
         parents_of_someone = {id(u) for uppers in l2u.values() for u in uppers}
         self.leaves = [p for p in self.problems if id(p) not in parents_of_someone]
 
@@ -291,10 +291,13 @@ class Engine:
         return type(self).validation is not Engine.validation and self.valid_step > 0
 
     def train(self) -> None:
+        """Every problem in training mode (run() calls it before training and after each validation)."""
         for problem in self.problems:
             problem.train()
 
     def eval(self) -> None:
+        """Every problem in evaluation mode (run() calls it around validation). Tasks recorded for a
+        batched meta-step that is not complete run first, task by task."""
         self._flush_tasks()
         for problem in self.problems:
             problem.eval()

@@ -564,3 +564,22 @@ def test_nonfinite_task_is_skipped_on_the_device_and_named():
     assert not all(torch.isfinite(p.grad).all() for p in propagated.parameters())
     with pytest.raises(ValueError, match=r"IMAML: nonfinite must be one of 'propagate', 'skip'; got 'drop'"):
         IMAML(model, nonfinite="drop")
+
+
+@pytest.mark.parametrize("layer, said", [
+    (lambda: torch.nn.Dropout(0.2), "draws a new mask"),
+    (lambda: torch.nn.BatchNorm1d(4), "keeps running statistics"),
+])
+def test_imaml_says_when_a_layer_changes_what_the_meta_gradient_means(layer, said):
+    import warnings as _warnings
+
+    from imaml_ext import IMAML
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), layer(), torch.nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=said):
+        IMAML(model)
+    clean = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, track_running_stats=False),
+                                torch.nn.Dropout(0.0), torch.nn.Linear(4, 2))
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        IMAML(clean)

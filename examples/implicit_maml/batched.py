@@ -10,6 +10,10 @@ the diff):
   task on the fused kernels, the proximal part applied analytically.
 
     PYTHONPATH=. python examples/implicit_maml/batched.py --train_iters 500
+
+--train_iters counts global steps: here one meta-step is inner_steps of them (all T tasks
+step at once, gradient_accumulation=1), so 500 is 100 meta-steps; in tutorial.py a meta-step
+is inner_steps x meta_batch_size global steps.
 """
 
 import argparse
@@ -41,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--cg_iterations", type=int, default=3)
     parser.add_argument("--meta_lr", type=float, default=3e-4)
     parser.add_argument("--base_lr", type=float, default=1e-1)
-    parser.add_argument("--train_iters", type=int, default=None, help="global steps (default: 1000 meta-steps)")
+    parser.add_argument("--train_iters", type=int, default=None, help="global steps; inner_steps of them make a meta-step (default: 1000 meta-steps)")
     parser.add_argument("--valid_step", type=int, default=None)
     parser.add_argument("--valid_tasks", type=int, default=500)
     parser.add_argument("--device", default=None)

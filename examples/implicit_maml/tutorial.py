@@ -8,7 +8,11 @@ Omniglot (which fails offline), so ``tasksets`` is built by
 ``imaml_ext.data.l2l_tasksets``: learn2learn ``TaskDataset``s over the same
 images, whose ``tasksets.train.sample()`` the tutorial calls unchanged.
 
-    python examples/implicit_maml/tutorial.py --train_iters 500
+    python examples/implicit_maml/tutorial.py --train_iters 8000
+
+--train_iters counts global steps, Betty's unit: one meta-step is inner_steps x
+meta_batch_size of them (80 with the defaults), so 8000 is 100 meta-steps. The Engine
+runs each meta-step's 16 inner loops as one batch (engine.task_batching).
 """
 
 import argparse
@@ -37,7 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--base_lr", type=float, default=1e-1, help="the lower's SGD learning rate")
     parser.add_argument("--reg", type=float, default=0.25, help="reg * ||phi - theta||^2 in the lower loss")
     parser.add_argument("--task_num", type=int, default=-1)
-    parser.add_argument("--train_iters", type=int, default=None, help="global steps (default: 1000 meta-steps)")
+    parser.add_argument("--train_iters", type=int, default=None, help="global steps; inner_steps x meta_batch_size of them make a meta-step (default: 1000 meta-steps)")
     parser.add_argument("--valid_step", type=int, default=None, help="global steps between validations")
     parser.add_argument("--valid_tasks", type=int, default=500)
     parser.add_argument("--device", default=None)

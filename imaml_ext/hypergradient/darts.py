@@ -34,7 +34,7 @@ def darts(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
         with torch.no_grad():
             for p, v in zip(params, vector):
                 p.data.add_(v.to(p.dtype), alpha=shift)
-        loss = curr.loss_for_hypergradient()
+        loss = curr._loss_for_hypergradient()
         grads = torch.autograd.grad(loss, prev_params, allow_unused=True)
         return [g.detach() for g in zeros_for_none(grads, prev_params)]
 

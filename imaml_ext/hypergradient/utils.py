@@ -16,7 +16,7 @@ def zeros_for_none(grads, like: Sequence[Tensor]) -> List[Tensor]:
 def gradient_with_graph(curr):
     """(params, dL_curr/dparams with create_graph) at curr's current parameters."""
     params = curr.trainable_parameters()
-    loss = curr.loss_for_hypergradient()
+    loss = curr._loss_for_hypergradient()
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     return params, zeros_for_none(grads, params)
 

@@ -139,7 +139,7 @@ class Problem:
             self._children.append(problem)
             self.ready.append(False)
 
-    def add_path(self, path: List["Problem"]) -> None:
+    def _add_path(self, path: List["Problem"]) -> None:
         self._paths.append(path)
 
     # ----- set-up -----
@@ -218,13 +218,20 @@ class Problem:
         return self.module(*args, **kwargs)
 
     def training_step(self, batch):
+        """This level's loss on ``batch`` (what ``get_batch`` returned): a scalar tensor, or a dict
+        with a scalar tensor ``"loss"`` and other metrics to log. Override it. ``self.module`` is
+        this level's network at its current parameters, ``self.<name>`` any other problem; under
+        the Engine's task batching it runs once per task with that task's weights."""
         raise NotImplementedError(
             f'problem "{self.name}" ({type(self).__name__}) must define training_step(batch) '
             'returning a loss tensor or a dict with "loss"'
         )
 
     def on_inner_loop_start(self) -> None:
-        pass
+        """Called before the first local step of each inner loop (every ``unroll_steps x
+        gradient_accumulation`` steps). The tutorial resets the lower problem here:
+        ``self.module.load_state_dict(self.upper.module.state_dict())``. A hook that sets the whole
+        module makes the inner loops independent tasks, which the Engine batches."""
 
     def on_epoch_end(self) -> None:
         """Called by get_batch when the first (or only) loader has run out, before it starts again."""
@@ -247,10 +254,12 @@ class Problem:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def train(self) -> None:
+        """Training mode: local steps count and unroll into the parents; the module in train()."""
         self._training = True
         self.module.train()
 
     def eval(self) -> None:
+        """Evaluation mode: steps neither count nor step the parents; the module in eval()."""
         self._training = False
         self.module.eval()
 
@@ -276,7 +285,9 @@ class Problem:
 
     # ----- data -----
     def get_batch(self):
-        """The next batch of ``train_data_loader`` (a tuple of loaders: a tuple of batches)."""
+        """The next batch of ``train_data_loader`` (a tuple of loaders: a tuple of batches), moved to
+        this problem's device; each loader restarts when it runs out (``on_epoch_end`` for the
+        first). Override it to read data elsewhere, e.g. ``self.env.batch["train"]`` as the tutorial does."""
         loaders = self.train_data_loader
         if loaders is None:
             raise ValueError(
@@ -327,7 +338,7 @@ class Problem:
         with self.autocast():
             return self.training_step(batch)
 
-    def parse_loss(self, out, where: str = "training_step"):
+    def _parse_loss(self, out, where: str = "training_step"):
         """(loss tensor, metrics dict) from what training_step returned."""
         if isinstance(out, Tensor):
             loss, metrics = out, {}
@@ -349,17 +360,17 @@ class Problem:
             )
         return loss.reshape(()), metrics
 
-    def loss_for_hypergradient(self) -> Tensor:
+    def _loss_for_hypergradient(self) -> Tensor:
         """This problem's loss on its last batch at its current parameters."""
         if self._task_batch is not None and self._task_batch.running:
             return self._task_batch.lower_loss_vector().sum()
         if self.cur_batch is None:
             raise RuntimeError(f'problem "{self.name}" has taken no step yet, so it has no loss to differentiate')
-        loss, _ = self.parse_loss(self.training_step_exec(self.cur_batch))
+        loss, _ = self._parse_loss(self.training_step_exec(self.cur_batch))
         return loss.float()
 
     def get_loss(self, batch):
-        loss, metrics = self.parse_loss(self.training_step_exec(batch))
+        loss, metrics = self._parse_loss(self.training_step_exec(batch))
         value = loss.item()  # Betty logs every loss; the same sync catches non-finite values
         if not math.isfinite(value):
             raise FloatingPointError(

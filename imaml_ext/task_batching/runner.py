@@ -130,7 +130,7 @@ class TaskBatcher:
 
     def lower_loss_vector(self, keep_dtype: bool = False) -> Tensor:
         """Each task's lower loss on its last batch at its current weights: [n], float32 as
-        ``loss_for_hypergradient`` gives it (or in the loss's own dtype)."""
+        ``_loss_for_hypergradient`` gives it (or in the loss's own dtype)."""
         losses, _ = self.task_losses(self.lower, self.phi, self.last_batches, self.forward)
         return losses if keep_dtype else losses.float()
 
@@ -309,7 +309,7 @@ class TaskBatcher:
         weights of each task (phi [n, *shape]) and each task's batch."""
 
         def step(batch):
-            return problem.parse_loss(problem.training_step_exec(batch))
+            return problem._parse_loss(problem.training_step_exec(batch))
 
         call = _Call(self.target, step)
         self.in_task_call = True
