@@ -140,17 +140,22 @@ def test_evaluation_does_not_depend_on_its_batch_size(data_root):
 # --------------------------------------------------------------------------- resume
 
 
-def test_stop_and_resume_is_bit_exact(tmp_path, reference_run, data_root):
-    out = tmp_path / "split"
-    assert run(out, "--scheduler", "cosine", "--stop_after", "3", data=data_root) == 0
-    assert checkpoint(out)["step"] == 3 and not (out / "results.json").exists()
-    assert run(out, "--scheduler", "cosine", "--resume", data=data_root) == 0
+def assert_same_run(reference_run, out):
+    """The same model, optimizer, scheduler, logged rows and results as the uninterrupted run."""
     assert_same_state(checkpoint(reference_run), checkpoint(out))
     assert checkpoint(reference_run)["scheduler"] == checkpoint(out)["scheduler"]
     assert rows_without_timing(out) == rows_without_timing(reference_run)
     a = json.loads((reference_run / "results.json").read_text())
     b = json.loads((out / "results.json").read_text())
     assert a["test"]["accuracy"] == b["test"]["accuracy"] and a["baseline"] == b["baseline"]
+
+
+def test_stop_and_resume_is_bit_exact(tmp_path, reference_run, data_root):
+    out = tmp_path / "split"
+    assert run(out, "--scheduler", "cosine", "--stop_after", "3", data=data_root) == 0
+    assert checkpoint(out)["step"] == 3 and not (out / "results.json").exists()
+    assert run(out, "--scheduler", "cosine", "--resume", data=data_root) == 0
+    assert_same_run(reference_run, out)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -742,12 +747,7 @@ def test_time_budget_chain_equals_one_run(tmp_path, reference_run, data_root, mo
             break
         assert "--time_budget 2.5 s: the next meta-step would not fit" in capsys.readouterr().out
     assert stops == [2, 4, 5, 6]
-    assert_same_state(checkpoint(reference_run), checkpoint(out))
-    assert checkpoint(reference_run)["scheduler"] == checkpoint(out)["scheduler"]
-    assert rows_without_timing(out) == rows_without_timing(reference_run)
-    a = json.loads((reference_run / "results.json").read_text())
-    b = json.loads((out / "results.json").read_text())
-    assert a["test"]["accuracy"] == b["test"]["accuracy"] and a["baseline"] == b["baseline"]
+    assert_same_run(reference_run, out)
     invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
     assert [(i["from_step"], i["to_step"]) for i in invocations] == [(0, 2), (2, 4), (4, 5), (5, 6)]
 
