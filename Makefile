@@ -48,7 +48,8 @@ build: $(BUILD_STAMP)
 # benchmarks/results/: fused ops, the meta-step against the machine's floor, the
 # HVPs of a solve four ways, peak memory against inner steps (iMAML flat, MAML
 # growing) and T, the meta-step against plain PyTorch (5-way 1-shot and 20-way
-# 5-shot), MAML against learn2learn;
+# 5-shot), MAML against learn2learn, the Betty tutorial batched by the Engine
+# (BETTY_DIR=folder holding Betty 0.1.1's betty package, for its column);
 # then report.py gathers them into results/<machine>-<date>.{json,md,png}.
 bench: $(BUILD_STAMP)
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_ops.py --device cpu
@@ -60,6 +61,7 @@ bench: $(BUILD_STAMP)
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_meta_step.py --device cpu --ways 20 --shots 5 --tasks 8 \
 		--variants ours_batched,ours_sequential,plain_loop,plain_vmap --check-tasks 1
 	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_maml.py --device cpu
+	$(RUN) PYTHONPATH=. $(PY) benchmarks/bench_dropin.py --device cpu $(if $(BETTY_DIR),--betty $(BETTY_DIR))
 	$(RUN) $(PY) benchmarks/report.py
 
 # The iMAML paper's Omniglot table: runs or resumes each of imaml-train's presets
