@@ -87,7 +87,7 @@ class Engine:
         try:
             upper, lower = find_pattern(self)
         except NotBatchable as cause:
-            info.reason, info.pattern = str(cause), getattr(cause, "pattern", None)
+            info.reason, info.pattern = str(cause), cause.pattern
             if mode == "on":
                 raise ValueError(f"EngineConfig(task_batching='on'): {cause}") from None
             if not cause.structural:

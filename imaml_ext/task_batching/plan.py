@@ -18,11 +18,14 @@ from torch import nn
 
 class NotBatchable(Exception):
     """The cause, in words, that a program cannot run task-batched. ``structural``:
-    the program is not a meta-batch of inner loops at all (nothing to warn about)."""
+    the program is not a meta-batch of inner loops at all (nothing to warn about); ``per_window``:
+    only this meta-step's batches are the cause; ``pattern``: the layout found, if any."""
 
-    def __init__(self, cause: str, structural: bool = False):
+    def __init__(self, cause: str, structural: bool = False, per_window: bool = False, pattern=None):
         super().__init__(cause)
         self.structural = structural
+        self.per_window = per_window  # holds for this meta-step's batches only
+        self.pattern = pattern
 
 
 @dataclass
@@ -93,8 +96,8 @@ def find_pattern(engine) -> Tuple[object, object]:
             f'found {len(lowers)} sibling lower problems of one class ({type(lowers[0]).__name__}) under "{upper.name}" '
             "(Betty 0.1.1's implicit-MAML layout); batching sibling problems is not built yet, they run one by one",
             structural=True,
+            pattern="siblings",
         )
-        cause.pattern = "siblings"
         raise cause
     if len(problems) != 2:
         raise NotBatchable(

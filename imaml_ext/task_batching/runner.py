@@ -204,7 +204,7 @@ class TaskBatcher:
         message = f"task batching: {cause}"
         if self.info.mode == "on":
             raise ValueError(f"EngineConfig(task_batching='on'): {cause}") from None
-        per_window = getattr(cause, "per_window", False)
+        per_window = cause.per_window
         if not per_window:
             self.info.active, self.info.reason = False, str(cause)
         if not (per_window and self._warned_shapes):
@@ -264,11 +264,10 @@ class TaskBatcher:
 
     def _check_shapes(self, tasks: List[dict]) -> None:
         def refuse(what, g, a, b):
-            cause = NotBatchable(
-                f"the tasks' batches differ within one meta-batch: {what} of task 0 is {a}, of task {g} {b}"
+            raise NotBatchable(
+                f"the tasks' batches differ within one meta-batch: {what} of task 0 is {a}, of task {g} {b}",
+                per_window=True,
             )
-            cause.per_window = True
-            raise cause
 
         steps = [len(t["lower"]) for t in tasks]
         for g, t in enumerate(tasks):

@@ -27,24 +27,29 @@ class TaskSGD:
         self.buffers: List[Tensor] = []
 
     def reset(self, phi: Sequence[Tensor]) -> None:
-        self.buffers = [torch.zeros_like(p) for p in phi]
+        """A new inner loop: fresh momentum buffers, and the groups' rules read once (no lower
+        scheduler may change them within the loop), so each step is only the updates."""
+        self.by_rule = {}
+        for i, group in enumerate(self.groups):
+            key = (float(group["lr"]), float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0)),
+                   float(group.get("weight_decay", 0.0)), bool(group.get("nesterov", False)))
+            self.by_rule.setdefault(key, []).append(i)
+        momentum = any(key[1] for key in self.by_rule)
+        self.buffers = [torch.zeros_like(p) for p in phi] if momentum else [None] * len(phi)
+        # weight decay is the fused op's proximal pull towards 0: d = g + wd * (phi - 0)
+        self.zeros = [torch.zeros(p.shape[1:], dtype=p.dtype, device=p.device) for p in phi]
         self._first = True
 
     @torch.no_grad()
     def step(self, phi: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         first, self._first = self._first, False
-        by_rule = {}
-        for i, group in enumerate(self.groups):
-            key = (float(group["lr"]), float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0)),
-                   float(group.get("weight_decay", 0.0)), bool(group.get("nesterov", False)))
-            by_rule.setdefault(key, []).append(i)
-        for (lr, momentum, dampening, weight_decay, nesterov), index in by_rule.items():
+        for (lr, momentum, dampening, weight_decay, nesterov), index in self.by_rule.items():
             params = [phi[i] for i in index]
             grad = [grads[i] for i in index]
             buffers = [self.buffers[i] for i in index]
             if dampening == 0.0 and not nesterov:
-                # d = g + wd * (phi - 0); buf = m * buf + d (buf starts at 0: SGD's first buf = d); phi -= lr * d
-                zeros = [torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape[1:]) for p in params]
+                # buf = m * buf + d (buf starts at 0: SGD's first buf = d); phi -= lr * d
+                zeros = [self.zeros[i] for i in index]
                 ops.prox_sgd_step_(params, grad, zeros, lr, weight_decay, momentum, buffers if momentum else None)
                 continue
             d = torch._foreach_add(grad, params, alpha=weight_decay) if weight_decay else list(grad)
