@@ -77,7 +77,7 @@ class Engine:
 
     def _plan_task_batching(self):
         """engine.task_batching: whether the G inner loops of a meta-step run as one batch."""
-        from .task_batching import NotBatchable, TaskBatcher, TaskBatchingInfo, find_pattern
+        from .task_batching import NotBatchable, SiblingBatcher, TaskBatcher, TaskBatchingInfo, find_pattern
 
         mode = self.config.task_batching
         info = TaskBatchingInfo(mode=mode)
@@ -85,7 +85,7 @@ class Engine:
             info.reason = "EngineConfig(task_batching='off')"
             return info
         try:
-            upper, lower = find_pattern(self)
+            plan = find_pattern(self)
         except NotBatchable as cause:
             info.reason, info.pattern = str(cause), cause.pattern
             if mode == "on":
@@ -93,9 +93,13 @@ class Engine:
             if not cause.structural:
                 warnings.warn(f"task batching: {cause}; running task by task", RuntimeWarning, stacklevel=3)
             return info
-        info.active, info.pattern, info.tasks = True, "gradient_accumulation", upper.gas
-        self._task_batcher = TaskBatcher(self, upper, lower, info, self.config.task_batching_forward,
-                                         self.config.task_batching_max_tasks)
+        info.active, info.pattern, info.tasks = True, plan.pattern, plan.tasks
+        if plan.pattern == "siblings":
+            batcher, lower = SiblingBatcher, plan.lowers
+        else:
+            batcher, lower = TaskBatcher, plan.lowers[0]
+        self._task_batcher = batcher(self, plan.upper, lower, info, self.config.task_batching_forward,
+                                     self.config.task_batching_max_tasks)
         return info
 
     def _flush_tasks(self) -> None:

@@ -149,3 +149,106 @@ def relative_difference(a, b) -> float:
     num = sum(((x - y) ** 2).sum() for x, y in zip(a, b)).sqrt()
     den = sum((x ** 2).sum() for x in a).sqrt()
     return float(num / den) if den > 0 else float(num)
+
+
+def build_siblings(
+    mode: str = "auto",
+    tasks: int = 4,
+    inner_steps: int = 3,
+    seed: int = 0,
+    lower_config: dict = None,
+    lower_optimizer=None,
+    forward: str = "auto",
+    outer_class=None,
+    dtype=torch.float64,
+):
+    """Betty 0.1.1's own implicit-MAML example (examples/implicit_maml/main.py in its sdist), as
+    written but for the device calls, on synthetic float64 tasks: ``tasks`` sibling lower problems
+    named "inner" (reached as inner_0, inner_1, ...) under "outer", each reading its slice of
+    one batch, with BatchNorm keeping running statistics (momentum 1) as there."""
+    torch.manual_seed(seed)
+    data = torch.Generator().manual_seed(seed + 1)
+
+    def net():
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=1, affine=True), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2), nn.Flatten(), nn.Linear(4 * ((SIDE - 2) // 2) ** 2, WAYS),
+        ).to(dtype)
+
+    def sample(shots):
+        x = torch.randn(tasks, WAYS * shots, 1, SIDE, SIDE, generator=data, dtype=dtype)
+        y = torch.arange(WAYS).repeat_interleave(shots).repeat(tasks, 1)
+        return x + y.to(dtype).view(tasks, -1, 1, 1, 1) * 0.5, y
+
+    class MAMLEnv(Env):
+        def __init__(self):
+            super().__init__()
+            self.batch = None
+
+        def step(self):
+            self.batch = (*sample(SHOTS), *sample(QUERY))
+
+    class Outer(ImplicitProblem):
+        def training_step(self, batch):
+            inputs, labels = batch
+            accs = []
+            loss = 0
+            for idx in range(len(self._children)):
+                net = getattr(self, f"inner_{idx}")
+                out = net(inputs[idx])
+                loss += F.cross_entropy(out, labels[idx]) / len(self._children)
+                accs.append((out.argmax(dim=1) == labels[idx]).detach())
+            acc = 100.0 * torch.cat(accs).float().mean().item()
+            return {"loss": loss, "acc": acc}
+
+        def get_batch(self):
+            x_spt, y_spt, x_qry, y_qry = self.env.batch
+            return (x_qry, y_qry)
+
+    class Inner(ImplicitProblem):
+        def training_step(self, batch):
+            inputs, labels = batch
+            idx = self.outer.children.index(self)
+            out = self.module(inputs[idx])
+            return F.cross_entropy(out, labels[idx]) + self.reg_loss()
+
+        def reg_loss(self):
+            return 0.5 * sum(
+                [(p1 - p2).pow(2).sum() for p1, p2 in zip(self.trainable_parameters(), self.outer.trainable_parameters())]
+            )
+
+        def get_batch(self):
+            x_spt, y_spt, x_qry, y_qry = self.env.batch
+            return (x_spt, y_spt)
+
+        def on_inner_loop_start(self):
+            self.module.load_state_dict(self.outer.module.state_dict())
+
+        def configure_module(self):
+            return net()
+
+        def configure_optimizer(self):
+            return (lower_optimizer or (lambda params: torch.optim.SGD(params, lr=0.1)))(self.module.parameters())
+
+    outer_class = outer_class(Outer) if outer_class is not None else Outer
+    parent_module = net()
+    parent_optimizer = torch.optim.Adam(parent_module.parameters(), lr=0.01)
+    parent_scheduler = torch.optim.lr_scheduler.StepLR(parent_optimizer, step_size=2, gamma=0.9)
+    parent = outer_class(name="outer", module=parent_module, optimizer=parent_optimizer, scheduler=parent_scheduler,
+                         config=Config(log_step=1, retain_graph=True))
+    child_config = Config(**{"type": "darts", "unroll_steps": inner_steps, **(lower_config or {})})
+    children = [Inner(name="inner", config=child_config) for _ in range(tasks)]
+    MAMLEngine = per_task_engine(inner_steps)
+    engine_config = EngineConfig(train_iters=10 ** 6, valid_step=0, device="cpu", task_batching=mode,
+                                 task_batching_forward=forward)
+    return MAMLEngine(
+        config=engine_config,
+        problems=children + [parent],
+        dependencies={"u2l": {parent: children}, "l2u": {c: [parent] for c in children}},
+        env=MAMLEnv(),
+    )
+
+
+def run_sibling_meta_steps(engine, meta_steps: int) -> None:
+    engine.train_iters = meta_steps * engine.inner_0.config.unroll_steps
+    engine.run()

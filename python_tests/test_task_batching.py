@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dropin_programs import build, relative_difference, run_meta_steps, theta
-from imaml_ext.configs import EngineConfig
+from imaml_ext.configs import Config, EngineConfig
 from imaml_ext.problems import Problem
 
 TOL = 1e-10
@@ -95,7 +95,15 @@ def test_upper_step_without_item_runs_under_vmap():
 
 
 def logged_lines(engine, meta_steps):
+    engine.train_iters = meta_steps * engine.upper.gas * engine.lower.config.unroll_steps
+    return sorted(logged_run(engine))
+
+
+def logged_run(engine):
+    """The problems' log lines of ``engine.run()``, values to 10 digits (the batched arithmetic
+    sums in another order)."""
     import logging
+    import re
 
     lines = []
     handler = logging.Handler()
@@ -103,14 +111,11 @@ def logged_lines(engine, meta_steps):
     logger = logging.getLogger("imaml_ext")
     logger.addHandler(handler)
     try:
-        run_meta_steps(engine, meta_steps)
+        engine.run()
     finally:
         logger.removeHandler(handler)
-    import re
-
-    # the values to 10 digits: the batched arithmetic sums in another order
-    rounded = (re.sub(r"\d+\.\d+", lambda m: f"{float(m.group()):.10g}", line) for line in lines)
-    return sorted(line for line in rounded if line.startswith("[Problem"))
+    rounded = [re.sub(r"\d+\.\d+", lambda m: f"{float(m.group()):.10g}", line) for line in lines]
+    return [line for line in rounded if line.startswith("[Problem")]
 
 
 def test_logs_are_the_sequential_engines():
@@ -295,11 +300,146 @@ def test_iterative_switch_is_maml(mode, order):
     assert engine.task_batching.active == (mode == "on")
 
 
-def test_sibling_lower_problems_are_found_and_said_not_batched():
-    """Betty 0.1.1's implicit-MAML layout: T lower problems named "inner" under one upper."""
+# ----- Betty 0.1.1's own layout: T sibling lower problems under one upper -----
+
+SIBLING_CASES = {
+    "darts (Betty's example as written)": {},
+    "cg": {"lower_config": {"type": "cg", "cg_iterations": 3}},
+    "cg proximal_lambda, damped": {
+        "lower_config": {"type": "cg", "cg_iterations": 3, "proximal_lambda": 1.0, "cg_damping": 1.0,
+                         "lam_damping": 10.0}},
+    "neumann": {"lower_config": {"type": "neumann", "neumann_iterations": 2, "neumann_alpha": 0.1}},
+    "darts proximal_lambda": {"lower_config": {"type": "darts", "proximal_lambda": 1.0}},
+}
+
+
+def sibling_state(engine):
+    """theta, the upper's Adam moments, and every sibling's module state (running statistics too)."""
+    moments = [v[k] for _, v in sorted(engine.outer.optimizer.state_dict()["state"].items())
+               for k in ("exp_avg", "exp_avg_sq")]
+    siblings = [v.double() for c in engine.outer.children for v in c.module.state_dict().values()]
+    return theta_of(engine), moments, siblings
+
+
+def theta_of(engine):
+    return [p.detach().clone() for p in engine.outer.module.parameters()]
+
+
+def assert_same_sibling_state(sequential, batched, tol=TOL):
+    for mine, theirs in zip(sibling_state(sequential), sibling_state(batched)):
+        assert relative_difference(mine, theirs) < tol
+    assert sequential.outer.scheduler.state_dict() == batched.outer.scheduler.state_dict()
+    assert [c.count for c in sequential.outer.children] == [c.count for c in batched.outer.children]
+    assert sequential.outer.count == batched.outer.count
+
+
+@pytest.mark.parametrize("case", list(SIBLING_CASES))
+def test_siblings_batched_equal_sequential(case):
+    from dropin_programs import build_siblings, run_sibling_meta_steps
+
+    sequential = build_siblings("off", **SIBLING_CASES[case])
+    run_sibling_meta_steps(sequential, META_STEPS)
+    batched = build_siblings("on", **SIBLING_CASES[case])
+    run_sibling_meta_steps(batched, META_STEPS)
+    info = batched.task_batching
+    assert info.active and info.pattern == "siblings" and info.tasks == 4
+    assert relative_difference(theta_of(build_siblings("off", **SIBLING_CASES[case])), theta_of(batched)) > 1e-4
+    assert_same_sibling_state(sequential, batched)
+
+
+def test_siblings_logs_momentum_and_a_cut_window():
+    """Logs line by line, each sibling's momentum buffers, and a meta-step cut by train_iters
+    (replayed one by one) as the sequential engine leaves them."""
+    from dropin_programs import build_siblings
+
+    # momentum carried from one inner loop into the next makes the inner loops dependent
+    with pytest.warns(RuntimeWarning, match="momentum buffers"):
+        engine = build_siblings("auto", tasks=3, inner_steps=2,
+                                lower_optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+        engine.train_iters = 4
+        engine.run()
+    assert not engine.task_batching.active
+
+    sequential, seq_lines = run_clearing("off", 2 * 2 + 1)
+    batched, bat_lines = run_clearing("on", 2 * 2 + 1)  # two meta-steps and the first step of a third
+    assert batched.task_batching.active
+    assert_same_sibling_state(sequential, batched)
+    assert len(seq_lines) == 3 * 5 + 2 and bat_lines == seq_lines
+    for c_seq, c_bat in zip(sequential.outer.children, batched.outer.children):
+        # each sibling's buffers together: the conv bias before BatchNorm has a gradient of rounding noise
+        a = [c_seq.optimizer.state[p]["momentum_buffer"] for p in c_seq.module.parameters()]
+        b = [c_bat.optimizer.state[p]["momentum_buffer"] for p in c_bat.module.parameters()]
+        assert relative_difference(a, b) < 1e-8
+
+
+def run_clearing(mode, iters):
+    """Siblings with SGD momentum whose hook clears it, logging every local step."""
+    from dropin_programs import build_siblings
+
+    engine = build_siblings(mode, tasks=3, inner_steps=2, lower_config={"log_step": 1},
+                            lower_optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    for child in engine.outer.children:
+        hook = child.on_inner_loop_start
+        child.on_inner_loop_start = lambda hook=hook, child=child: (hook(), child.optimizer.state.clear())
+    engine.train_iters = iters
+    return engine, logged_run(engine)
+
+
+SIBLING_FALLBACKS = {
+    "siblings with different SGD settings": ("lr", "SGD settings of the sibling lower problems"),
+    "Adam in the siblings": ("adam", "steps Adam"),
+    "an upper that accumulates": ("gas", "needs gradient_accumulation=1"),
+}
+
+
+def sibling_program(kind, mode):
+    from dropin_programs import build_siblings
+
+    if kind == "lr":
+        made = []
+
+        def alternating(params):
+            made.append(params)
+            return torch.optim.SGD(params, lr=0.1 if len(made) % 2 else 0.05)
+
+        return build_siblings(mode, lower_optimizer=alternating)
+    if kind == "adam":
+        return build_siblings(mode, lower_optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+
+    def accumulating(Outer):
+        class Accumulating(Outer):
+            def __init__(self, **kwargs):
+                kwargs["config"] = Config(log_step=1, retain_graph=True, gradient_accumulation=2)
+                super().__init__(**kwargs)
+
+        return Accumulating
+
+    return build_siblings(mode, outer_class=accumulating)
+
+
+@pytest.mark.parametrize("case", list(SIBLING_FALLBACKS))
+def test_sibling_fallback_names_the_cause(case):
+    from dropin_programs import run_sibling_meta_steps
+
+    kind, cause = SIBLING_FALLBACKS[case]
+    sequential = sibling_program(kind, "off")
+    run_sibling_meta_steps(sequential, 2)
+    with pytest.warns(RuntimeWarning, match=cause) as record:
+        auto = sibling_program(kind, "auto")
+        run_sibling_meta_steps(auto, 2)
+    assert sum("task batching" in str(w.message) for w in record) == 1
+    assert not auto.task_batching.active and auto.task_batching.pattern == "siblings"
+    assert relative_difference(theta_of(sequential), theta_of(auto)) < TOL
+    with pytest.raises(ValueError, match=f"task_batching='on'.*{cause}"):
+        on = sibling_program(kind, "on")
+        run_sibling_meta_steps(on, 2)
+
+
+def test_siblings_without_a_hook_run_one_by_one():
+    """Siblings whose inner loops continue from the last one: run one by one, as Betty, and said."""
     from torch import nn
 
-    from imaml_ext import Config, Engine, ImplicitProblem
+    from imaml_ext import Engine, ImplicitProblem
 
     class Inner(ImplicitProblem):
         def training_step(self, batch):
@@ -320,11 +460,19 @@ def test_sibling_lower_problems_are_found_and_said_not_batched():
         return cls(name=name, module=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
                    config=Config(unroll_steps=2))
 
-    children = [problem(Inner, "inner") for _ in range(3)]
-    outer = problem(Outer, "outer")
-    engine = Engine(children + [outer], EngineConfig(device="cpu", train_iters=4),
-                    dependencies={"u2l": {outer: children}, "l2u": {c: [outer] for c in children}})
-    info = engine.task_batching
-    assert not info.active and info.pattern == "siblings" and "3 sibling lower problems" in info.reason
-    engine.run()  # one by one, as Betty
-    assert [c.count for c in children] == [4, 4, 4] and outer.count == 2
+    cause = "defines no on_inner_loop_start"
+
+    def engine(mode):
+        children = [problem(Inner, "inner") for _ in range(3)]
+        outer = problem(Outer, "outer")
+        return Engine(children + [outer], EngineConfig(device="cpu", train_iters=4, task_batching=mode),
+                      dependencies={"u2l": {outer: children}, "l2u": {c: [outer] for c in children}})
+
+    with pytest.warns(RuntimeWarning, match=cause):
+        auto = engine("auto")
+    info = auto.task_batching
+    assert not info.active and info.pattern == "siblings" and cause in info.reason
+    auto.run()  # one by one, as Betty
+    assert [c.count for c in auto.outer.children] == [4, 4, 4] and auto.outer.count == 2
+    with pytest.raises(ValueError, match=f"task_batching='on'.*{cause}"):
+        engine("on")

@@ -497,8 +497,8 @@ class Problem:
         when this problem has unrolled ``unroll_steps * gradient_accumulation``."""
         self._global_step = global_step
         batcher = getattr(self.engine, "_task_batcher", None)
-        if batcher is not None and batcher.lower is self:
-            batcher.lower_step(global_step)  # recorded; the Engine runs the meta-batch's tasks at once
+        if batcher is not None and batcher.records(self):
+            batcher.lower_step(global_step, self)  # recorded; the Engine runs the meta-batch's tasks at once
             return
         self.step_normal(global_step=global_step)
 

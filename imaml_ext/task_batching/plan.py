@@ -10,7 +10,7 @@ here names the problem, the hook, call or optimizer that breaks the pattern.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
@@ -84,21 +84,32 @@ def _siblings(problems):
     return None
 
 
-def find_pattern(engine) -> Tuple[object, object]:
-    """(upper, lower) of the gradient-accumulation pattern, or NotBatchable."""
-    from ..problems.iterative_problem import IterativeProblem
+@dataclass
+class Plan:
+    """What ``find_pattern`` found: ``gradient_accumulation`` (one lower, G inner loops per
+    meta-step) or ``siblings`` (T lower problems of one class, one inner loop each)."""
 
+    pattern: str
+    upper: object
+    lowers: list
+
+    @property
+    def tasks(self) -> int:
+        return self.upper.gas if self.pattern == "gradient_accumulation" else len(self.lowers)
+
+
+def find_pattern(engine) -> Plan:
+    """The task pattern of the engine's problems, or NotBatchable."""
     problems = engine.problems
     siblings = _siblings(problems)
     if siblings:
         upper, lowers = siblings
-        cause = NotBatchable(
-            f'found {len(lowers)} sibling lower problems of one class ({type(lowers[0]).__name__}) under "{upper.name}" '
-            "(Betty 0.1.1's implicit-MAML layout); batching sibling problems is not built yet, they run one by one",
-            structural=True,
-            pattern="siblings",
-        )
-        raise cause
+        try:
+            _check_siblings(upper, lowers)
+        except NotBatchable as cause:
+            cause.pattern = "siblings"
+            raise
+        return Plan("siblings", upper, lowers)
     if len(problems) != 2:
         raise NotBatchable(
             f"task batching runs one upper and one lower problem; this engine has {len(problems)} "
@@ -117,6 +128,65 @@ def find_pattern(engine) -> Tuple[object, object]:
             "meta-step, so there are no tasks to batch",
             structural=True,
         )
+    _check_lower(upper, lower, own_module=False)
+    return Plan("gradient_accumulation", upper, [lower])
+
+
+def _check_siblings(upper, lowers) -> None:
+    """Betty 0.1.1's implicit-MAML layout: each sibling one task of the upper's meta-step."""
+    from ..problems.iterative_problem import IterativeProblem
+
+    first = lowers[0]
+    if upper.gas != 1:
+        raise NotBatchable(
+            f'the upper problem "{upper.name}" accumulates its gradient over {upper.gas} rounds of its '
+            f"{len(lowers)} sibling lower problems; task batching of siblings needs gradient_accumulation=1"
+        )
+    if isinstance(first, IterativeProblem):
+        raise NotBatchable(
+            f"the sibling lower problems ({type(first).__name__}) are IterativeProblems; task batching of "
+            "siblings is built for ImplicitProblem (one lower problem with gradient_accumulation batches both)"
+        )
+    for lower in lowers:
+        _check_lower(upper, lower, own_module=True)
+    shapes = [(n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in first.module.named_parameters()]
+    for lower in lowers[1:]:
+        if lower.config.__dict__ != first.config.__dict__:
+            differ = sorted(k for k in first.config.__dict__ if first.config.__dict__[k] != lower.config.__dict__.get(k))
+            raise NotBatchable(
+                f'the sibling lower problems "{first.name}" and "{lower.name}" have different Configs '
+                f"({', '.join(differ)}), so they are not one task run T times"
+            )
+        mine = [(n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in lower.module.named_parameters()]
+        if mine != shapes:
+            raise NotBatchable(
+                f'the modules of the sibling lower problems "{first.name}" and "{lower.name}" differ in their '
+                "parameters (names, shapes, dtypes or requires_grad)"
+            )
+        if _sgd_rules(lower.optimizer) != _sgd_rules(first.optimizer):
+            raise NotBatchable(
+                f'the SGD settings of the sibling lower problems "{first.name}" and "{lower.name}" differ '
+                f"({_sgd_rules(first.optimizer)} against {_sgd_rules(lower.optimizer)})"
+            )
+    extra = [p for p in upper.paths if not (len(p) == 3 and p[1] in lowers)]
+    if extra:
+        raise NotBatchable(
+            f'the upper problem "{upper.name}" differentiates through '
+            f"{' -> '.join(q.name for q in extra[0])}, which is not one of its siblings' inner loops"
+        )
+
+
+def _sgd_rules(optimizer):
+    keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+    return [tuple(float(g.get(k, 0)) for k in keys) + (len(g["params"]),) for g in optimizer.param_groups]
+
+
+def _check_lower(upper, lower, own_module: bool) -> None:
+    """What a lower problem must be for its inner loops to run as tasks of one batch.
+    ``own_module``: each task has a module of its own (siblings), so running statistics
+    stay per task; one module stepped for every task would share them."""
+    from ..problems.iterative_problem import IterativeProblem
+
     if not any(len(path) == 3 and path[1] is lower for path in upper.paths):  # [upper, lower, upper]
         raise NotBatchable(
             f'the upper problem "{upper.name}" does not differentiate through "{lower.name}" '
@@ -167,13 +237,12 @@ def find_pattern(engine) -> Tuple[object, object]:
         for group in optimizer.param_groups:
             if group.get("maximize"):
                 raise NotBatchable(f'the lower problem "{lower.name}" uses SGD(maximize=True)')
-    stateful = running_statistics(lower.module)
+    stateful = None if own_module else running_statistics(lower.module)
     if stateful:
         raise NotBatchable(
             f'the lower problem "{lower.name}"\'s module: {stateful}; tasks run one after another would '
             "share them"
         )
-    return upper, lower
 
 
-__all__ = ["TaskBatchingInfo", "NotBatchable", "find_pattern", "running_statistics"]
+__all__ = ["Plan", "TaskBatchingInfo", "NotBatchable", "find_pattern", "running_statistics"]

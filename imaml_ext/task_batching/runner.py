@@ -135,7 +135,11 @@ class TaskBatcher:
         return losses if keep_dtype else losses.float()
 
     # ----- recording -----
-    def lower_step(self, global_step: Optional[int]) -> None:
+    def records(self, problem) -> bool:
+        """Whether ``problem.step`` is recorded here instead of run."""
+        return problem is self.lower
+
+    def lower_step(self, global_step: Optional[int], problem=None) -> None:
         lower, upper = self.lower, self.upper
         if not (lower._training and upper._training) or not self.info.active:
             self.flush()
@@ -214,7 +218,24 @@ class TaskBatcher:
         self._replay(tasks)
 
     def _first_window_checks(self, tasks: List[dict]) -> None:
+        self._check_reset(self.lower, self.module_params)
         lower = self.lower
+        # The lower's training_step must be a function of its batch and weights alone: vmap says so.
+        phi = [p.detach().unsqueeze(0).expand(2, *p.shape).clone() for p in self.module_params]
+        pair = [tasks[0]["lower"][0][2], tasks[min(1, len(tasks) - 1)]["lower"][0][2]]
+        if _structure(pair[0]) == _structure(pair[1]):
+            try:
+                self.task_losses(lower, phi, pair, "vmap")
+            except Exception as error:  # noqa: BLE001 (any failure under vmap is the cause to report)
+                raise NotBatchable(
+                    f'"{lower.name}".training_step cannot run for all tasks at once under torch.func.vmap '
+                    f"({_first_line(error)}): e.g. .item(), or Python control flow on a tensor's value"
+                ) from None
+        self._plan_memory(tasks)
+
+    def _check_reset(self, lower, module_params: Sequence[Tensor]) -> None:
+        """on_inner_loop_start must set every parameter (and leave no momentum behind), or the
+        inner loops are not independent tasks: run it twice from different states and compare."""
         params = [p for p in lower.module.parameters()]
         saved = [p.detach().clone() for p in params]
         optimizer = lower.optimizer
@@ -227,11 +248,11 @@ class TaskBatcher:
                 for p in params:
                     p.add_(torch.randn_like(p))
             if momentum:
-                for p in self.module_params:
+                for p in module_params:
                     optimizer.state[p]["momentum_buffer"] = torch.ones_like(p)
             lower.on_inner_loop_start()
             moved = [n for (n, _), a, b in zip(lower.module.named_parameters(), first, params) if not torch.equal(a, b)]
-            kept_buffers = momentum and any("momentum_buffer" in optimizer.state.get(p, {}) for p in self.module_params)
+            kept_buffers = momentum and any("momentum_buffer" in optimizer.state.get(p, {}) for p in module_params)
         finally:
             with torch.no_grad():
                 for p, s in zip(params, saved):
@@ -249,18 +270,6 @@ class TaskBatcher:
                 "sequential engine runs them); clear them in on_inner_loop_start (self.optimizer.state.clear()) "
                 "to make the inner loops independent tasks"
             )
-        # The lower's training_step must be a function of its batch and weights alone: vmap says so.
-        phi = [p.detach().unsqueeze(0).expand(2, *p.shape).clone() for p in self.module_params]
-        pair = [tasks[0]["lower"][0][2], tasks[min(1, len(tasks) - 1)]["lower"][0][2]]
-        if _structure(pair[0]) == _structure(pair[1]):
-            try:
-                self.task_losses(lower, phi, pair, "vmap")
-            except Exception as error:  # noqa: BLE001 (any failure under vmap is the cause to report)
-                raise NotBatchable(
-                    f'"{lower.name}".training_step cannot run for all tasks at once under torch.func.vmap '
-                    f"({_first_line(error)}): e.g. .item(), or Python control flow on a tensor's value"
-                ) from None
-        self._plan_memory(tasks)
 
     def _check_shapes(self, tasks: List[dict]) -> None:
         def refuse(what, g, a, b):
@@ -314,7 +323,9 @@ class TaskBatcher:
         self.in_task_call = True
         try:
             if forward == "loop":
-                outs = [functional_call(call, {k: p[g] for k, p in zip(self.keys, phi)}, (batch,))
+                # unbind: one backward (a stack) for all tasks, where T selects would each fill a [T, ...] zero
+                slices = [p.unbind(0) for p in phi]
+                outs = [functional_call(call, {k: s[g] for k, s in zip(self.keys, slices)}, (batch,))
                         for g, batch in enumerate(batches)]
                 return torch.stack([loss for loss, _ in outs]), [metrics for _, metrics in outs]
             stacked = _stack(batches)
@@ -363,19 +374,7 @@ class TaskBatcher:
                     self.sgd.step(self.phi, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.phi)])
                 lower_losses.append((losses.detach(), metrics))
             self.last_batches = [t["lower"][-1][2] for t in tasks]
-            values = torch.stack([l for l, _ in lower_losses]).tolist()  # [K][n]: one sync per chunk
-            for k, row in enumerate(values):
-                for g, value in enumerate(row):
-                    if value != value or value in (float("inf"), float("-inf")):
-                        global_step, count, _ = tasks[g]["lower"][k]
-                        raise FloatingPointError(
-                            f'problem "{lower.name}": training_step returned a non-finite loss ({value}) at local '
-                            f"step {count} (global step {global_step}; task {g + 1} of the batched meta-step)"
-                        )
-            for g, task in enumerate(tasks):
-                task["lower_stats"] = [
-                    {"loss": values[k][g], **_plain(lower_losses[k][1][g])} for k in range(len(values))
-                ]
+            self._lower_stats(tasks, lower_losses)
 
             losses, metrics = self._upper_losses([t["upper"][2] for t in tasks])
             upper_values = losses.detach().tolist()
@@ -390,6 +389,26 @@ class TaskBatcher:
             upper.backward(losses.sum() / upper.gas)
         finally:
             self._leave(tasks)
+
+    def _lower_stats(self, tasks: List[dict], lower_losses: list) -> None:
+        """Each task's logged values per inner step (task["lower_stats"]); a non-finite loss raises."""
+        values = torch.stack([l for l, _ in lower_losses]).tolist()  # [K][n]: one sync per chunk
+        for k, row in enumerate(values):
+            for g, value in enumerate(row):
+                if value != value or value in (float("inf"), float("-inf")):
+                    global_step, count, _ = tasks[g]["lower"][k]
+                    raise FloatingPointError(
+                        f'problem "{self.task_problem(g).name}": training_step returned a non-finite loss ({value}) '
+                        f"at local step {count} (global step {global_step}; task {g + 1} of the batched meta-step)"
+                    )
+        for g, task in enumerate(tasks):
+            task["lower_stats"] = [
+                {"loss": values[k][g], **_plain(lower_losses[k][1][g])} for k in range(len(values))
+            ]
+
+    def task_problem(self, g: int):
+        """The lower problem that runs task g."""
+        return self.lower
 
     def _leave(self, tasks: List[dict]) -> None:
         """The lower holds the last task's adapted weights, as after the sequential engine."""
@@ -409,7 +428,7 @@ class TaskBatcher:
 
     def _close_window(self, tasks: List[dict]) -> None:
         """The upper's optimizer, scheduler and logs task by task, in the sequential order."""
-        lower, upper = self.lower, self.upper
+        lower = self.lower
         if lower.config.log_step > 0:
             for task in tasks:
                 for (global_step, count, _), stats in zip(task["lower"], task["lower_stats"]):
@@ -417,9 +436,13 @@ class TaskBatcher:
                         lower._count, saved = count, lower._count
                         lower.log(stats, global_step)
                         lower._count = saved
+        self._upper_steps([(*task["upper"], task["upper_stats"]) for task in tasks])
+
+    def _upper_steps(self, steps: List[tuple]) -> None:
+        """The upper's local steps after its backward: (global step, count, batch, stats) each."""
+        upper = self.upper
         final = upper._count
-        for task in tasks:
-            global_step, count, batch = task["upper"]
+        for global_step, count, batch, stats in steps:
             upper._count, upper.cur_batch = count, batch
             if count % upper.gas == 0:
                 upper.optimizer_step()
@@ -430,7 +453,7 @@ class TaskBatcher:
                     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
                     upper.scheduler.step()
             if upper.config.log_step > 0 and count % upper.config.log_step == 0:
-                upper.log(task["upper_stats"], global_step)
+                upper.log(stats, global_step)
         upper._count = final
         upper.ready = [False] * len(upper.children)
 
