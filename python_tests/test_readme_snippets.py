@@ -1,8 +1,8 @@
-"""Every ```python snippet of the README runs on the CPU, as written but for its marked
-elisions: a line ``name = ...`` stands for a value the reader brings, which the test
-supplies (and a new elision fails here until it is given one), and names the snippet uses
-without defining (``model``, ``hvp``, ``b``) come from the same table. Long loops run with
-fewer iterations, listed in SHORTER."""
+"""Every ```python snippet of the README and of the pages under docs/ runs on the CPU, as
+written but for its marked elisions: a line ``name = ...`` stands for a value the reader
+brings, which the test supplies (and a new elision fails here until it is given one), and
+names the snippet uses without defining (``model``, ``hvp``, ``b``) come from the same table.
+Long loops run with fewer iterations, listed in SHORTER."""
 
 import re
 from pathlib import Path
@@ -11,7 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# The pages whose ```python snippets run: the README and every page under docs/.
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 T = 32
 
 # What the reader brings, by name (built for the snippet that names them).
@@ -25,9 +28,14 @@ SUPPLIED = {
 SHORTER = [("range(100)", "range(2)"), ("sample(32)", "sample(4)"), ("sample(100)", "sample(8)")]
 
 
+def page_snippets(page: Path):
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+
+
 def snippets():
-    text = README.read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    """(where: "README.md snippet 0", "docs/operators.md snippet 0", ..., code) for every page."""
+    return [(f"{page.relative_to(ROOT)} snippet {index}", code)
+            for page in PAGES for index, code in enumerate(page_snippets(page))]
 
 
 def prepare(code: str):
@@ -46,17 +54,18 @@ def prepare(code: str):
 
 
 def test_the_readme_has_python_snippets():
+    assert page_snippets(README)
     assert len(snippets()) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(snippets())))
-def test_readme_snippet_runs(index):
-    code, elided = prepare(snippets()[index])
+@pytest.mark.parametrize("where, snippet", snippets(), ids=[where for where, _ in snippets()])
+def test_readme_snippet_runs(where, snippet):
+    code, elided = prepare(snippet)
     namespace = {}
     if "model" in code and not re.search(r"^\s*model\s*=", code, flags=re.M):
         namespace["model"] = SUPPLIED["model"]()
     for name in elided:
-        assert name in SUPPLIED, f"README snippet {index} elides {name!r}: give the test a value for it"
+        assert name in SUPPLIED, f"{where} elides {name!r}: give the test a value for it"
         namespace[name] = SUPPLIED[name](namespace)
     for name in ("hvp", "b"):
         if re.search(rf"\b{name}\b", code) and not re.search(rf"^\s*{name}\s*=", code, flags=re.M):
@@ -68,4 +77,4 @@ def test_readme_snippet_runs(index):
             find_data_root()
         except FileNotFoundError as error:
             pytest.skip(str(error))
-    exec(compile(code, f"README.md snippet {index}", "exec"), namespace)  # noqa: S102 (our own README)
+    exec(compile(code, where, "exec"), namespace)  # noqa: S102 (our own README and docs)
