@@ -312,22 +312,22 @@ class TaskBatcher:
         self.info.chunk = self.chunk
 
     # ----- running the user's training_step for every task -----
+    def call_task(self, problem, g: int, weights: Sequence[Tensor], batch: Any):
+        """(loss, metrics) of ``problem.training_step(batch)`` with the lower module holding task g's ``weights``."""
+        call = _Call(self.target, lambda b: problem._parse_loss(problem.training_step_exec(b)))
+        return functional_call(call, dict(zip(self.keys, weights)), (batch,))
+
     def task_losses(self, problem, phi: Sequence[Tensor], batches: Sequence[Any], forward: str):
         """(losses [n], metrics: a dict per task) of ``problem.training_step`` with the lower's
         weights of each task (phi [n, *shape]) and each task's batch."""
-
-        def step(batch):
-            return problem._parse_loss(problem.training_step_exec(batch))
-
-        call = _Call(self.target, step)
         self.in_task_call = True
         try:
             if forward == "loop":
                 # unbind: one backward (a stack) for all tasks, where T selects would each fill a [T, ...] zero
-                slices = [p.unbind(0) for p in phi]
-                outs = [functional_call(call, {k: s[g] for k, s in zip(self.keys, slices)}, (batch,))
-                        for g, batch in enumerate(batches)]
+                slices = list(zip(*(p.unbind(0) for p in phi)))
+                outs = [self.call_task(problem, g, slices[g], batch) for g, batch in enumerate(batches)]
                 return torch.stack([loss for loss, _ in outs]), [metrics for _, metrics in outs]
+            call = _Call(self.target, lambda b: problem._parse_loss(problem.training_step_exec(b)))
             stacked = _stack(batches)
             losses, metrics = vmap(
                 lambda weights, batch: functional_call(call, weights, (batch,)),
@@ -337,6 +337,30 @@ class TaskBatcher:
             return losses, [{k: v[g] for k, v in metrics.items()} for g in range(len(batches))]
         finally:
             self.in_task_call = False
+
+    def task_gradients(self, batches: Sequence[Any]):
+        """(losses [n], metrics per task, gradients [n, *shape]) of the lower's training_step at phi,
+        one task at a time: the loop forward's inner step, whose working set is one task's graph
+        (a CPU's caches hold it), where one backward over all tasks would keep all n graphs."""
+        data = [p.detach() for p in self.phi]
+        grads = [torch.empty_like(p) for p in data]
+        losses, metrics = [], []
+        self.in_task_call = True
+        try:
+            for g, batch in enumerate(batches):
+                leaves = [p[g].requires_grad_(True) for p in data]
+                loss, extra = self.call_task(self.task_problem(g), g, leaves, batch)
+                task_grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                for out, grad in zip(grads, task_grads):
+                    if grad is None:
+                        out[g].zero_()
+                    else:
+                        out[g].copy_(grad)
+                losses.append(loss.detach())
+                metrics.append(extra)
+        finally:
+            self.in_task_call = False
+        return torch.stack(losses), metrics, grads
 
     def _upper_losses(self, batches):
         if self.upper_forward == "vmap":
@@ -366,12 +390,11 @@ class TaskBatcher:
             lower_losses = []
             for k in range(len(tasks[0]["lower"])):
                 batches = [t["lower"][k][2] for t in tasks]
-                losses, metrics = self.task_losses(lower, self.phi, batches, self.forward)
                 if self.iterative:
+                    losses, metrics = self.task_losses(lower, self.phi, batches, self.forward)
                     self.phi = lower.batched_descend(self.phi, losses.sum())
                 else:
-                    grads = torch.autograd.grad(losses.sum(), self.phi, allow_unused=True)
-                    self.sgd.step(self.phi, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.phi)])
+                    losses, metrics = self._sgd_step(batches)
                 lower_losses.append((losses.detach(), metrics))
             self.last_batches = [t["lower"][-1][2] for t in tasks]
             self._lower_stats(tasks, lower_losses)
@@ -389,6 +412,17 @@ class TaskBatcher:
             upper.backward(losses.sum() / upper.gas)
         finally:
             self._leave(tasks)
+
+    def _sgd_step(self, batches: Sequence[Any]):
+        """One inner SGD step of every task; (losses, metrics per task)."""
+        if self.forward == "loop":
+            losses, metrics, grads = self.task_gradients(batches)
+        else:
+            losses, metrics = self.task_losses(self.lower, self.phi, batches, self.forward)
+            grads = torch.autograd.grad(losses.sum(), self.phi, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.phi)]
+        self.sgd.step(self.phi, grads)
+        return losses, metrics
 
     def _lower_stats(self, tasks: List[dict], lower_losses: list) -> None:
         """Each task's logged values per inner step (task["lower_stats"]); a non-finite loss raises."""

@@ -163,10 +163,8 @@ class SiblingBatcher(TaskBatcher):
         try:
             lower_losses = []
             for k in range(len(tasks[0]["lower"])):
-                losses, metrics = self.task_losses(lower, self.phi, [t["lower"][k][2] for t in tasks], "loop")
-                grads = torch.autograd.grad(losses.sum(), self.phi, allow_unused=True)
-                self.sgd.step(self.phi, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.phi)])
-                lower_losses.append((losses.detach(), metrics))
+                losses, metrics = self._sgd_step([t["lower"][k][2] for t in tasks])
+                lower_losses.append((losses, metrics))
             self.last_batches = [t["lower"][-1][2] for t in tasks]
             self._lower_stats(tasks, lower_losses)
 
@@ -196,19 +194,11 @@ class SiblingBatcher(TaskBatcher):
         finally:
             self.in_task_call = False
 
-    def task_losses(self, problem, phi: Sequence[Tensor], batches: Sequence[Any], forward: str):
-        """(losses [n], a metrics dict per task): sibling g's own training_step with phi[g]."""
-        outs = []
-        slices = [p.unbind(0) for p in phi]
-        self.in_task_call = True
-        try:
-            for g, batch in enumerate(batches):
-                sibling = self.lowers[g]
-                call = _Call(self.targets[g], lambda b, s=sibling: s._parse_loss(s.training_step_exec(b)))
-                outs.append(functional_call(call, {k: s[g] for k, s in zip(self.keys, slices)}, (batch,)))
-        finally:
-            self.in_task_call = False
-        return torch.stack([loss for loss, _ in outs]), [metrics for _, metrics in outs]
+    def call_task(self, problem, g: int, weights: Sequence[Tensor], batch: Any):
+        """Sibling g's own training_step, its module holding ``weights`` (``problem`` is the representative)."""
+        sibling = self.lowers[g]
+        call = _Call(self.targets[g], lambda b: sibling._parse_loss(sibling.training_step_exec(b)))
+        return functional_call(call, dict(zip(self.keys, weights)), (batch,))
 
     def _leave_siblings(self, tasks: List[dict]) -> None:
         """Each sibling holds its own adapted weights (and momentum), as after the sequential engine."""
