@@ -1,6 +1,9 @@
-"""The drop-in promise, timed: the Betty iMAML tutorial's classes
-(examples/implicit_maml/tutorial.py), unchanged but for the import, on Omniglot
-5-way 1-shot with the Conv4, one meta-step per call, in one process, round-robin:
+"""The drop-in promise, timed: a Betty program, unchanged but for the import, on
+Omniglot 5-way 1-shot, one meta-step per call, in one process, round-robin. Two
+programs (``--layout``): the Betty iMAML tutorial's classes
+(examples/implicit_maml/tutorial.py: one lower problem, gradient_accumulation = T,
+the Conv4-64), and Betty 0.1.1's own example layout (examples/implicit_maml/siblings.py:
+T sibling lower problems, a 3-layer ConvNet, 15 query images per class). Variants:
 
 - ``ours_dropin``: on imaml_ext, EngineConfig's default task_batching="auto" (the
   meta-batch's inner loops run as one batch);
@@ -8,9 +11,11 @@
 - ``betty``: the same program on Betty 0.1.1 itself (``--betty FOLDER`` holding its
   ``betty`` package: ``pip install --target FOLDER --no-deps betty-ml==0.1.1``);
 - ``imaml``: ``imaml_ext.IMAML`` on tasks from the same sampler (CG, 3 iterations,
-  lambda = 2 * reg), the batched API the drop-in path is measured against.
+  lambda = 2 * reg), the batched API the drop-in path is measured against (tutorial
+  layout only).
 
     PYTHONPATH=. python benchmarks/bench_dropin.py --device cpu --betty /tmp/betty_pkg
+    PYTHONPATH=. python benchmarks/bench_dropin.py --layout siblings --betty /tmp/betty_pkg
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _timing import Variant, compare, run_metadata, write_results  # noqa: E402
 
 TUTORIAL = ROOT / "examples" / "implicit_maml" / "tutorial.py"
+SIBLINGS = ROOT / "examples" / "implicit_maml" / "siblings.py"
 SWAPS = {  # Betty's API, as the tutorial imports it from imaml_ext
     "from imaml_ext.configs import": "from betty.configs import",
     "from imaml_ext.engine import": "from betty.engine import",
@@ -39,17 +45,17 @@ VARIANTS = ("ours_dropin", "ours_sequential", "betty", "imaml")
 SOURCE = {"name": "l2l"}
 
 
-def load_tutorial(library: str) -> types.ModuleType:
-    """The tutorial module, with Betty's imports swapped in for ``library="betty"``."""
-    source = TUTORIAL.read_text()
+def load_tutorial(library: str, path: Path = TUTORIAL) -> types.ModuleType:
+    """The example program at ``path``, with Betty's imports swapped in for ``library="betty"``."""
+    source = path.read_text()
     if library == "betty":
         for ours, theirs in SWAPS.items():
             if ours not in source:
-                raise RuntimeError(f"{TUTORIAL} no longer imports {ours!r}; update SWAPS")
+                raise RuntimeError(f"{path} no longer imports {ours!r}; update SWAPS")
             source = source.replace(ours, theirs)
-    module = types.ModuleType(f"tutorial_{library}")
-    module.__file__ = str(TUTORIAL)
-    exec(compile(source, str(TUTORIAL), "exec"), module.__dict__)  # noqa: S102 (our own example file)
+    module = types.ModuleType(f"{path.stem}_{library}")
+    module.__file__ = str(path)
+    exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 (our own example file)
     return module
 
 
@@ -89,16 +95,47 @@ class SamplerTasksets:
         self.train, self.test = self._Split(draw("train")), self._Split(draw("test"))
 
 
-def tutorial_engine(library: str, tasks: int, inner_steps: int, device: str, data, task_batching: str):
-    tutorial = load_tutorial(library)
-    if SOURCE["name"] == "sampler":
-        import imaml_ext.data
+DATA_NOTES = set()
 
-        imaml_ext.data.l2l_tasksets = SamplerTasksets
-    argv = ["--meta_batch_size", str(tasks), "--inner_steps", str(inner_steps), "--train_iters",
-            str(tasks * inner_steps), "--valid_step", str(10 ** 9)]
-    if library != "betty":  # Betty takes cuda when it is there, as --device does by default
-        argv += ["--device", device]
+
+def random_images_without_data() -> None:
+    """siblings.py samples through imaml_ext.data.omniglot_tasks: without Omniglot on disk (a GPU
+    machine), random images of its shapes stand in, and the results say so."""
+    import imaml_ext.data
+
+    real = getattr(imaml_ext.data.omniglot_tasks, "real", imaml_ext.data.omniglot_tasks)
+
+    def omniglot_tasks(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        except FileNotFoundError as error:
+            DATA_NOTES.add(f"RANDOM IMAGES of Omniglot's shapes (no data: {str(error).splitlines()[0][:120]})")
+            kwargs.pop("root", None)
+            return real(*args, images=torch.rand(1623, 20, 28, 28), **kwargs)
+
+    omniglot_tasks.real = real
+    imaml_ext.data.omniglot_tasks = omniglot_tasks
+
+
+def tutorial_engine(library: str, tasks: int, inner_steps: int, device: str, data, task_batching: str,
+                    layout: str = "tutorial"):
+    if layout == "siblings":  # one meta-step is inner_steps global steps; each task a lower problem
+        random_images_without_data()
+        tutorial = load_tutorial(library, SIBLINGS)
+        argv = ["--task_num", str(tasks), "--inner_steps", str(inner_steps), "--train_iters", str(inner_steps),
+                "--valid_step", str(10 ** 9), "--device", device]
+        steps = inner_steps
+    else:
+        tutorial = load_tutorial(library)
+        if SOURCE["name"] == "sampler":
+            import imaml_ext.data
+
+            imaml_ext.data.l2l_tasksets = SamplerTasksets
+        argv = ["--meta_batch_size", str(tasks), "--inner_steps", str(inner_steps), "--train_iters",
+                str(tasks * inner_steps), "--valid_step", str(10 ** 9)]
+        if library != "betty":  # Betty takes cuda when it is there, as --device does by default
+            argv += ["--device", device]
+        steps = tasks * inner_steps
     if data:
         argv += ["--data", data]
     engine = tutorial.build(argv)
@@ -112,7 +149,7 @@ def tutorial_engine(library: str, tasks: int, inner_steps: int, device: str, dat
         expected = task_batching != "off"
         if engine.task_batching.active != expected:
             raise RuntimeError(f"task batching is {engine.task_batching}; the benchmark expected active={expected}")
-    engine.train_iters = tasks * inner_steps  # one meta-step per run()
+    engine.train_iters = steps  # one meta-step per run()
     return tutorial, engine
 
 
@@ -152,16 +189,19 @@ def bench_config(args, tasks: int, inner_steps: int) -> dict:
             if args.betty is None:
                 notes[name] = "not run: pass --betty FOLDER holding Betty 0.1.1's betty package"
                 continue
-            _, engine = tutorial_engine("betty", tasks, inner_steps, args.device, args.data, "off")
+            _, engine = tutorial_engine("betty", tasks, inner_steps, args.device, args.data, "off", args.layout)
             variants[name] = Variant(engine.run)
         elif name == "imaml":
+            if args.layout != "tutorial":
+                notes[name] = "imaml: not run in this layout (its model and query size are the tutorial's)"
+                continue
             variants[name] = Variant(ImamlOnTutorialTasks(tasks, inner_steps, args.device, args.data).run)
         else:
             mode = "auto" if name == "ours_dropin" else "off"
-            _, engine = tutorial_engine("imaml_ext", tasks, inner_steps, args.device, args.data, mode)
+            _, engine = tutorial_engine("imaml_ext", tasks, inner_steps, args.device, args.data, mode, args.layout)
             variants[name] = Variant(engine.run)
     stats = compare(variants, device, repeats=args.repeats, warmup=args.warmup)
-    row = {"tasks": tasks, "inner_steps": inner_steps, "notes": notes,
+    row = {"tasks": tasks, "inner_steps": inner_steps, "layout": args.layout, "notes": notes,
            "variants": {name: s.summary() for name, s in stats.items()}}
     ms = {name: s.median_ms for name, s in stats.items()}
     ratios = {}
@@ -175,11 +215,19 @@ def bench_config(args, tasks: int, inner_steps: int) -> dict:
 
 def render(result: dict) -> str:
     meta = result["meta"]
+    if result.get("layout") == "siblings":
+        program = ("Betty 0.1.1's example layout (examples/implicit_maml/siblings.py: T sibling lower problems), "
+                   "one meta-step")
+        what = ("Omniglot 5-way 1-shot with 15 query images per class, its 3-layer ConvNet-64 with running "
+                "BatchNorm statistics, darts.")
+    else:
+        program = "the Betty tutorial's classes, one meta-step"
+        what = ("Omniglot 5-way 1-shot, Conv4-64 (the tutorial's), darts as the tutorial is written; imaml: IMAML "
+                "with 3 CG iterations.")
     lines = [
-        f"# Drop-in task batching: the Betty tutorial's classes, one meta-step ({meta['machine']}, {meta['date']})",
+        f"# Drop-in task batching: {program} ({meta['machine']}, {meta['date']})",
         "",
-        f"{meta['device_name']}, torch {meta['torch']}, {meta['torch_threads']} threads; Omniglot 5-way 1-shot, "
-        "Conv4-64 (the tutorial's), darts as the tutorial is written; imaml: IMAML with 3 CG iterations. "
+        f"{meta['device_name']}, torch {meta['torch']}, {meta['torch_threads']} threads; {what} "
         "Median seconds per meta-step over round-robin samples (data sampling included in every variant). "
         "Betty 0.1.1's Env has no `.device`, which the tutorial's MAMLEnv reads: the benchmark sets it, "
         "the only change to Betty's run.",
@@ -196,7 +244,7 @@ def render(result: dict) -> str:
         ratio = [f"{r[k]:.2f}x" if k in r else "-" for k in
                  ("ours_sequential/ours_dropin", "betty/ours_dropin", "imaml/ours_dropin")]
         lines.append(f"| {row['tasks']} | {row['inner_steps']} | " + " | ".join(cells + ratio) + " |")
-    notes = {n for row in result["rows"] for n in row["notes"].values()}
+    notes = {n for row in result["rows"] for n in row["notes"].values()} | set(result.get("data_notes", []))
     lines += [""] + [f"- {n}" for n in sorted(notes)]
     if result.get("tasks_source") == "sampler":
         lines.append("- Tasks from imaml_ext's sampler in the tutorial's layout (--tasks-source sampler), not learn2learn's tasksets.")
@@ -214,6 +262,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--tasks-source", default="auto", choices=("auto", "l2l", "sampler"),
                    help="the tutorial's learn2learn tasksets, or a stand-in without learn2learn (auto: l2l if installed)")
+    p.add_argument("--layout", default="tutorial", choices=("tutorial", "siblings"),
+                   help="the tutorial's one lower problem with gradient accumulation, or Betty's T sibling problems")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
@@ -241,8 +291,10 @@ def main(argv=None):
     for tasks, inner_steps in args.configs:
         print(f"T={tasks} inner_steps={inner_steps} ...", file=sys.stderr, flush=True)
         rows.append(bench_config(args, tasks, inner_steps))
-    result = {"meta": meta, "rows": rows, "tasks_source": args.tasks_source}
-    default = ROOT / "benchmarks" / "results" / f"dropin-{meta['machine']}-{meta['date']}.json"
+    result = {"meta": meta, "rows": rows, "tasks_source": args.tasks_source, "layout": args.layout,
+              "data_notes": sorted(DATA_NOTES)}
+    layout = "" if args.layout == "tutorial" else f"{args.layout}-"
+    default = ROOT / "benchmarks" / "results" / f"dropin-{layout}{meta['machine']}-{meta['date']}.json"
     write_results(result, args.out, default, render)
 
 

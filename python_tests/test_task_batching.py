@@ -86,6 +86,17 @@ def test_vmap_forward_and_chunks_equal_the_loop():
     assert relative_difference(theta(sequential), theta(vmapped)) < TOL
 
 
+def test_auto_forward_on_a_cpu_is_timed_once():
+    """"auto" on a CPU times the loop and vmap forwards on the first inner step, keeps the faster
+    one, says which with the times, and gives the sequential engine's theta."""
+    sequential, batched = both(meta_steps=2, meta_batch=4, inner_steps=2)
+    info = batched.task_batching
+    assert info.forward.split()[0] in ("loop", "vmap") and "timed on the first meta-step" in info.forward
+    assert info.upper_forward.split()[0] == ("loop" if info.forward.startswith("loop") else "vmap") or \
+        info.upper_forward.startswith("loop (its training_step does not vmap")
+    assert relative_difference(theta(sequential), theta(batched)) < TOL
+
+
 def test_upper_step_without_item_runs_under_vmap():
     sequential, _ = both(meta_steps=2, meta_batch=4, inner_steps=2, accuracy_item=False)
     vmapped = build("on", meta_batch=4, inner_steps=2, forward="vmap", accuracy_item=False)

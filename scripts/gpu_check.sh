@@ -19,7 +19,7 @@ out=$(cd "$out" && pwd)
 PY=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET_S:-540}
 selected=${GPU_CHECK_STAGES:-}
-known_stages=" build tests meta_step_5w1s sweep_tasks sweep_inner floor hvp meta_step_20w5s meta_step_sequential dropin ops "
+known_stages=" build tests meta_step_5w1s sweep_tasks sweep_inner floor hvp meta_step_20w5s meta_step_sequential dropin dropin_siblings ops "
 for s in ${selected//,/ }; do
     if [[ $known_stages != *" $s "* ]]; then
         echo "GPU_CHECK_STAGES: unknown stage '$s'; the stages are:$known_stages" >&2
@@ -118,6 +118,9 @@ stage meta_step_sequential 45 "$PY" benchmarks/bench_meta_step.py --device cuda 
 betty_dir=${BETTY_DIR:-.betty}
 stage dropin 150 "$PY" benchmarks/bench_dropin.py --device cuda --configs 16x5,32x5,32x16 --repeats 3 \
     $( [ -f "$betty_dir/betty/__init__.py" ] && echo "--betty $betty_dir" )
+# Betty 0.1.1's own layout (T sibling lower problems), run by the same Engine.
+stage dropin_siblings 90 "$PY" benchmarks/bench_dropin.py --layout siblings --device cuda --configs 16x5,32x5 \
+    --repeats 3 $( [ -f "$betty_dir/betty/__init__.py" ] && echo "--betty $betty_dir" )
 # On 2026-11-28 the default grid (T 1,16,32,128, 240 s of torch.compile) did not finish in 120 s:
 # the large T that the bandwidth goal is about, fewer samples, a bounded compile.
 stage ops 120 "$PY" benchmarks/bench_ops.py --device cuda --tasks 32,128,512 --max-seconds 4 --compile-budget 40

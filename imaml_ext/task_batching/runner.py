@@ -104,8 +104,13 @@ class TaskBatcher:
         self.keys = [f"module.{n}" for n in self.names]
         self.sgd = None if self.iterative else TaskSGD(lower.optimizer, self.module_params)
         device = torch.device(engine.device if lower.device is None else lower.device)
-        self.forward = forward if forward != "auto" else ("loop" if device.type == "cpu" else "vmap")
-        # The upper's training_step is tried under vmap on a GPU; the tutorial's .item() sends it to the loop.
+        # "auto" on a CPU: neither wins everywhere (vmap's grouped convolutions beat per-task ones for
+        # small task batches, not for large), so the first meta-step times both (_measured_sgd_step).
+        self.measure = forward == "auto" and device.type == "cpu" and not self.iterative
+        if forward == "auto":
+            forward = "loop" if device.type == "cpu" else "vmap"
+        self.forward = forward
+        # The upper's training_step is tried under vmap; the tutorial's .item() sends it to the loop.
         self.upper_forward = "loop" if self.forward == "loop" else "vmap"
         self.max_tasks = max_tasks
         self.chunk: Optional[int] = max_tasks
@@ -415,14 +420,38 @@ class TaskBatcher:
 
     def _sgd_step(self, batches: Sequence[Any]):
         """One inner SGD step of every task; (losses, metrics per task)."""
-        if self.forward == "loop":
-            losses, metrics, grads = self.task_gradients(batches)
+        if self.measure:
+            losses, metrics, grads = self._measured_gradients(batches)
         else:
-            losses, metrics = self.task_losses(self.lower, self.phi, batches, self.forward)
-            grads = torch.autograd.grad(losses.sum(), self.phi, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.phi)]
+            losses, metrics, grads = self._gradients(batches, self.forward)
         self.sgd.step(self.phi, grads)
         return losses, metrics
+
+    def _gradients(self, batches: Sequence[Any], forward: str):
+        if forward == "loop":
+            return self.task_gradients(batches)
+        losses, metrics = self.task_losses(self.lower, self.phi, batches, forward)
+        grads = torch.autograd.grad(losses.sum(), self.phi, allow_unused=True)
+        return losses, metrics, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.phi)]
+
+    def _measured_gradients(self, batches: Sequence[Any]):
+        """The first inner step of "auto" on a CPU: both forwards, each twice (the first warms it up),
+        and the faster one kept for this program, as cudnn.benchmark keeps a convolution algorithm."""
+        import time
+
+        seconds, result = {}, {}
+        for forward in ("loop", "vmap", "loop", "vmap"):
+            start = time.perf_counter()
+            result[forward] = self._gradients(batches, forward)
+            seconds[forward] = time.perf_counter() - start
+        self.measure = False
+        self.forward = min(seconds, key=seconds.get)
+        self.upper_forward = "loop" if self.forward == "loop" else "vmap"
+        self.info.forward = (f"{self.forward} (auto, timed on the first meta-step's inner step: loop "
+                             f"{seconds['loop'] * 1e3:.1f} ms, vmap {seconds['vmap'] * 1e3:.1f} ms)")
+        self.info.upper_forward = self.upper_forward
+        self._logger.info(f"task batching: the lower's training_step runs as {self.info.forward}")
+        return result[self.forward]
 
     def _lower_stats(self, tasks: List[dict], lower_losses: list) -> None:
         """Each task's logged values per inner step (task["lower_stats"]); a non-finite loss raises."""
