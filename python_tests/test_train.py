@@ -272,7 +272,7 @@ def test_missing_data_names_the_path(tmp_path, capsys):
         (["--shots", "5", "--query", "16"], "--shots + --query must be <= 20"),
         (["--ways", "200", "--split", "finn"], "--ways 200 is more than the 100 classes of the finn validation split"),
         (["--ways", "1200"], "is more than the"),
-        (["--task", "mini-imagenet"], "--task must be one of omniglot; got 'mini-imagenet'"),
+        (["--task", "cifar"], "--task must be one of omniglot, mini-imagenet; got 'cifar'"),
         (["--lam", "1", "--reg", "0.5"], "not allowed with argument"),
         (["--lam", "-1"], "--lam must be a finite number > 0; got -1.0"),
         (["--reg", "0"], "--reg must be a finite number > 0; got 0.0"),
@@ -713,7 +713,7 @@ def test_unknown_preset_lists_the_valid_ones(capsys):
         train_cli.parse_args(["--preset", "omniglot-5w2s"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--preset must be one of omniglot-5w1s, omniglot-5w5s, omniglot-20w1s, " \
-                                      "omniglot-20w5s; got 'omniglot-5w2s'" in err
+                                      "omniglot-20w5s, mini-imagenet-5w1s, mini-imagenet-5w5s; got 'omniglot-5w2s'" in err
 
 
 # --------------------------------------------------------------------------- --time_budget

@@ -1,5 +1,6 @@
 """Few-shot data: Omniglot as device-resident tensors, a batched task sampler, and
-learn2learn tasksets over the same arrays.
+learn2learn tasksets over the same arrays; Mini-ImageNet from learn2learn's cache files
+(:func:`mini_imagenet_tasks`, read with a restricted unpickler, never downloaded).
 
 Omniglot is read from the .npz arrays, the official folders or zips, or downloaded
 (``load_omniglot(download=True)``, :func:`download_omniglot`).
@@ -13,6 +14,15 @@ Typical use::
 
 from .download import OFFICIAL_MD5, OFFICIAL_URL, DownloadError, download_omniglot, option_spelling
 from .l2l import ClassRotation, OmniglotDataset, from_l2l_taskset, l2l_tasksets, split_task
+from .mini_imagenet import (
+    MiniImagenetSampler,
+    MiniImagenetSplit,
+    MiniImagenetTasks,
+    find_mini_imagenet,
+    load_mini_imagenet,
+    mini_imagenet_tasks,
+    read_mini_imagenet,
+)
 from .omniglot import (
     NUM_CLASSES,
     NUM_DRAWERS,
@@ -39,6 +49,9 @@ __all__ = [
     "OFFICIAL_URL",
     "PROTOCOLS",
     "SPLITS",
+    "MiniImagenetSampler",
+    "MiniImagenetSplit",
+    "MiniImagenetTasks",
     "OmniglotDataset",
     "OmniglotTasks",
     "PIXEL_SHA256",
@@ -50,11 +63,15 @@ __all__ = [
     "default_search_paths",
     "download_omniglot",
     "find_data_root",
+    "find_mini_imagenet",
     "from_l2l_taskset",
     "l2l_tasksets",
+    "load_mini_imagenet",
     "load_omniglot",
+    "mini_imagenet_tasks",
     "omniglot_tasks",
     "option_spelling",
+    "read_mini_imagenet",
     "split_classes",
     "split_task",
 ]

@@ -16,7 +16,7 @@ from ..data import NUM_DRAWERS, PROTOCOLS, split_classes
 from .errors import RunError
 from .presets import PRESETS
 
-DESCRIPTION = """Train implicit MAML on Omniglot: ``python -m imaml_ext.train`` (or ``imaml-train``).
+DESCRIPTION = """Train implicit MAML on Omniglot or Mini-ImageNet: ``python -m imaml_ext.train`` (or ``imaml-train``).
 
 Every task of a meta-batch runs at once (:class:`imaml_ext.IMAML`). The run folder
 (``--out``) gets ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per log
@@ -30,14 +30,19 @@ steps, 5 CG iterations, meta-batch 32, Adam); ``make demo`` runs a short version
 ``--preset omniglot-5w1s`` (5w5s, 20w1s, 20w5s) sets all of the paper's values for a
 table entry; options given beside it win. ``--time_budget SECONDS`` stops (with a
 checkpoint) before the time is up: repeat the same command with ``--resume`` to go on.
+
+``--task mini-imagenet`` reads learn2learn's three mini-imagenet-cache-*.pkl files from
+``--data DIR`` (in DIR/mini-imagenet/ or DIR; never downloaded) with a restricted unpickler;
+``--preset mini-imagenet-5w1s`` (5w5s) and ``--model resnet12``: see docs/mini-imagenet.md.
 """
 
-TASKS = ("omniglot",)
+TASKS = ("omniglot", "mini-imagenet")
+MODELS = ("conv4", "resnet12")
 ALGOS = ("imaml", "maml", "fomaml")
 
 # Arguments that do not change what a run computes: they may differ on --resume.
 # Options added after checkpoints were first written, with the value those runs had.
-ADDED_OPTION_DEFAULTS = {"precision": "fp32"}
+ADDED_OPTION_DEFAULTS = {"precision": "fp32", "model": "conv4"}
 # (--preset only names defaults: the values it resolved to are what a run records and compares.)
 RUNTIME_KEYS = ("out", "resume", "progress", "tensorboard", "data", "download", "stop_after", "on_nonfinite",
                 "evaluate", "undamped", "preset", "time_budget")
@@ -89,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     _add(p, "preset", default=None, metavar="NAME",
-         help=f"the iMAML paper's setting for one Omniglot table entry: {', '.join(PRESETS)} (see "
+         help=f"the iMAML paper's setting for one table entry: {', '.join(PRESETS)} (see "
               f"imaml_ext/training/presets.py for the values and their sources); options given beside it win")
     task = p.add_argument_group("task")
     _add(task, "task", default="omniglot", help=f"data set: {', '.join(TASKS)}")
@@ -97,10 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(task, "shots", type=int, default=1, help="support examples per class")
     _add(task, "query", type=int, default=15, help="query examples per class")
     _add(task, "split", default="finn", choices=PROTOCOLS,
-         help="class split: finn (MAML/iMAML: first 1200 characters train, rest test) or l2l (learn2learn's)")
+         help="Omniglot's class split: finn (MAML/iMAML: first 1200 characters train, rest test) or l2l "
+              "(learn2learn's); Mini-ImageNet's is its three files'")
     _add(task, "split_seed", type=int, default=0, help="seed of the l2l class shuffle")
-    _add(task, "data", default=None, help="Omniglot root (default: $IMAML_DATA, ./data, ../shared/data)")
-    _add(task, "download", action="store_true", help="download the official Omniglot zips if no data are found")
+    _add(task, "data", default=None,
+         help="data folder: Omniglot's, or the one holding mini-imagenet/ (default: $IMAML_DATA, ./data, "
+              "../shared/data)")
+    _add(task, "download", action="store_true",
+         help="download the official Omniglot zips if no data are found (Mini-ImageNet is never downloaded)")
 
     algo = p.add_argument_group("meta-learning")
     _add(algo, "algo", default="imaml", choices=ALGOS,
@@ -119,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
               "the inner minimum, see the README)")
     _add(algo, "clip_grad", type=float, default=0.0, help="clip the meta-gradient's norm to this (0: off)")
     _add(algo, "meta_batch_size", type=int, default=32, help="tasks per meta-step (T)")
-    _add(algo, "hidden_size", type=int, default=64, help="Conv4 channels")
+    _add(algo, "model", default="conv4", choices=MODELS,
+         help="conv4 (the paper's: 4 x conv3x3-BN-ReLU-maxpool, linear head) or resnet12 (MetaOptNet's, "
+              "without DropBlock)")
+    _add(algo, "hidden_size", type=int, default=64,
+         help="Conv4 channels, or ResNet-12's first stage (64: 64-160-320-640 channels)")
     _add(algo, "meta_lr", type=float, default=1e-3, help="the meta-optimizer's learning rate")
     _add(algo, "optimizer", default="adam", choices=("adam", "adamw"), help="the meta-optimizer")
     _add(algo, "scheduler", default="none", choices=("none", "cosine"), help="meta learning-rate schedule")
@@ -237,15 +250,23 @@ def check_args(args: argparse.Namespace) -> None:
         if not (math.isfinite(value) and value > 0):
             shown = "--reg" if name == "lam" and args.reg is not None else f"--{name}"
             raise RunError(f"{shown} must be a finite number > 0; got {value if shown != '--reg' else args.reg}")
-    if args.shots + args.query > NUM_DRAWERS:
-        raise RunError(
-            f"--shots + --query must be <= {NUM_DRAWERS} (Omniglot has {NUM_DRAWERS} drawers per character, and "
-            f"support and query images are distinct); got {args.shots} + {args.query} = {args.shots + args.query}"
-        )
-    for split in ("train", "validation", "test"):
-        classes = len(split_classes(split, seed=args.split_seed, protocol=args.split))
-        if args.ways > classes:
-            raise RunError(f"--ways {args.ways} is more than the {classes} classes of the {args.split} {split} split")
+    if args.task == "mini-imagenet":
+        # Its classes and images per class are the files': checked once they are read (training.tasks).
+        if args.download:
+            raise RunError("--download fetches Omniglot; Mini-ImageNet is never downloaded (ImageNet's images are not "
+                           "freely redistributable): put learn2learn's mini-imagenet-cache-*.pkl files in "
+                           "--data <folder>/mini-imagenet/")
+    else:
+        if args.shots + args.query > NUM_DRAWERS:
+            raise RunError(
+                f"--shots + --query must be <= {NUM_DRAWERS} (Omniglot has {NUM_DRAWERS} drawers per character, and "
+                f"support and query images are distinct); got {args.shots} + {args.query} = {args.shots + args.query}"
+            )
+        for split in ("train", "validation", "test"):
+            classes = len(split_classes(split, seed=args.split_seed, protocol=args.split))
+            if args.ways > classes:
+                raise RunError(f"--ways {args.ways} is more than the {classes} classes of the {args.split} {split} "
+                               f"split")
     if args.eval_batch is None:
         args.eval_batch = args.meta_batch_size
     elif args.eval_batch < 1:

@@ -1,4 +1,4 @@
-"""The model (the paper's Conv4) and the learner that meta-trains and adapts it."""
+"""The model (the paper's Conv4, or ResNet-12) and the learner that meta-trains and adapts it."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import argparse
 import torch
 
 from ..batched import IMAML, MAML
-from ..models import Conv4
+from ..models import Conv4, ResNet12
+from .tasks import input_shape
 
 
-def build_model(args) -> Conv4:
+def build_model(args) -> torch.nn.Module:
+    """--model for --task's images, initialised from --seed."""
+    channels, side = input_shape(args)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        return Conv4(args.ways, args.hidden_size).to(args.device)
+        if args.model == "resnet12":
+            return ResNet12(args.ways, args.hidden_size, in_channels=channels).to(args.device)
+        return Conv4(args.ways, args.hidden_size, in_channels=channels, image_size=side).to(args.device)
 
 
 def build_imaml(model, args) -> IMAML:
