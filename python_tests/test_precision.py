@@ -4,7 +4,7 @@ the same inputs, at a meta-trained theta (where training spends its steps) and a
 
 Why the bound is loose: rounding phi to bfloat16 in the forward (8 bits of mantissa) loses
 part of the inner loop's small displacement phi - theta, and at a random theta the meta-gradient
-is sensitive to it (see the README's *Mixed precision*)."""
+is sensitive to it (see docs/mixed-precision.md)."""
 
 import copy
 from pathlib import Path

@@ -1,5 +1,5 @@
 """The batched twin of tutorial.py: the same Betty-style code, with every task of
-a meta-batch adapted at once. What changes from the tutorial (the README shows
+a meta-batch adapted at once. What changes from the tutorial (docs/batched-imaml.md shows
 the diff):
 
 - the Env samples T tasks at once (``imaml_ext.data.omniglot_tasks``, on the device);

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(algo, "lam_damping", type=float, default=None, help="see --cg_damping (default: 10, the iMAML authors' code)")
     _add(algo, "undamped", action="store_true",
          help="the exact system (I + H / lam) x = g: --cg_damping 0 --lam_damping 0 (CG can break down far from "
-              "the inner minimum, see the README)")
+              "the inner minimum, see docs/cg-damping.md)")
     _add(algo, "clip_grad", type=float, default=0.0, help="clip the meta-gradient's norm to this (0: off)")
     _add(algo, "meta_batch_size", type=int, default=32, help="tasks per meta-step (T)")
     _add(algo, "model", default="conv4", choices=MODELS,
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(algo, "cuda_graph", action="store_true", help="capture the meta-step as a CUDA graph (CUDA only)")
     _add(algo, "precision", default="fp32", choices=("fp32", "bf16", "fp16"),
          help="bf16 / fp16: iMAML's forwards under bfloat16 / float16 autocast, float32 weights, gradients and "
-              "CG; fp16 with a dynamic loss scale (see the README for their accuracy)")
+              "CG; fp16 with a dynamic loss scale (docs/mixed-precision.md gives their accuracy)")
 
     run = p.add_argument_group("run")
     _add(run, "seed", type=int, default=0, help="seed of the model, the task sampler and every RNG")
