@@ -487,3 +487,83 @@ def test_siblings_without_a_hook_run_one_by_one():
     assert [c.count for c in auto.outer.children] == [4, 4, 4] and auto.outer.count == 2
     with pytest.raises(ValueError, match=f"task_batching='on'.*{cause}"):
         engine("on")
+
+
+# ----- Betty's semantics around the batched window -----
+
+
+def test_upper_callbacks_clipping_and_a_validation_inside_a_meta_step():
+    """The upper's grad_callback (after unscaling, before clipping), param_callback, gradient
+    clipping, and a validation that falls inside a meta-step (its recorded tasks run one by one,
+    the rest of the window batched): all as the sequential engine runs them."""
+
+    def program(mode):
+        engine = build(mode, meta_batch=4, inner_steps=2, upper_config={"gradient_clipping": 0.05})
+        seen = []
+        engine.upper.grad_callback = lambda params: seen.append(
+            ("grad", float(sum((p.grad ** 2).sum() for p in params))))
+        engine.upper.param_callback = lambda params: seen.append(
+            ("param", float(sum((p.detach() ** 2).sum() for p in params))))
+
+        class Validating(type(engine)):
+            def validation(self):
+                seen.append(("validation", self.global_step, float(sum(p.detach().sum() for p in self.upper.module.parameters()))))
+                return {"theta_sum": seen[-1][2]}
+
+        engine.__class__ = Validating
+        engine.valid_step = 4 * 2 + 3  # global step 11: task 2 of the second meta-step
+        run_meta_steps(engine, 3)
+        return engine, seen
+
+    sequential, seen_seq = program("off")
+    batched, seen_bat = program("on")
+    assert batched.task_batching.active
+    def events(seen):
+        return [s[:-1] for s in seen]
+
+    assert events(seen_seq) == events(seen_bat) and len(seen_seq) == 3 * 2 + 2
+    for a, b in zip(seen_seq, seen_bat):
+        assert abs(a[-1] - b[-1]) <= 1e-10 * abs(a[-1])
+    assert seen_seq[0][1] > 0.05 ** 2  # clipping had something to clip
+    assert_same_state(sequential, batched)
+
+
+def test_bf16_autocast_is_the_sequential_engines():
+    """precision="bf16" on both problems (float32 weights): each task's forward runs under the same
+    autocast, so only the summation order differs."""
+    # cg: darts' finite differences of size 0.01 / ||v|| drown in bf16's rounding
+    cg = {"type": "cg", "cg_iterations": 3}
+    kwargs = dict(meta_batch=4, inner_steps=2, dtype=torch.float32, upper_config={"precision": "bf16"},
+                  lower_config={"precision": "bf16", **cg}, reg=1.0, forward="loop")
+    sequential, batched = both(meta_steps=2, **kwargs)
+    assert batched.task_batching.active
+    fp32 = build("off", meta_batch=4, inner_steps=2, dtype=torch.float32, lower_config=cg, reg=1.0)
+    run_meta_steps(fp32, 2)
+    moved = relative_difference(theta(fp32), theta(sequential))
+    assert moved > 1e-5  # bf16 changes the numbers: the autocast is on
+    assert relative_difference(theta(sequential), theta(batched)) < moved / 10
+
+
+def test_siblings_with_a_validation_inside_a_meta_step():
+    """A validation after the first inner step of a meta-step: the siblings' recorded step runs one
+    by one, the rest of that inner loop too, and the next meta-step is batched again."""
+    from dropin_programs import build_siblings, run_sibling_meta_steps
+
+    def program(mode):
+        engine = build_siblings(mode, inner_steps=3)
+        validations = []
+
+        class Validating(type(engine)):
+            def validation(self):
+                validations.append(float(sum(p.detach().sum() for p in self.outer.module.parameters())))
+                return {"theta_sum": validations[-1]}
+
+        engine.__class__ = Validating
+        engine.valid_step = 3 + 1
+        run_sibling_meta_steps(engine, 3)
+        return engine, validations
+
+    (sequential, seen_seq), (batched, seen_bat) = program("off"), program("on")
+    assert batched.task_batching.active and len(seen_seq) == len(seen_bat) == 2
+    assert relative_difference([torch.tensor(seen_seq)], [torch.tensor(seen_bat)]) < TOL
+    assert_same_sibling_state(sequential, batched)

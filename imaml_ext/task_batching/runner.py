@@ -117,6 +117,7 @@ class TaskBatcher:
         info.forward, info.upper_forward = self.forward, self.upper_forward
         self.pending: List[dict] = []
         self.current: Optional[dict] = None
+        self.finishing_loop = False
         self.checked = False
         self.in_task_call = False
         self.phi: Optional[List[Tensor]] = None
@@ -150,6 +151,10 @@ class TaskBatcher:
             self.flush()
             lower.step_normal(global_step=global_step)
             return
+        if self.finishing_loop:  # the rest of an inner loop that a flush left half run
+            lower.step_normal(global_step=global_step)
+            self.finishing_loop = bool(lower._count % lower.config.unroll_steps)
+            return
         lower._global_step = global_step
         if self.current is None:
             self.current = {"lower": [], "upper": None}
@@ -176,6 +181,9 @@ class TaskBatcher:
         self.pending, self.current = [], None
         if tasks:
             self._replay(tasks)
+        # A validation inside an inner loop: its remaining steps go on from the weights the replay
+        # left, one by one, and recording starts again with the next inner loop.
+        self.finishing_loop = bool(self.lower._count % self.lower.config.unroll_steps)
 
     def _replay(self, tasks: List[dict]) -> None:
         lower, upper = self.lower, self.upper

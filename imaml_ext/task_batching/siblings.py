@@ -61,6 +61,10 @@ class SiblingBatcher(TaskBatcher):
             self.flush()
             problem.step_normal(global_step=global_step)
             return
+        if self.finishing_loop:  # the rest of the inner loops that a flush left half run
+            problem.step_normal(global_step=global_step)
+            self.finishing_loop = any(s._count % s.config.unroll_steps for s in self.lowers)
+            return
         problem._global_step = global_step
         problem._count += 1
         self.window.append((self._slot[id(problem)], global_step, problem._count, problem.get_batch()))
@@ -82,6 +86,7 @@ class SiblingBatcher(TaskBatcher):
         window, self.window = self.window, []
         if window:
             self._replay_window(window, None)
+        self.finishing_loop = any(s._count % s.config.unroll_steps for s in self.lowers)
 
     def _replay_window(self, window: List[tuple], upper_step: Optional[tuple]) -> None:
         """The recorded steps, run one by one by the sequential engine."""
