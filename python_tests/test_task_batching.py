@@ -92,8 +92,8 @@ def test_auto_forward_on_a_cpu_is_timed_once():
     sequential, batched = both(meta_steps=2, meta_batch=4, inner_steps=2)
     info = batched.task_batching
     assert info.forward.split()[0] in ("loop", "vmap") and "timed on the first meta-step" in info.forward
-    assert info.upper_forward.split()[0] == ("loop" if info.forward.startswith("loop") else "vmap") or \
-        info.upper_forward.startswith("loop (its training_step does not vmap")
+    # the tutorial's upper calls .item(): it runs per task whichever forward was kept
+    assert info.upper_forward.startswith("loop")
     assert relative_difference(theta(sequential), theta(batched)) < TOL
 
 

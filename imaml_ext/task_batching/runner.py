@@ -145,15 +145,24 @@ class TaskBatcher:
         """Whether ``problem.step`` is recorded here instead of run."""
         return problem is self.lower
 
+    def _runs_as_written(self, problem, global_step: Optional[int]) -> bool:
+        """Steps ``problem`` as the sequential engine does, and says so, when this step is not
+        recorded: in eval mode, with batching off, or in the rest of an inner loop that a flush
+        (a validation inside it) left half run."""
+        if not (problem._training and self.upper._training) or not self.info.active:
+            self.flush()
+        elif not self.finishing_loop:
+            return False
+        problem.step_normal(global_step=global_step)
+        self.finishing_loop = self.finishing_loop and self._loop_half_run()
+        return True
+
+    def _loop_half_run(self) -> bool:
+        return bool(self.lower._count % self.lower.config.unroll_steps)
+
     def lower_step(self, global_step: Optional[int], problem=None) -> None:
         lower, upper = self.lower, self.upper
-        if not (lower._training and upper._training) or not self.info.active:
-            self.flush()
-            lower.step_normal(global_step=global_step)
-            return
-        if self.finishing_loop:  # the rest of an inner loop that a flush left half run
-            lower.step_normal(global_step=global_step)
-            self.finishing_loop = bool(lower._count % lower.config.unroll_steps)
+        if self._runs_as_written(lower, global_step):
             return
         lower._global_step = global_step
         if self.current is None:
@@ -183,7 +192,7 @@ class TaskBatcher:
             self._replay(tasks)
         # A validation inside an inner loop: its remaining steps go on from the weights the replay
         # left, one by one, and recording starts again with the next inner loop.
-        self.finishing_loop = bool(self.lower._count % self.lower.config.unroll_steps)
+        self.finishing_loop = self._loop_half_run()
 
     def _replay(self, tasks: List[dict]) -> None:
         lower, upper = self.lower, self.upper
@@ -209,7 +218,7 @@ class TaskBatcher:
                 self.checked = True
             self._check_shapes(tasks)
         except NotBatchable as cause:
-            self._refuse(cause, tasks)
+            self._refuse(cause, lambda: self._replay(tasks))
             return
         n = len(tasks)
         chunk = min(self.chunk or n, n)
@@ -217,7 +226,8 @@ class TaskBatcher:
             self._run_tasks(tasks[start:start + chunk])
         self._close_window(tasks)
 
-    def _refuse(self, cause: NotBatchable, tasks: List[dict]) -> None:
+    def _refuse(self, cause: NotBatchable, replay: Callable[[], None]) -> None:
+        """The window runs task by task (``replay``), with the cause said once; "on" raises it."""
         message = f"task batching: {cause}"
         if self.info.mode == "on":
             raise ValueError(f"EngineConfig(task_batching='on'): {cause}") from None
@@ -228,7 +238,7 @@ class TaskBatcher:
             warnings.warn(message + ("; this meta-step runs task by task" if per_window else
                                      "; running task by task"), RuntimeWarning, stacklevel=5)
             self._warned_shapes = self._warned_shapes or per_window
-        self._replay(tasks)
+        replay()
 
     def _first_window_checks(self, tasks: List[dict]) -> None:
         self._check_reset(self.lower, self.module_params)

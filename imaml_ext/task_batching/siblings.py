@@ -57,13 +57,7 @@ class SiblingBatcher(TaskBatcher):
 
     def lower_step(self, global_step: Optional[int], problem=None) -> None:
         upper = self.upper
-        if not (problem._training and upper._training) or not self.info.active:
-            self.flush()
-            problem.step_normal(global_step=global_step)
-            return
-        if self.finishing_loop:  # the rest of the inner loops that a flush left half run
-            problem.step_normal(global_step=global_step)
-            self.finishing_loop = any(s._count % s.config.unroll_steps for s in self.lowers)
+        if self._runs_as_written(problem, global_step):
             return
         problem._global_step = global_step
         problem._count += 1
@@ -86,7 +80,10 @@ class SiblingBatcher(TaskBatcher):
         window, self.window = self.window, []
         if window:
             self._replay_window(window, None)
-        self.finishing_loop = any(s._count % s.config.unroll_steps for s in self.lowers)
+        self.finishing_loop = self._loop_half_run()
+
+    def _loop_half_run(self) -> bool:
+        return any(s._count % s.config.unroll_steps for s in self.lowers)
 
     def _replay_window(self, window: List[tuple], upper_step: Optional[tuple]) -> None:
         """The recorded steps, run one by one by the sequential engine."""
@@ -124,24 +121,11 @@ class SiblingBatcher(TaskBatcher):
                 self.checked = True
             self._check_sibling_shapes(tasks)
         except NotBatchable as cause:
-            self._refuse_window(cause, window, upper_step)
+            self._refuse(cause, lambda: self._replay_window(window, upper_step))
             return
         upper_stats = self._run_siblings(tasks, upper_step)
         self._log_lower(window, tasks)
         self._upper_steps([(*upper_step, upper_stats)])
-
-    def _refuse_window(self, cause: NotBatchable, window: List[tuple], upper_step: tuple) -> None:
-        import warnings
-
-        if self.info.mode == "on":
-            raise ValueError(f"EngineConfig(task_batching='on'): {cause}") from None
-        if not cause.per_window:
-            self.info.active, self.info.reason = False, str(cause)
-        if not (cause.per_window and self._warned_shapes):
-            warnings.warn(f"task batching: {cause}" + ("; this meta-step runs task by task" if cause.per_window
-                                                       else "; running task by task"), RuntimeWarning, stacklevel=6)
-            self._warned_shapes = self._warned_shapes or cause.per_window
-        self._replay_window(window, upper_step)
 
     def _check_sibling_shapes(self, tasks: List[dict]) -> None:
         first = tasks[0]["lower"]
