@@ -7,8 +7,8 @@ meta-gradient mean_t (I + H_t / lam)^-1 grad L_query(phi_t) by ``cg_iters`` CG
 iterations, added to theta's .grad. Every variant computes that same
 meta-gradient from the same theta and the same tasks:
 
-- ours_batched (_vmap, _loop): ``imaml_ext.IMAML.meta_step`` over all T tasks
-  at once, forward="auto" (and "vmap", "loop" forced);
+- ours_batched (_vmap, _loop, _stacked): ``imaml_ext.IMAML.meta_step`` over all T tasks
+  at once, forward="auto" (and "vmap", "loop", "stacked" forced);
 - ours_sequential: the Betty tutorial's recipe on imaml_ext's Betty API (a
   Lower ImplicitProblem with Config(type="cg", proximal_lambda=lam), an Upper
   accumulating T tasks, an Env feeding one task at a time, run by the Engine);
@@ -61,8 +61,8 @@ from _timing import (  # noqa: E402
 WAYS, SHOTS, QUERY = 5, 1, 15
 HIDDEN = 64
 INNER_LR, LAM = 0.1, 2.0
-ALL_VARIANTS = ("ours_batched", "ours_batched_vmap", "ours_batched_loop", "ours_graph", "ours_bf16", "ours_fp16",
-                "ours_sequential", "plain_loop", "plain_vmap")
+ALL_VARIANTS = ("ours_batched", "ours_batched_vmap", "ours_batched_loop", "ours_batched_stacked", "ours_graph",
+                "ours_bf16", "ours_fp16", "ours_sequential", "plain_loop", "plain_vmap")
 CUDA_ONLY = ("ours_graph",)
 OPT_IN = ("ours_bf16", "ours_fp16")  # other arithmetic: not checked against the float64 step, not flagged by --rtol
 REFERENCE = "ours_batched"
@@ -559,13 +559,18 @@ def bench_config(args, device: torch.device, model: nn.Module, batch: Batch, inn
                    max_rel_diff_vs_reference_float64=diffs64.get(name),
                    same_kernels=paired.get(name))
         records[name] = rec
+    reference = variants.get(REFERENCE)
+    auto_choices = None if reference is None else [
+        {"input": list(k[0]), "mode": k[2], "threads": k[3], "forward": v["forward"], "ms": v["ms"]}
+        for k, v in reference.imaml.forward_choices.items()]
     speedups = {ours: {other: records[other]["seconds"] / records[ours]["seconds"]
                        for other in BASELINES if other in records}
                 for ours in (REFERENCE, "ours_graph") if ours in records}
     return {"tasks": num_tasks, "inner_steps": inner_steps, "cg_iters": cg_iters, "reference": ref_name,
             "float64_check_tasks": min(args.check_tasks, num_tasks), "variants": records,
             "speedup_of_ours_batched": speedups.get(REFERENCE, {}),
-            "speedup_of_ours_graph": speedups.get("ours_graph", {}), "disagree": disagree, "cg": cg_summary}
+            "speedup_of_ours_graph": speedups.get("ours_graph", {}), "disagree": disagree, "cg": cg_summary,
+            "auto_choices": auto_choices}
 
 
 # --------------------------------------------------------------------------- report
@@ -606,7 +611,7 @@ def render(result: dict) -> str:
         "",
         f"Median seconds per meta-step over {meta['repeats']} calls (timed round-robin) after 1 warm-up call; "
         "(tasks/s) = T / seconds. Speed-ups are of ours_batched (forward=\"auto\", which picks "
-        f"\"{meta['auto_forward']}\" here) over the baseline.",
+        f"{meta['auto_forward']} here) over the baseline.",
         "",
     ]
     if meta["cpu_malloc_keeps_freed_memory"]:
@@ -627,6 +632,12 @@ def render(result: dict) -> str:
         row += [f"{r['speedup_of_ours_graph'][n]:.1f}x" for n in graph_names]
         rows.append(row)
     lines += md_table(headers, rows)
+    chosen = [r for r in result["configs"] if r.get("auto_choices")]
+    if chosen and meta["device"] == "cpu":
+        lines += ["", "forward=\"auto\"'s choices (timed forward and backward at the first call of each input shape):"]
+        lines += [f"- T={r['tasks']} K={r['inner_steps']} CG={r['cg_iters']}: " + "; ".join(
+            f"{c['input'][:2]} {c['mode']}: {c['forward']} ({', '.join(f'{m} {ms:.0f} ms' for m, ms in c['ms'].items())})"
+            for c in r["auto_choices"]) for r in chosen]
 
     ref = result["configs"][0]["reference"] if result["configs"] else REFERENCE
     lines += [
@@ -674,6 +685,8 @@ VARIANT_NOTES = {
     "ours_batched": 'imaml_ext.IMAML(forward="auto").meta_step, all tasks at once',
     "ours_batched_vmap": 'the same with forward="vmap" (grouped convolutions)',
     "ours_batched_loop": 'the same with forward="loop" (per-task dense layers)',
+    "ours_batched_stacked": 'the same with forward="stacked" (vmap, convolutions, BatchNorm and max-pooling '
+                            "on the tasks' stacked channels)",
     "ours_sequential": "the Betty tutorial on imaml_ext's Engine, Config(type=\"cg\", proximal_lambda=2), "
                        "one task per inner loop, Upper accumulating T tasks",
     "plain_loop": "plain PyTorch, Python loop over tasks, double-backward HVPs, Betty-style torch.cat/torch.dot CG",
@@ -713,6 +726,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cg-iters", type=int_list, default=None,
                         help="comma-separated CG iterations (default 5 on CPU, 3,5 on CUDA)")
     parser.add_argument("--full", action="store_true", help="the whole grid: T 16,32 x inner steps 5,16 x CG 3,5")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated TxKxCG triples (e.g. 16x5x5,32x16x5) instead of the grid of --tasks, "
+                             "--inner-steps and --cg-iters")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (default: all but "
                              f"{','.join(OPT_IN)}; {','.join(CUDA_ONLY)} on CUDA only)")
@@ -741,6 +757,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.tasks = args.tasks or [16, 32]
         args.inner_steps = args.inner_steps or [5, 16]
         args.cg_iters = args.cg_iters or [3, 5]
+    if args.configs is not None:
+        try:
+            args.configs = [tuple(int(v) for v in c.lower().split("x")) for c in args.configs.split(",") if c.strip()]
+        except ValueError:
+            args.configs = None
+        if not args.configs or any(len(c) != 3 for c in args.configs):
+            parser.error("--configs: comma-separated TxKxCG triples of integers, e.g. 16x5x5,32x16x5")
+        args.tasks, args.inner_steps, args.cg_iters = (sorted({c[i] for c in args.configs}) for i in range(3))
     args.tasks = args.tasks or [16, 32]
     args.inner_steps = args.inner_steps or ([5] if cpu else [5, 16])
     args.cg_iters = args.cg_iters or ([5] if cpu else [3, 5])
@@ -805,7 +829,8 @@ def main(argv=None) -> None:
                 "ways": WAYS, "shots": SHOTS, "query_per_class": QUERY, "hidden": HIDDEN,
                 "inner_lr": INNER_LR, "lam": LAM,
                 "num_params": sum(p.numel() for p in model.parameters()),
-                "auto_forward": "loop" if device.type == "cpu" else "vmap",
+                "auto_forward": ('the faster of "loop" and "stacked", timed per input shape'
+                                 if device.type == "cpu" else '"vmap"'),
                 "variants": args.variants,
                 "tasks": args.tasks, "inner_steps": args.inner_steps, "cg_iters": args.cg_iters,
                 "repeats": args.repeats,
@@ -829,15 +854,14 @@ def main(argv=None) -> None:
         write_results(result, args.out, ROOT / "benchmarks" / "results" / f"meta_step-{task}{machine}-{date}.json", render)
 
     configs = []
-    for tasks in args.tasks:
-        for inner_steps in args.inner_steps:
-            for cg_iters in args.cg_iters:
-                print(f"T={tasks} inner_steps={inner_steps} cg_iters={cg_iters}", file=sys.stderr)
-                r = bench_config(args, device, model, batches[tasks], inner_steps, cg_iters, memory)
-                print("  " + ", ".join(f"{n} {rec['seconds']:.3f} s (rel diff {rec['max_rel_diff_vs_reference']:.1e})"
-                                       for n, rec in r["variants"].items()), file=sys.stderr)
-                configs.append(r)
-                save(configs, complete=False)  # a run cut off later keeps what it finished
+    grid = args.configs or [(t, k, c) for t in args.tasks for k in args.inner_steps for c in args.cg_iters]
+    for tasks, inner_steps, cg_iters in grid:
+        print(f"T={tasks} inner_steps={inner_steps} cg_iters={cg_iters}", file=sys.stderr)
+        r = bench_config(args, device, model, batches[tasks], inner_steps, cg_iters, memory)
+        print("  " + ", ".join(f"{n} {rec['seconds']:.3f} s (rel diff {rec['max_rel_diff_vs_reference']:.1e})"
+                               for n, rec in r["variants"].items()), file=sys.stderr)
+        configs.append(r)
+        save(configs, complete=False)  # a run cut off later keeps what it finished
 
     save(configs, complete=True)
 

@@ -62,7 +62,10 @@ class IMAML:
       per solve (the linearisation is reused by every CG iteration);
     - CG: ``imaml_ext.ops.cg_solve``, per-task scalars on the device;
     - ``forward``: "vmap" (grouped convolutions, one launch per layer: the
-      GPU default), "loop" (dense per-task layers: faster on a CPU) or "auto";
+      GPU default), "loop" (dense per-task layers), "stacked" (vmap with the
+      convolutions, BatchNorm and max-pooling on the tasks' stacked channels) or
+      "auto" ("vmap" on a GPU; on a CPU the faster of "loop" and "stacked", timed
+      at the first call of each input shape and kept in ``forward_choices``);
     - ``check_labels``: one host sync per call to check the labels' range
       (out-of-range labels would give an unreadable device assert on CUDA);
       turn it off for sync-free steps and CUDA-graph capture.
@@ -127,6 +130,9 @@ class IMAML:
         if forward not in TaskBatchedModule.FORWARDS:
             raise ValueError(f"IMAML: forward must be one of {', '.join(map(repr, TaskBatchedModule.FORWARDS))}; got {forward!r}")
         self.forward = forward
+        # forward="auto" on a CPU: the forward timed fastest per input shape (TaskBatchedModule.auto_forward),
+        # kept across meta-batch sizes.
+        self.forward_choices: dict = {}
         if nonfinite not in self.NONFINITE:
             raise ValueError(f"IMAML: nonfinite must be one of {', '.join(map(repr, self.NONFINITE))}; got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -160,7 +166,7 @@ class IMAML:
     # ----- helpers -----
     def batched(self, num_tasks: int) -> TaskBatchedModule:
         if self._batched is None or self._batched.num_tasks != num_tasks:
-            self._batched = TaskBatchedModule(self.model, num_tasks, self.forward)
+            self._batched = TaskBatchedModule(self.model, num_tasks, self.forward, self.forward_choices)
         else:
             self._batched.buffers = self._batched.fresh_buffers(num_tasks)
         return self._batched

@@ -1,15 +1,19 @@
-"""A model's parameters for T tasks at once: ``[T, *shape]`` tensors and one
-vmapped forward (torch.func), so convolutions run as grouped convolutions
-and every layer sees only its own task's data (BatchNorm statistics included)."""
+"""A model's parameters for T tasks at once: ``[T, *shape]`` tensors and a forward
+over all T tasks (vmapped with torch.func, so convolutions run as grouped
+convolutions, or a loop over tasks, or vmap with channel-stacked convolutions,
+BatchNorm and pooling; see TaskBatchedModule), where every layer sees only its
+own task's data (BatchNorm statistics included)."""
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.overrides import TorchFunctionMode
 
 # Leaf layers whose batching under vmap is known to be right (each task's
 # slice of every input, parameter and buffer is used only by that task).
@@ -59,14 +63,32 @@ class TaskBatchedModule:
     """T copies of ``model``'s parameters as ``[T, *shape]`` tensors and a
     forward over ``[T, B, ...]`` inputs. ``model`` itself holds theta (the
     meta-parameters); buffers (e.g. BatchNorm running statistics) are kept per
-    task."""
+    task.
 
-    FORWARDS = ("auto", "vmap", "loop")
+    ``forward`` (all compute the same values, up to float rounding):
 
-    def __init__(self, model: nn.Module, num_tasks: int, forward: str = "auto"):
+    - "vmap": torch.func.vmap over tasks (convolutions become grouped ones);
+    - "loop": a Python loop over tasks through the dense layers;
+    - "stacked": vmap, with the 2-d convolutions, BatchNorm and max-pooling run on
+      the tasks' channels stacked (``[B, T*C, H, W]``: grouped convolutions, the
+      BatchNorm affine fused, no relayout of the activations between these layers);
+    - "auto": "vmap" on a GPU; on a CPU, for each input shape (and dtype, grad mode,
+      thread count, autocast), the faster of "loop" and "stacked" by a timed forward
+      and backward of each at the first call of that shape, kept in
+      ``forward_choices``, as ``torch.backends.cudnn.benchmark`` keeps a
+      convolution algorithm. Pass the same ``choices`` dict to later instances of
+      the same model to keep them (IMAML does, across meta-batch sizes). The first
+      call of a shape pays the timing: two to three forwards and backwards of each.
+    """
+
+    FORWARDS = ("auto", "vmap", "loop", "stacked")
+    AUTO_CPU = ("loop", "stacked")  # "stacked" ran faster than "vmap" at every shape measured on the CPU
+
+    def __init__(self, model: nn.Module, num_tasks: int, forward: str = "auto", choices: Optional[dict] = None):
         if forward not in self.FORWARDS:
             raise ValueError(f"forward must be one of {', '.join(map(repr, self.FORWARDS))}; got {forward!r}")
         self.forward_mode = forward
+        self.forward_choices = {} if choices is None else choices
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         check_num_tasks(num_tasks)
@@ -94,24 +116,191 @@ class TaskBatchedModule:
     def forward(self, phi: Sequence[Tensor], x: Tensor, buffers: Optional[Dict[str, Tensor]] = None) -> Tensor:
         """Outputs [T, B, ...] for inputs [T, B, ...] and parameters [T, *shape]."""
         buffers = self.buffers if buffers is None else buffers
+        mode = self.forward_mode
+        if mode == "auto":
+            mode = self.auto_forward(phi, x, buffers)
+        return self._forward(mode, phi, x, buffers)
+
+    __call__ = forward
+
+    def _forward(self, mode: str, phi: Sequence[Tensor], x: Tensor, buffers: Dict[str, Tensor]) -> Tensor:
         names = self.names
 
         def one_task(params, bufs, inputs):
             return functional_call(self.model, ({**dict(zip(names, params)), **bufs}), (inputs,))
 
-        mode = self.forward_mode
-        if mode == "auto":
-            # Measured on the 2-core CPU: the per-task loop of dense convolutions
-            # beats vmap's grouped ones (about 3x in a 75-image HVP, 1.35-1.4x
-            # over a whole meta-step, benchmarks/results/meta_step-cpu-*); on a
-            # GPU one vmapped launch per layer wins (13x on an H200).
-            mode = "loop" if x.device.type == "cpu" else "vmap"
         if mode == "loop":
-            outs = [one_task([p[t] for p in phi], {k: b[t] for k, b in buffers.items()}, x[t]) for t in range(x.shape[0])]
+            # unbind, not phi[t]: its backward is one stack per tensor, where T selects would
+            # each write a zero-filled [T, *shape] gradient.
+            per_task = list(zip(*[p.unbind(0) for p in phi]))
+            bufs = {k: b.unbind(0) for k, b in buffers.items()}
+            outs = [one_task(list(per_task[t]), {k: b[t] for k, b in bufs.items()}, xt)
+                    for t, xt in enumerate(x.unbind(0))]
             return torch.stack(outs)
+        if mode == "stacked":
+            def stacked_task(params, bufs, inputs):
+                with _StackedLayers():
+                    return one_task(params, bufs, inputs)
+
+            return vmap(stacked_task, in_dims=(0, 0, 0), randomness="different")(list(phi), buffers, x)
         return vmap(one_task, in_dims=(0, 0, 0), randomness="different")(list(phi), buffers, x)
 
-    __call__ = forward
+    def auto_forward(self, phi: Sequence[Tensor], x: Tensor, buffers: Dict[str, Tensor]) -> str:
+        """The forward "auto" runs for these inputs: "vmap" off the CPU (one launch per layer: 13x
+        the loop on an H200); on a CPU the one timed fastest for this shape (see the class)."""
+        if x.device.type != "cpu":
+            return "vmap"
+        grad = torch.is_grad_enabled()
+        key = (tuple(x.shape), str(x.dtype).replace("torch.", ""), "grad" if grad else "no_grad",
+               torch.get_num_threads(), torch.is_autocast_enabled("cpu"))
+        choice = self.forward_choices.get(key)
+        if choice is None:
+            choice = self.forward_choices[key] = self._time_forwards(phi, x, buffers, grad)
+        return choice["forward"]
+
+    def _time_forwards(self, phi, x, buffers, grad: bool) -> dict:
+        """Each of AUTO_CPU once (with its backward to phi when grad is on), again those within 1.5x
+        of the fastest (the first call of a shape also pays one-off setup), and a third time those
+        still within 1.1x; each keeps its best time, and the fastest wins. Buffers are cloned, the
+        RNG state restored and the caller's saved-tensor hooks (e.g. MAML's graph meter) shadowed
+        by identity ones: the timing changes nothing."""
+        import time
+
+        probe = [p.detach().requires_grad_(grad) for p in phi]
+        seconds: Dict[str, float] = {}
+
+        def run(mode: str) -> None:
+            start = time.perf_counter()
+            out = self._forward(mode, probe, x, {k: b.clone() for k, b in buffers.items()})
+            if grad and out.requires_grad:
+                torch.autograd.grad(out.sum(), probe, allow_unused=True)
+            seconds[mode] = min(seconds.get(mode, math.inf), time.perf_counter() - start)
+
+        rng = torch.get_rng_state()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                contenders = list(self.AUTO_CPU)
+                for margin in (None, 1.5, 1.1):
+                    if margin is not None:
+                        contenders = [m for m in contenders if seconds[m] <= margin * min(seconds.values())]
+                    for mode in contenders if len(contenders) > 1 else ():
+                        run(mode)
+        finally:
+            torch.set_rng_state(rng)
+        return {"forward": min(seconds, key=seconds.get), "ms": {m: round(s * 1e3, 3) for m, s in seconds.items()}}
+
+
+def _same(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+# ----- "stacked": vmap batching rules that keep the tasks' channels side by side -----
+
+
+def _stacked(x: Tensor, dim: Optional[int], num_tasks: int) -> Tensor:
+    """A batched input as [B, T, C, ...] in memory (tasks second); a free view after another stacked layer."""
+    x = x.unsqueeze(1).expand(x.shape[0], num_tasks, *x.shape[1:]) if dim is None else x.movedim(dim, 1)
+    return x.contiguous()
+
+
+def _per_task(t: Optional[Tensor], dim: Optional[int], num_tasks: int) -> Optional[Tensor]:
+    """A parameter or buffer with its T tasks flattened into its first dimension: [T * shape[0], ...]."""
+    if t is None:
+        return None
+    return (t.expand(num_tasks, *t.shape) if dim is None else t.movedim(dim, 0)).flatten(0, 1)
+
+
+def _conv2d_rule(T, dims, x, weight, bias, stride, padding, dilation, groups):
+    xs = _stacked(x, dims[0], T)
+    b, _, c = xs.shape[:3]
+    w = _per_task(weight, dims[1], T)
+    out = F.conv2d(xs.view(b, T * c, *xs.shape[3:]), w, _per_task(bias, dims[2], T), stride, padding, dilation,
+                   T * groups)
+    return out.view(b, T, w.shape[0] // T, *out.shape[2:]), 1
+
+
+def _batch_norm_rule(T, dims, x, running_mean, running_var, weight, bias, training, momentum, eps):
+    xs = _stacked(x, dims[0], T)
+    b, _, c = xs.shape[:3]
+    stats = [_per_task(t, d, T) for t, d in zip((running_mean, running_var, weight, bias), dims[1:5])]
+    out = F.batch_norm(xs.view(b, T * c, *xs.shape[3:]), *stats, training, momentum, eps)
+    return out.view(xs.shape), 1
+
+
+def _max_pool2d_rule(T, dims, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    xs = _stacked(x, dims[0], T)
+    b, _, c = xs.shape[:3]
+    out = F.max_pool2d(xs.view(b, T * c, *xs.shape[3:]), kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
+    return out.view(b, T, c, *out.shape[2:]), 1
+
+
+class _StackedRule(torch.autograd.Function):
+    """One of the rules above as the vmap rule of a layer: applied only under vmap (by
+    _StackedLayers), where torch.func calls ``vmap`` with the tensors' [T, ...] storage and
+    autograd records the ops the rule runs, whose own derivatives (double backward included)
+    then apply."""
+
+    @staticmethod
+    def forward(kind, *args):
+        raise RuntimeError(f"imaml_ext: the stacked {kind} rule runs only under torch.func.vmap")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("imaml_ext: the stacked rules run only under torch.func.vmap")
+
+    @staticmethod
+    def vmap(info, in_dims, kind, *args):
+        return _RULES[kind][0](info.batch_size, in_dims[1:], *args)
+
+
+def _accept_conv2d(a) -> bool:
+    return a[0].dim() == 4
+
+
+def _accept_batch_norm(a) -> bool:
+    # Training with running statistics updates them in place: left to vmap's own rule.
+    return a[0].dim() >= 2 and not (a[5] and (a[1] is not None or a[2] is not None))
+
+
+def _accept_max_pool2d(a) -> bool:
+    return a[0].dim() == 4 and not a[6]
+
+
+_REQUIRED = object()
+
+# kind: (rule, acceptance test, argument names, their defaults)
+_RULES = {
+    "conv2d": (_conv2d_rule, _accept_conv2d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+               (_REQUIRED, _REQUIRED, None, 1, 0, 1, 1)),
+    "batch_norm": (_batch_norm_rule, _accept_batch_norm, ("input", "running_mean", "running_var", "weight", "bias",
+                                                         "training", "momentum", "eps"),
+                   (_REQUIRED, _REQUIRED, _REQUIRED, None, None, False, 0.1, 1e-5)),
+    "max_pool2d": (_max_pool2d_rule, _accept_max_pool2d, ("input", "kernel_size", "stride", "padding", "dilation",
+                                                          "ceil_mode", "return_indices"),
+                   (_REQUIRED, _REQUIRED, None, 0, 1, False, False)),
+}
+_INTERCEPTED = {torch.conv2d: "conv2d", F.conv2d: "conv2d", F.batch_norm: "batch_norm", F.max_pool2d: "max_pool2d"}
+
+
+class _StackedLayers(TorchFunctionMode):
+    """Inside a vmapped forward: conv2d, batch_norm and max_pool2d on a batched 4-d input (2-d and
+    up for batch_norm) go to the stacked rules; everything else to vmap's own."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = _INTERCEPTED.get(func)
+        if kind is not None:
+            _, accept, names, defaults = _RULES[kind]
+            if len(args) <= len(names) and set(kwargs) <= set(names[len(args):]):
+                bound = list(args) + [kwargs.get(n, d) for n, d in zip(names[len(args):], defaults[len(args):])]
+                if (all(v is not _REQUIRED for v in bound) and isinstance(bound[0], Tensor)
+                        and torch._C._functorch.is_batchedtensor(bound[0]) and accept(bound)):
+                    return _StackedRule.apply(kind, *bound)
+        return func(*args, **kwargs)
 
 
 def check_num_tasks(num_tasks) -> None:

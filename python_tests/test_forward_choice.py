@@ -1,0 +1,211 @@
+"""The batched forwards ("loop", "vmap", "stacked") compute the same values as the default
+("auto") in float64, and "auto" times them once per input shape on a CPU, keeps the faster,
+changes no state while timing, and stays "vmap" off the CPU."""
+
+import copy
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from imaml_ext import IMAML, BatchedModule
+from imaml_ext.batched import module as batched_module
+from imaml_ext.batched.module import TaskBatchedModule
+from test_batched import conv4, random_tasks as tasks
+
+f64 = torch.float64
+
+
+class Mixed(nn.Module):
+    """Every case the stacked rules take or leave to vmap: strides, dilation, string padding,
+    groups, no bias, affine-free BatchNorm, pooling with ceil_mode and its own stride, a
+    BatchNorm1d, and (``running``) BatchNorm with running statistics."""
+
+    def __init__(self, running: bool = False):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 6, 3, stride=2, padding=1)
+        self.b1 = nn.BatchNorm2d(6, track_running_stats=running)
+        self.c2 = nn.Conv2d(6, 6, 3, padding="same", dilation=2, groups=3, bias=False)
+        self.b2 = nn.BatchNorm2d(6, affine=False, track_running_stats=False)
+        self.p = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.c3 = nn.Conv2d(6, 4, (2, 3), padding=(1, 0))
+        self.b3 = nn.BatchNorm1d(4 * 2 * 1, track_running_stats=False)
+        self.head = nn.Linear(4 * 2 * 1, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = self.p(torch.relu(self.b2(self.c2(x))))
+        x = torch.nn.functional.max_pool2d(self.c3(x), 2)
+        return self.head(torch.tanh(self.b3(x.flatten(1))))
+
+
+def outputs_grads_hvps(module, phi, x):
+    """The forward, the gradient to phi of a loss of it, and an HVP through that gradient."""
+    phi = [p.detach().requires_grad_(True) for p in phi]
+    out = module(phi, x)
+    grads = torch.autograd.grad(out.square().sum() + out.sum(), phi, create_graph=True)
+    vectors = [torch.linspace(-1, 1, p.numel(), dtype=p.dtype).view_as(p) for p in phi]
+    hvps = torch.autograd.grad(grads, phi, vectors)
+    return [out.detach(), *[g.detach() for g in grads], *hvps]
+
+
+def assert_all_close(got, expected):
+    for i, (g, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=lambda m: f"tensor {i}: {m}")
+
+
+@pytest.mark.parametrize("forward", ["loop", "vmap", "stacked"])
+def test_meta_step_of_each_forward_equals_the_default(forward):
+    model, batch = conv4(), tasks(3)
+    results = {}
+    for mode in ("auto", forward):
+        m = copy.deepcopy(model)
+        result = IMAML(m, inner_steps=3, cg_iterations=3, forward=mode).meta_step(*batch)
+        results[mode] = [p.grad for p in m.parameters()]
+        results[mode] += [result.loss, result.support_loss, result.cg.iterations.double()]
+    assert_all_close(results[forward], results["auto"])
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_stacked_forward_gradient_and_hvp_equal_the_loop_on_every_layer_case(running):
+    T = 3
+    model = Mixed(running).to(f64)
+    loop, stacked = TaskBatchedModule(model, T, "loop"), TaskBatchedModule(model, T, "stacked")
+    phi = [p + 0.1 * torch.randn_like(p) for p in loop.expand_theta()]
+    x = torch.randn(T, 4, 2, 13, 15, dtype=f64)
+    assert_all_close(outputs_grads_hvps(stacked, phi, x), outputs_grads_hvps(loop, phi, x))
+    if running:  # the running statistics were updated per task alike
+        assert_all_close(list(stacked.buffers.values()), list(loop.buffers.values()))
+        model.eval()  # eval: normalised by each task's running statistics (a stacked rule again)
+        assert_all_close(outputs_grads_hvps(stacked, phi, x), outputs_grads_hvps(loop, phi, x))
+
+
+def test_stacked_forward_runs_its_rules_for_convolutions_batchnorm_and_pooling(monkeypatch):
+    calls = []
+    for kind, (rule, *rest) in list(batched_module._RULES.items()):
+        def counted(*args, rule=rule, kind=kind):
+            calls.append(kind)
+            return rule(*args)
+        monkeypatch.setitem(batched_module._RULES, kind, (counted, *rest))
+    module = TaskBatchedModule(conv4(), 2, "stacked")
+    module(module.expand_theta(), torch.randn(2, 3, 1, 28, 28, dtype=f64))
+    assert calls == ["conv2d", "batch_norm", "max_pool2d"] * 4
+
+
+def test_batched_module_with_the_stacked_forward_equals_the_loop():
+    model, x = conv4(), torch.randn(2, 3, 1, 28, 28, dtype=f64)
+    outs = []
+    for mode in ("loop", "stacked"):
+        batched = BatchedModule(model, 2, forward=mode)
+        out = batched(x)
+        outs += [out, *torch.autograd.grad(out.sum(), list(batched.parameters()))]
+    half = len(outs) // 2
+    assert_all_close(outs[half:], outs[:half])
+
+
+def slowed(monkeypatch, slow_mode):
+    """TaskBatchedModule._forward with `slow_mode` made 50 ms slower; the modes it ran, in order."""
+    ran, original = [], TaskBatchedModule._forward
+
+    def forward(self, mode, *args):
+        ran.append(mode)
+        if mode == slow_mode:
+            time.sleep(0.05)
+        return original(self, mode, *args)
+
+    monkeypatch.setattr(TaskBatchedModule, "_forward", forward)
+    return ran
+
+
+@pytest.mark.parametrize("slow_mode", ["loop", "stacked"])
+def test_auto_keeps_the_faster_forward_per_input_shape_and_times_each_shape_once(monkeypatch, slow_mode):
+    ran = slowed(monkeypatch, slow_mode)
+    module = TaskBatchedModule(conv4(), 2, "auto")
+    phi = [p.requires_grad_(True) for p in module.expand_theta()]
+    fast = "stacked" if slow_mode == "loop" else "loop"
+    x = torch.randn(2, 3, 1, 28, 28, dtype=f64)
+    module(phi, x)
+    assert ran[-1] == fast and sorted(set(ran[:-1])) == ["loop", "stacked"]
+    (key, choice), = module.forward_choices.items()
+    assert key[0] == (2, 3, 1, 28, 28) and key[2] == "grad" and choice["forward"] == fast
+    assert choice["ms"][slow_mode] > choice["ms"][fast]
+    ran.clear()
+    module(phi, x)
+    assert ran == [fast]  # kept: no second timing
+    with torch.no_grad():
+        module(phi, torch.randn(2, 5, 1, 28, 28, dtype=f64))  # a new shape (and no grad): timed once more
+    assert len(module.forward_choices) == 2 and ran[-1] == fast and len(ran) > 2
+
+
+def test_imaml_keeps_the_choices_across_meta_batch_sizes(monkeypatch):
+    ran = slowed(monkeypatch, "stacked")
+    model = conv4()
+    imaml = IMAML(model, inner_steps=1, cg_iterations=1)
+    imaml.meta_step(*tasks(2))
+    imaml.meta_step(*tasks(3))
+    timed = len(imaml.forward_choices)
+    ran.clear()
+    imaml.meta_step(*tasks(2))  # a new TaskBatchedModule for T = 2, the same choices
+    assert len(imaml.forward_choices) == timed and set(ran) == {"loop"}
+
+
+def test_auto_timing_leaves_buffers_and_the_random_stream_as_they_were():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(4 * 26 * 26, 3)).to(f64)
+    x = torch.randn(2, 3, 1, 28, 28, dtype=f64)
+    auto = TaskBatchedModule(model, 2, "auto")
+    phi = auto.expand_theta()
+    torch.manual_seed(1)
+    out = auto(phi, x)
+    after = torch.rand(3)
+    chosen = TaskBatchedModule(model, 2, auto.forward_choices.popitem()[1]["forward"])
+    torch.manual_seed(1)
+    assert_all_close([chosen(phi, x), *chosen.buffers.values(), torch.rand(3)], [out, *auto.buffers.values(), after])
+
+
+def test_auto_off_the_cpu_is_vmap_without_timing():
+    module = TaskBatchedModule(conv4(), 2, "auto")
+    x = torch.empty(2, 3, 1, 28, 28, dtype=f64, device="meta")
+    assert module.auto_forward(module.expand_theta(), x, module.buffers) == "vmap"
+    assert module.forward_choices == {}
+
+
+def test_forward_names_are_checked():
+    with pytest.raises(ValueError, match="'auto', 'vmap', 'loop', 'stacked'"):
+        IMAML(conv4(), forward="grouped")
+    with pytest.raises(ValueError, match="'stacked'"):
+        TaskBatchedModule(conv4(), 2, "im2col")
+
+
+def test_auto_timing_is_invisible_to_the_callers_saved_tensor_hooks():
+    """MAML's graph meter counts what the first step saves: the timing's graphs must not count."""
+    model, x = conv4(), torch.randn(2, 3, 1, 28, 28, dtype=f64)
+    packed = {}
+    for mode in ("auto", "chosen"):
+        forward = mode if mode == "auto" else module.forward_choices.popitem()[1]["forward"]
+        module = TaskBatchedModule(model, 2, forward)
+        phi = [p.requires_grad_(True) for p in module.expand_theta()]
+        count = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: count.append(1) or t, lambda t: t):
+            module(phi, x)
+        packed[mode] = len(count)
+    assert packed["auto"] == packed["chosen"] > 0
+
+
+@pytest.mark.cuda
+def test_cuda_stacked_forward_equals_the_cpu_default_in_float64_and_replays_as_a_cuda_graph():
+    """Not run where the tests were written (no GPU): the stacked rules on CUDA, and inside a capture."""
+    model, batch = conv4(), tasks(3)
+    IMAML(model, 3, 0.1, 2.0, 3).meta_step(*batch)
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.cuda()
+    cuda_batch = [t.cuda() for t in batch]
+    imaml = IMAML(model, 3, 0.1, 2.0, 3, forward="stacked", check_labels=False)
+    imaml.meta_step(*cuda_batch)
+    assert_all_close([p.grad.cpu() for p in model.parameters()], expected)
+    captured = imaml.capture(*cuda_batch)
+    model.zero_grad()
+    captured.step(*cuda_batch)
+    assert_all_close([p.grad.cpu() for p in model.parameters()], expected)
