@@ -62,9 +62,14 @@ WAYS, SHOTS, QUERY = 5, 1, 15
 HIDDEN = 64
 INNER_LR, LAM = 0.1, 2.0
 ALL_VARIANTS = ("ours_batched", "ours_batched_vmap", "ours_batched_loop", "ours_batched_stacked", "ours_graph",
+                "ours_hvp_reverse", "ours_hvp_forward", "ours_tf32_on", "ours_tf32_off",
                 "ours_bf16", "ours_fp16", "ours_sequential", "plain_loop", "plain_vmap")
-CUDA_ONLY = ("ours_graph",)
-OPT_IN = ("ours_bf16", "ours_fp16")  # other arithmetic: not checked against the float64 step, not flagged by --rtol
+CUDA_ONLY = ("ours_graph", "ours_tf32_on", "ours_tf32_off")
+# other arithmetic: not checked against the float64 step, not flagged by --rtol
+OPT_IN = ("ours_bf16", "ours_fp16", "ours_tf32_on", "ours_tf32_off")
+# Whose float32 (or bf16 / fp16 / TF32) meta-gradient is also compared with ours_batched's in float64: what the
+# arithmetic costs in accuracy.
+PRECISION_CHECKED = ("ours_batched", "ours_tf32_on", "ours_tf32_off", "ours_bf16", "ours_fp16")
 REFERENCE = "ours_batched"
 BASELINES = ("plain_loop", "plain_vmap", "ours_sequential")
 
@@ -126,12 +131,13 @@ class TaskSource:
 class OursBatched:
     """imaml_ext's batched meta-step; the tasks come as the [T, ...] batch of run()."""
 
-    def __init__(self, model: nn.Module, inner_steps: int, cg_iters: int, forward: str, precision: str = "fp32"):
+    def __init__(self, model: nn.Module, inner_steps: int, cg_iters: int, forward: str, precision: str = "fp32",
+                 hvp: str = "auto", tf32: Optional[bool] = None):
         self.model = copy.deepcopy(model)
         # check_labels stays at its default (one host sync per step): what a user gets.
         self.imaml = IMAML(self.model, inner_steps=inner_steps, inner_lr=INNER_LR, lam=LAM,
                            cg_iterations=cg_iters, ways=WAYS, forward=forward, precision=precision,
-                           nonfinite="skip" if precision == "fp16" else "propagate")
+                           nonfinite="skip" if precision == "fp16" else "propagate", hvp=hvp, tf32=tf32)
 
     def run(self, batch: Batch) -> None:
         self.last = self.imaml.meta_step(*batch)
@@ -397,6 +403,10 @@ def make_variant(name: str, model: nn.Module, inner_steps: int, cg_iters: int, b
         return OursGraph(model, inner_steps, cg_iters, batch)
     if name in ("ours_bf16", "ours_fp16"):
         return OursBatched(model, inner_steps, cg_iters, "auto", precision=name[len("ours_"):])
+    if name.startswith("ours_hvp_"):
+        return OursBatched(model, inner_steps, cg_iters, "auto", hvp=name[len("ours_hvp_"):])
+    if name.startswith("ours_tf32_"):
+        return OursBatched(model, inner_steps, cg_iters, "auto", tf32=name.endswith("_on"))
     if name.startswith("ours_batched"):
         forward = name[len("ours_batched_"):] or "auto"
         return OursBatched(model, inner_steps, cg_iters, forward)
@@ -517,7 +527,16 @@ def check_float64(args, device: torch.device, model: nn.Module, batch: Batch, in
         v.run(sub)
         grads[name] = v.meta_grad()
     ref = REFERENCE if REFERENCE in grads else next(iter(grads))
-    return {name: max_rel_diff(g, grads[ref]) for name, g in grads.items()}
+    diffs = {name: max_rel_diff(g, grads[ref]) for name, g in grads.items()}
+    # The arithmetic's own error: float32 (TF32, bf16, fp16) steps on the same tasks against the float64 one.
+    low = tuple(t.float() if t.is_floating_point() else t for t in sub)
+    for name in args.variants:
+        if name in PRECISION_CHECKED and ref in grads:
+            v = make_variant(name, model, inner_steps, cg_iters, low, device)
+            v.reset()
+            v.run(low)
+            diffs[f"{name} vs float64"] = max_rel_diff(v.meta_grad(), grads[ref])
+    return diffs
 
 
 def bench_config(args, device: torch.device, model: nn.Module, batch: Batch, inner_steps: int, cg_iters: int,
@@ -543,7 +562,8 @@ def bench_config(args, device: torch.device, model: nn.Module, batch: Batch, inn
             paired[name] = {"reference": twin, "max_rel_diff": max_rel_diff(grads[name], grads[twin])}
 
     # NaN counts as disagreeing.
-    disagree = {f"{name} (float64)": d for name, d in diffs64.items() if not d <= args.rtol64}
+    disagree = {f"{name} (float64)": d for name, d in diffs64.items()
+                if not d <= args.rtol64 and not name.endswith(" vs float64")}
     disagree.update({f"{name} (float32)": d for name, d in diffs.items() if not d <= args.rtol and name not in OPT_IN})
     if disagree:
         print(f"WARNING: meta-gradients disagree with {ref_name}: {disagree}", file=sys.stderr)
@@ -557,12 +577,16 @@ def bench_config(args, device: torch.device, model: nn.Module, batch: Batch, inn
         rec.update(seconds=seconds, tasks_per_s=num_tasks / seconds, peak_mib=peak_mib[name],
                    max_rel_diff_vs_reference=diffs[name],
                    max_rel_diff_vs_reference_float64=diffs64.get(name),
+                   max_rel_diff_of_its_arithmetic_vs_float64=diffs64.get(f"{name} vs float64"),
                    same_kernels=paired.get(name))
         records[name] = rec
     reference = variants.get(REFERENCE)
     auto_choices = None if reference is None else [
         {"input": list(k[0]), "mode": k[2], "threads": k[3], "forward": v["forward"], "ms": v["ms"]}
         for k, v in reference.imaml.forward_choices.items()]
+    hvp_choices = None if reference is None else [
+        {"support": list(k[1]), "forward": k[3], "hvp": v["hvp"], "solve_ms": v["ms"], "refused": v.get("refused")}
+        for k, v in reference.imaml.hvp_choices.items()]
     speedups = {ours: {other: records[other]["seconds"] / records[ours]["seconds"]
                        for other in BASELINES if other in records}
                 for ours in (REFERENCE, "ours_graph") if ours in records}
@@ -570,7 +594,7 @@ def bench_config(args, device: torch.device, model: nn.Module, batch: Batch, inn
             "float64_check_tasks": min(args.check_tasks, num_tasks), "variants": records,
             "speedup_of_ours_batched": speedups.get(REFERENCE, {}),
             "speedup_of_ours_graph": speedups.get("ours_graph", {}), "disagree": disagree, "cg": cg_summary,
-            "auto_choices": auto_choices}
+            "auto_choices": auto_choices, "hvp_choices": hvp_choices}
 
 
 # --------------------------------------------------------------------------- report
@@ -639,6 +663,21 @@ def render(result: dict) -> str:
             f"{c['input'][:2]} {c['mode']}: {c['forward']} ({', '.join(f'{m} {ms:.0f} ms' for m, ms in c['ms'].items())})"
             for c in r["auto_choices"]) for r in chosen]
 
+    hvp_chosen = [r for r in result["configs"] if r.get("hvp_choices")]
+    if hvp_chosen:
+        lines += ["", "hvp=\"auto\"'s choices (a solve's HVP work predicted from one timed product of each, and "
+                      "the reverse mode's graph build):"]
+        lines += [f"- T={r['tasks']} K={r['inner_steps']} CG={r['cg_iters']}: " + "; ".join(
+            f"{c['hvp']} ({', '.join(f'{m} {ms:.0f} ms' for m, ms in c['solve_ms'].items())})"
+            for c in r["hvp_choices"]) for r in hvp_chosen]
+    arithmetic = [(r, n) for r in result["configs"] for n in names
+                  if r["variants"][n].get("max_rel_diff_of_its_arithmetic_vs_float64") is not None]
+    if arithmetic:
+        lines += ["", "The arithmetic's own error: max |theta.grad - the float64 step's| / max |the float64 step's| "
+                      f"on the first {meta['float64_check_tasks']} tasks:"]
+        lines += [f"- T={r['tasks']} K={r['inner_steps']} CG={r['cg_iters']} {n}: "
+                  f"{r['variants'][n]['max_rel_diff_of_its_arithmetic_vs_float64']:.1e}" for r, n in arithmetic]
+
     ref = result["configs"][0]["reference"] if result["configs"] else REFERENCE
     lines += [
         "",
@@ -697,6 +736,10 @@ VARIANT_NOTES = {
                  "float32 HVPs)",
     "ours_graph": "ours_batched captured once as a CUDA graph (IMAML.capture) and replayed; its peak memory "
                   "excludes the graph's private pool, allocated at capture",
+    "ours_hvp_reverse": 'ours_batched with hvp="reverse" (double backward through one kept support-gradient graph)',
+    "ours_hvp_forward": 'ours_batched with hvp="forward" (jvp of grad per product, no graph kept)',
+    "ours_tf32_on": "ours_batched with tf32=True (CUDA convolutions and matrix products in TensorFloat-32)",
+    "ours_tf32_off": "ours_batched with tf32=False (both in IEEE float32)",
 }
 
 
@@ -731,7 +774,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "--inner-steps and --cg-iters")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (default: all but "
-                             f"{','.join(OPT_IN)}; {','.join(CUDA_ONLY)} on CUDA only)")
+                             f"{','.join(OPT_IN)} and the ours_hvp_ pair; {','.join(CUDA_ONLY)} on CUDA only)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 3 on CPU, 5 on CUDA)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="stop sampling a configuration after this long, but not before 3 rounds (default: none)")
@@ -769,7 +812,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.inner_steps = args.inner_steps or ([5] if cpu else [5, 16])
     args.cg_iters = args.cg_iters or ([5] if cpu else [3, 5])
     if args.variants is None:
-        args.variants = [v for v in ALL_VARIANTS if not (cpu and v in CUDA_ONLY) and v not in OPT_IN]
+        args.variants = [v for v in ALL_VARIANTS if not (cpu and v in CUDA_ONLY) and v not in OPT_IN
+                         and not v.startswith("ours_hvp_")]
     else:
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in ALL_VARIANTS]

@@ -289,7 +289,10 @@ def profile_config(args, name: str, cfg: dict, device: torch.device) -> dict:
     source = bench.TaskSource(device, args.seed)
     batch = source.sample(cfg["tasks"])
     imaml = IMAML(copy.deepcopy(model), inner_steps=cfg["inner_steps"], inner_lr=bench.INNER_LR, lam=bench.LAM,
-                  cg_iterations=cfg["cg_iters"], ways=cfg["ways"], forward=args.forward)
+                  cg_iterations=cfg["cg_iters"], ways=cfg["ways"], forward=args.forward, hvp=args.hvp)
+    if device.type == "cuda" and not args.eager:
+        imaml.meta_step(*batch)  # hvp="auto" times its choice eagerly, never inside the capture
+        imaml.model.zero_grad(set_to_none=True)
     captured = None
     if device.type == "cuda" and not args.eager:
         captured = imaml.capture(*batch)
@@ -391,6 +394,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("tasks", "inner-steps", "cg-iters", "ways", "shots", "query"):
         parser.add_argument(f"--{flag}", type=int, default=None, help="overrides the presets' value")
     parser.add_argument("--forward", default="auto", choices=["auto", "vmap", "loop", "stacked"])
+    parser.add_argument("--hvp", default="auto", choices=["auto", "reverse", "forward"])
     parser.add_argument("--eager", action="store_true", help="CUDA: profile the eager step, not the graph replay")
     parser.add_argument("--warmup", type=int, default=2, help="meta-steps before any timing")
     parser.add_argument("--wall-steps", type=int, default=2, help="unprofiled meta-steps timed for the wall time")

@@ -81,13 +81,19 @@ def test_stacked_forward_gradient_and_hvp_equal_the_loop_on_every_layer_case(run
         assert_all_close(outputs_grads_hvps(stacked, phi, x), outputs_grads_hvps(loop, phi, x))
 
 
-def test_stacked_forward_runs_its_rules_for_convolutions_batchnorm_and_pooling(monkeypatch):
+def stacked_rules_run(monkeypatch) -> list:
+    """The kinds of the stacked rules that run from now on, in order."""
     calls = []
     for kind, (rule, *rest) in list(batched_module._RULES.items()):
         def counted(*args, rule=rule, kind=kind):
             calls.append(kind)
             return rule(*args)
         monkeypatch.setitem(batched_module._RULES, kind, (counted, *rest))
+    return calls
+
+
+def test_stacked_forward_runs_its_rules_for_convolutions_batchnorm_and_pooling(monkeypatch):
+    calls = stacked_rules_run(monkeypatch)
     module = TaskBatchedModule(conv4(), 2, "stacked")
     module(module.expand_theta(), torch.randn(2, 3, 1, 28, 28, dtype=f64))
     assert calls == ["conv2d", "batch_norm", "max_pool2d"] * 4

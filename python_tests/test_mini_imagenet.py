@@ -31,7 +31,7 @@ CLASSES, PER_CLASS = 10, 25
 # A few meta-steps of a tiny learner; every output path of a run still runs.
 TINY = ["--task", "mini-imagenet", "--hidden_size", "4", "--meta_batch_size", "2", "--inner_steps", "2",
         "--cg_iterations", "2", "--query", "2", "--log_every", "2", "--valid_every", "0", "--no-progress",
-        "--device", "cpu"]
+        "--device", "cpu", "--forward", "loop", "--hvp", "reverse"]  # fixed: "auto" times, see test_train's TINY
 
 
 def split_contents(rng, classes=CLASSES, per_class=PER_CLASS, shuffle=False):

@@ -76,32 +76,44 @@ def test_meta_batch_sizes(case, meta_batch):
     assert_same_state(sequential, batched)
 
 
-def test_vmap_forward_and_chunks_equal_the_loop():
+@pytest.mark.parametrize("forward", ["vmap", "stacked"])
+def test_vmap_and_stacked_forwards_and_chunks_equal_the_loop(forward):
     sequential, _ = both(meta_steps=2, meta_batch=8, inner_steps=2)
-    vmapped = build("on", meta_batch=8, inner_steps=2, forward="vmap", max_tasks=3)
+    vmapped = build("on", meta_batch=8, inner_steps=2, forward=forward, max_tasks=3)
     run_meta_steps(vmapped, 2)
     info = vmapped.task_batching
-    assert (info.forward, info.chunk, info.tasks) == ("vmap", 3, 8)
+    assert (info.forward, info.chunk, info.tasks) == (forward, 3, 8)
     assert info.upper_forward.startswith("loop")  # the tutorial's .item() does not vmap
     assert relative_difference(theta(sequential), theta(vmapped)) < TOL
 
 
+def test_stacked_forward_runs_the_stacked_rules(monkeypatch):
+    from test_forward_choice import stacked_rules_run
+
+    kinds = stacked_rules_run(monkeypatch)
+    stacked = build("on", meta_batch=4, inner_steps=1, forward="stacked")
+    run_meta_steps(stacked, 1)
+    assert {"conv2d", "batch_norm", "max_pool2d"} <= set(kinds)
+
+
 def test_auto_forward_on_a_cpu_is_timed_once():
-    """"auto" on a CPU times the loop and vmap forwards on the first inner step, keeps the faster
-    one, says which with the times, and gives the sequential engine's theta."""
+    """"auto" on a CPU times the loop, vmap and stacked forwards on the first inner step, keeps the
+    fastest, says which with the times, and gives the sequential engine's theta."""
     sequential, batched = both(meta_steps=2, meta_batch=4, inner_steps=2)
     info = batched.task_batching
-    assert info.forward.split()[0] in ("loop", "vmap") and "timed on the first meta-step" in info.forward
+    assert info.forward.split()[0] in ("loop", "vmap", "stacked") and "timed on the first meta-step" in info.forward
+    assert all(f"{forward} " in info.forward.split("step: ")[1] for forward in ("loop", "vmap", "stacked"))
     # the tutorial's upper calls .item(): it runs per task whichever forward was kept
     assert info.upper_forward.startswith("loop")
     assert relative_difference(theta(sequential), theta(batched)) < TOL
 
 
-def test_upper_step_without_item_runs_under_vmap():
+@pytest.mark.parametrize("forward", ["vmap", "stacked"])
+def test_upper_step_without_item_runs_under_vmap(forward):
     sequential, _ = both(meta_steps=2, meta_batch=4, inner_steps=2, accuracy_item=False)
-    vmapped = build("on", meta_batch=4, inner_steps=2, forward="vmap", accuracy_item=False)
+    vmapped = build("on", meta_batch=4, inner_steps=2, forward=forward, accuracy_item=False)
     run_meta_steps(vmapped, 2)
-    assert vmapped.task_batching.upper_forward == "vmap"
+    assert vmapped.task_batching.upper_forward == forward
     assert relative_difference(theta(sequential), theta(vmapped)) < TOL
 
 

@@ -19,10 +19,13 @@ from imaml_ext.data import find_data_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A run small enough for seconds on two cores; every output path still runs.
+# A run small enough for seconds on two cores; every output path still runs. The forward and the
+# HVP mode are fixed: "auto" times them, and two fresh runs may choose differently and so round
+# differently (test_resume_keeps_the_timed_choices covers "auto").
 TINY = ["--hidden_size", "8", "--meta_batch_size", "3", "--inner_steps", "2", "--cg_iterations", "2",
         "--query", "2", "--steps", "6", "--log_every", "2", "--valid_every", "3", "--valid_tasks", "4",
-        "--checkpoint_every", "2", "--eval_tasks", "12", "--eval_batch", "5", "--no-progress", "--device", "cpu"]
+        "--checkpoint_every", "2", "--eval_tasks", "12", "--eval_batch", "5", "--no-progress", "--device", "cpu",
+        "--forward", "loop", "--hvp", "reverse"]
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +290,8 @@ def test_missing_data_names_the_path(tmp_path, capsys):
         (["--precision", "fp16"], "--precision fp16 leaves out a task whose scaled gradients overflow (as GradScaler "
                                   "skips a step) and lowers the loss scale: it needs --on_nonfinite skip-task; got error"),
         (["--precision", "fp8"], "invalid choice: 'fp8'"),
+        (["--hvp", "jvp"], "argument --hvp: invalid choice: 'jvp'"),
+        (["--forward", "grouped"], "argument --forward: invalid choice: 'grouped'"),
     ],
 )
 def test_bad_arguments(argv, message, capsys):
@@ -294,6 +299,47 @@ def test_bad_arguments(argv, message, capsys):
         train_cli.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_resume_keeps_the_timed_choices(tmp_path, data_root, monkeypatch):
+    """With "auto", a run times the training shapes at its first meta-step and the evaluation shapes
+    at its start, before any checkpoint: a resumed run, its final evaluation and --evaluate time nothing."""
+    from imaml_ext.batched import hvp as support_hvp
+    from imaml_ext.batched.module import TaskBatchedModule
+
+    out, auto = tmp_path / "auto", ["--forward", "auto", "--hvp", "auto"]
+    assert run(out, *auto, "--stop_after", "2", data=data_root) == 0
+    choices = checkpoint(out)["timed_choices"]
+    shapes = {(key[0][0], key[2]) for key in choices["forward"]}
+    # training: T 3 with grad; validation (4 tasks) and the final evaluation (12 = 5 + 5 + 2): the inner
+    # loop with grad, the query without
+    assert {(3, "grad"), (4, "grad"), (4, "no_grad"), (5, "grad"), (5, "no_grad"), (2, "grad"), (2, "no_grad")} <= shapes
+    assert [key[1] for key in choices["hvp"]] == [(3, 5, 1, 28, 28)]
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(TaskBatchedModule, "_time_forwards", no_timing)
+    monkeypatch.setattr(support_hvp, "choose", no_timing)
+    assert run(out, *auto, "--resume", data=data_root) == 0
+    assert checkpoint(out)["timed_choices"] == choices
+    assert train_cli.main(["--evaluate", str(out), "--eval_tasks", "12", "--eval_batch", "5", "--device", "cpu",
+                           "--data", data_root, "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("forward, hvp", [("stacked", "forward"), ("loop", "reverse"), ("auto", "auto")])
+def test_forward_and_hvp_reach_the_learner(forward, hvp):
+    args = train_cli.parse_args(["--forward", forward, "--hvp", hvp])
+    imaml = train_cli.build_imaml(train_cli.build_model(args), args)
+    assert (imaml.forward, imaml.hvp) == (forward, hvp)
+
+
+def test_stacked_forward_and_forward_hvp_run(tmp_path, data_root):
+    out = tmp_path / "stacked"
+    assert run(out, "--forward", "stacked", "--hvp", "forward", "--steps", "2", "--eval_tasks", "10",
+               data=data_root) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["forward"], config["hvp"]) == ("stacked", "forward")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -25,7 +25,9 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import CGInfo
+from . import hvp as support_hvp
 from .module import TaskBatchedModule
+from .tf32 import TF32
 
 
 class MetaStepResult(NamedTuple):
@@ -58,8 +60,16 @@ class IMAML:
 
     - inner loop: one fused ``imaml_ext.ops.prox_sgd_step_`` per step for all
       tasks; no graph is kept across steps, so memory is flat in ``inner_steps``;
-    - HVPs: double backward through one support-loss gradient graph built once
-      per solve (the linearisation is reused by every CG iteration);
+    - ``hvp``: how the Hessian-vector products of the solve are computed: "reverse"
+      (double backward through one support-gradient graph built once per solve and
+      reused by every CG iteration), "forward" (``torch.func.jvp`` of ``torch.func.grad``,
+      forward-over-reverse: a forward and a backward pass per product, no graph kept)
+      or "auto" (the faster of the two over a solve, timed once per device, input shape,
+      forward and precision and kept in ``hvp_choices``);
+    - ``tf32``: None (torch's settings as they are: by default cuDNN convolutions in
+      TensorFloat-32, matrix products in IEEE float32), True (both in TF32) or False (both
+      in IEEE float32) for the CUDA work of ``meta_step``, ``adapt``, ``evaluate`` and
+      ``capture``, restored after each call; nothing changes off CUDA;
     - CG: ``imaml_ext.ops.cg_solve``, per-task scalars on the device;
     - ``forward``: "vmap" (grouped convolutions, one launch per layer: the
       GPU default), "loop" (dense per-task layers), "stacked" (vmap with the
@@ -105,6 +115,8 @@ class IMAML:
         precision: str = "fp32",
         loss_scale: float = 2.0**10,
         loss_scale_growth_interval: int = 2000,
+        hvp: str = "auto",
+        tf32: Optional[bool] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"IMAML: model must be a torch.nn.Module; got {type(model).__name__}")
@@ -133,6 +145,13 @@ class IMAML:
         # forward="auto" on a CPU: the forward timed fastest per input shape (TaskBatchedModule.auto_forward),
         # kept across meta-batch sizes.
         self.forward_choices: dict = {}
+        if hvp not in support_hvp.HVPS:
+            raise ValueError(f"IMAML: hvp must be one of {', '.join(map(repr, support_hvp.HVPS))}; got {hvp!r}")
+        self.hvp = hvp
+        # hvp="auto": {key: {"hvp": the mode, "ms": predicted solve time of each}} (see _hvp_mode).
+        self.hvp_choices: dict = {}
+        self._tf32 = TF32(type(self).__name__, tf32)
+        self.tf32 = tf32
         if nonfinite not in self.NONFINITE:
             raise ValueError(f"IMAML: nonfinite must be one of {', '.join(map(repr, self.NONFINITE))}; got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -162,6 +181,21 @@ class IMAML:
         self._batched: Optional[TaskBatchedModule] = None
         self._classes: Optional[int] = None
         _warn_stateful_layers(model)
+
+    # ----- timed choices -----
+    def timed_choices(self) -> dict:
+        """What forward="auto" and hvp="auto" chose so far, per key: plain dicts, tuples, strings and
+        numbers (a checkpoint keeps them, so a resumed run computes as the uninterrupted one)."""
+        return {"forward": dict(self.forward_choices), "hvp": dict(self.hvp_choices)}
+
+    def keep_timed_choices(self, choices: Optional[dict]) -> None:
+        """Uses ``choices`` (from ``timed_choices``) instead of timing those keys again."""
+        if choices is None:
+            return
+        if not isinstance(choices, dict) or not set(choices) <= {"forward", "hvp"}:
+            raise ValueError(f"{type(self).__name__}: choices must be a dict from timed_choices(); got {choices!r}")
+        self.forward_choices.update(choices.get("forward", {}))
+        self.hvp_choices.update(choices.get("hvp", {}))
 
     # ----- helpers -----
     def batched(self, num_tasks: int) -> TaskBatchedModule:
@@ -226,7 +260,8 @@ class IMAML:
                     f"IMAML: {name} must hold labels in [0, {ways - 1}] ({ways} ways); got labels in [{low}, {high}]"
                 )
 
-    def _logits(self, module: TaskBatchedModule, phi: Sequence[Tensor], x: Tensor, for_hvp: bool = False) -> Tensor:
+    def _logits(self, module: TaskBatchedModule, phi: Sequence[Tensor], x: Tensor, for_hvp: bool = False,
+                buffers: Optional[dict] = None) -> Tensor:
         """module(phi, x), under bfloat16 / float16 autocast with precision "bf16" / "fp16": phi,
         its gradients, the HVPs and CG stay float32, and the logits come back float32.
 
@@ -234,10 +269,10 @@ class IMAML:
         float16's range (65504) at a trained theta for every loss scale above 2**-12, where the
         first-order gradients underflow (measured on Conv4-32, Omniglot, 2026-11-28)."""
         if self.precision == "fp32" or (for_hvp and self.precision == "fp16"):
-            return module(phi, x)
+            return module(phi, x, buffers)
         # No cast cache: phi changes every step, and a cache would outlive a CUDA-graph capture.
         with torch.autocast(x.device.type, dtype=self.AUTOCAST_DTYPES[self.precision], cache_enabled=False):
-            return module(phi, x).float()
+            return module(phi, x, buffers).float()
 
     def loss_scale(self, device) -> Optional[Tensor]:
         """fp16's current loss scale (a 0-d float32 tensor on ``device``), else None."""
@@ -282,7 +317,8 @@ class IMAML:
         num_tasks = self._check_batch(support_x, support_y)
         module = self.batched(num_tasks)
         steps = self.inner_steps if inner_steps is None else inner_steps
-        phi = self._inner_loop(module, support_x, support_y, steps, check=self.check_labels)
+        with self._tf32(support_x.device):
+            phi = self._inner_loop(module, support_x, support_y, steps, check=self.check_labels)
         return phi, module
 
     def _inner_loop(self, module, support_x, support_y, steps, check, scaled=False):
@@ -334,7 +370,8 @@ class IMAML:
         module = self.batched(num_tasks)
         theta = module.theta()
         try:
-            return self._meta_step(module, theta, num_tasks, support_x, support_y, query_x, query_y)
+            with self._tf32(support_x.device):
+                return self._meta_step(module, theta, num_tasks, support_x, support_y, query_x, query_y)
         except (torch.OutOfMemoryError, RuntimeError) as error:
             raised = self._too_big(error, num_tasks, theta)
             if raised is error:
@@ -363,9 +400,20 @@ class IMAML:
             scale = self.loss_scale(query_x.device)
             scale_used = None if scale is None else scale.clone()
             v = self._scaled_grad(query_losses.sum(), phi, scale)
-            # One support-gradient graph at phi serves every HVP of the solve.
-            support_losses = self.task_losses(self._logits(module, phi, support_x, for_hvp=True), support_y)
-            support_grads = torch.autograd.grad(support_losses.sum(), phi, create_graph=True)
+
+        def losses_at(params: List[Tensor], fresh_buffers: bool):
+            buffers = {k: b.clone() for k, b in module.buffers.items()} if fresh_buffers else module.buffers
+            logits = self._logits(module, params, support_x, for_hvp=True, buffers=buffers)
+            return self.task_losses(logits, support_y), buffers
+
+        def keep_buffers(buffers) -> None:
+            with torch.no_grad():
+                for name, value in buffers.items():
+                    module.buffers[name].copy_(value)
+
+        phi = [p.detach() for p in phi]
+        products = support_hvp.SupportHVP(self._hvp_mode(module, losses_at, phi, support_x), losses_at, phi,
+                                          keep_buffers)
 
         # CG stops a task at a non-finite HVP (its last good iterate) and freezes its p, so the
         # solve's last HVP is non-finite too: checked once below, the task is named (and in fp16
@@ -373,14 +421,13 @@ class IMAML:
         last_hvp: List[List[Tensor]] = []
 
         def hvp(vectors: List[Tensor]) -> List[Tensor]:
-            out = torch.autograd.grad(support_grads, phi, grad_outputs=vectors, retain_graph=True)
-            last_hvp[:] = [[h.detach() for h in out]]
+            last_hvp[:] = [products(vectors)]
             return last_hvp[0]
 
         x, info = ops.cg_solve(hvp, [g.detach() for g in v], self.lam + self.lam_damping, self.cg_iterations,
                                self.cg_tol, diag=1.0 + self.cg_damping)
         with torch.no_grad():
-            query_losses, support_losses = query_losses.detach(), support_losses.detach()
+            query_losses, support_losses = query_losses.detach(), products.losses
             bad = ~(torch.isfinite(query_losses) & torch.isfinite(support_losses))
             for t in [*x, *last_hvp[0]]:
                 bad |= ~torch.isfinite(t).flatten(1).all(1)
@@ -408,6 +455,25 @@ class IMAML:
             self._update_loss_scale(bad.any())
         return meta_grads, result
 
+    def _hvp_mode(self, module: TaskBatchedModule, losses_at, phi: List[Tensor], support_x: Tensor) -> str:
+        """self.hvp, or for "auto" the mode timed faster for this device, support shape, forward and
+        precision (and CPU thread count), timed at its first meta-step."""
+        if self.hvp != "auto":
+            return self.hvp
+        device = support_x.device
+        key = (str(device), tuple(support_x.shape), str(support_x.dtype).replace("torch.", ""), module.forward_mode,
+               self.precision, torch.get_num_threads() if device.type == "cpu" else None)
+        choice = self.hvp_choices.get(key)
+        if choice is None:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "IMAML: hvp='auto' times its choice at the first meta-step of a shape, which cannot run "
+                    "inside a CUDA-graph capture; run one eager meta_step first (IMAML.capture's warm-up does) "
+                    "or pass hvp='reverse' or 'forward'"
+                )
+            choice = self.hvp_choices[key] = support_hvp.choose(losses_at, phi, self.cg_iterations)
+        return choice["hvp"]
+
     def capture(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                 warmup: int = 3) -> "CapturedMetaStep":
         """The whole meta-step (inner loop, HVPs, CG) as one CUDA graph for batches
@@ -422,7 +488,8 @@ class IMAML:
         tasks, or with ``per_task`` one value per task ([T] each)."""
         self._check_batch(support_x, support_y, query_x, query_y)
         phi, module = self.adapt(support_x, support_y, inner_steps)
-        logits = self._logits(module, phi, query_x)
+        with self._tf32(query_x.device):
+            logits = self._logits(module, phi, query_x)
         losses, accuracies = self.task_losses(logits, query_y), (logits.argmax(-1) == query_y).float().mean(1)
         return (losses, accuracies) if per_task else (losses.mean(), accuracies.mean())
 
@@ -451,7 +518,8 @@ class CapturedMetaStep:
         self.names = ("support_x", "support_y", "query_x", "query_y")
 
         def run():
-            grads, result = imaml._meta_gradient(self.module, *self.static)
+            with imaml._tf32(support_x.device):  # the kernels a replay runs are chosen here
+                grads, result = imaml._meta_gradient(self.module, *self.static)
             return grads, result
 
         side = torch.cuda.Stream()

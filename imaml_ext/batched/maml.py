@@ -42,9 +42,10 @@ class MAML(IMAML):
         check_labels: bool = True,
         forward: str = "auto",
         memory_fraction: float = 0.9,
+        tf32: Optional[bool] = None,
     ):
         super().__init__(model, inner_steps=inner_steps, inner_lr=inner_lr, lam=1.0, cg_iterations=1,
-                         ways=ways, check_labels=check_labels, forward=forward)
+                         ways=ways, check_labels=check_labels, forward=forward, tf32=tf32)
         if not isinstance(first_order, bool):
             raise TypeError(f"MAML: first_order must be a bool; got {type(first_order).__name__} {first_order!r}")
         _check_positive("memory_fraction", memory_fraction)

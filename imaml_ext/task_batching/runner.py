@@ -19,6 +19,7 @@ the upper problem's accumulation window closes, the window runs at once:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..batched.memory import GraphSizeMeter, available_bytes
+from ..batched.module import _StackedLayers
 from ..logging import get_logger
 from .plan import NotBatchable, TaskBatchingInfo
 from .sgd import TaskSGD
@@ -91,6 +93,8 @@ class TaskBatcher:
 
     # the share of the free memory a chunk of tasks may plan to take
     memory_fraction = 0.8
+    # what "auto" times on a CPU
+    AUTO_CPU = ("loop", "vmap", "stacked")
 
     def __init__(self, engine, upper, lower, info: TaskBatchingInfo, forward: str, max_tasks: Optional[int]):
         from ..problems.iterative_problem import IterativeProblem, _FastWeightsModule
@@ -104,14 +108,14 @@ class TaskBatcher:
         self.keys = [f"module.{n}" for n in self.names]
         self.sgd = None if self.iterative else TaskSGD(lower.optimizer, self.module_params)
         device = torch.device(engine.device if lower.device is None else lower.device)
-        # "auto" on a CPU: neither wins everywhere (vmap's grouped convolutions beat per-task ones for
-        # small task batches, not for large), so the first meta-step times both (_measured_sgd_step).
+        # "auto" on a CPU: none wins everywhere (grouped convolutions beat per-task ones for small task
+        # batches, not for large), so the first meta-step times each (_measured_gradients).
         self.measure = forward == "auto" and device.type == "cpu" and not self.iterative
         if forward == "auto":
             forward = "loop" if device.type == "cpu" else "vmap"
         self.forward = forward
         # The upper's training_step is tried under vmap; the tutorial's .item() sends it to the loop.
-        self.upper_forward = "loop" if self.forward == "loop" else "vmap"
+        self.upper_forward = self.forward
         self.max_tasks = max_tasks
         self.chunk: Optional[int] = max_tasks
         info.forward, info.upper_forward = self.forward, self.upper_forward
@@ -352,11 +356,13 @@ class TaskBatcher:
                 return torch.stack([loss for loss, _ in outs]), [metrics for _, metrics in outs]
             call = _Call(self.target, lambda b: problem._parse_loss(problem.training_step_exec(b)))
             stacked = _stack(batches)
-            losses, metrics = vmap(
-                lambda weights, batch: functional_call(call, weights, (batch,)),
-                in_dims=(0, _stack_dims(stacked)),
-                randomness="different",
-            )(dict(zip(self.keys, phi)), stacked)
+            # "stacked": convolutions, BatchNorm and max-pooling on the tasks' stacked channels (BatchedModule's rules)
+            with _StackedLayers() if forward == "stacked" else contextlib.nullcontext():
+                losses, metrics = vmap(
+                    lambda weights, batch: functional_call(call, weights, (batch,)),
+                    in_dims=(0, _stack_dims(stacked)),
+                    randomness="different",
+                )(dict(zip(self.keys, phi)), stacked)
             return losses, [{k: v[g] for k, v in metrics.items()} for g in range(len(batches))]
         finally:
             self.in_task_call = False
@@ -386,9 +392,9 @@ class TaskBatcher:
         return torch.stack(losses), metrics, grads
 
     def _upper_losses(self, batches):
-        if self.upper_forward == "vmap":
+        if self.upper_forward != "loop":
             try:
-                return self.task_losses(self.upper, self.phi, batches, "vmap")
+                return self.task_losses(self.upper, self.phi, batches, self.upper_forward)
             except Exception as error:  # noqa: BLE001 (the loop is the documented path for such steps)
                 self.upper_forward = "loop"
                 self.info.upper_forward = f"loop (its training_step does not vmap: {_first_line(error)})"
@@ -453,20 +459,20 @@ class TaskBatcher:
         return losses, metrics, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.phi)]
 
     def _measured_gradients(self, batches: Sequence[Any]):
-        """The first inner step of "auto" on a CPU: both forwards, each twice (the first warms it up),
-        and the faster one kept for this program, as cudnn.benchmark keeps a convolution algorithm."""
+        """The first inner step of "auto" on a CPU: each forward twice (the first warms it up), and the
+        fastest kept for this program, as cudnn.benchmark keeps a convolution algorithm."""
         import time
 
         seconds, result = {}, {}
-        for forward in ("loop", "vmap", "loop", "vmap"):
+        for forward in self.AUTO_CPU * 2:
             start = time.perf_counter()
             result[forward] = self._gradients(batches, forward)
             seconds[forward] = time.perf_counter() - start
         self.measure = False
         self.forward = min(seconds, key=seconds.get)
-        self.upper_forward = "loop" if self.forward == "loop" else "vmap"
-        self.info.forward = (f"{self.forward} (auto, timed on the first meta-step's inner step: loop "
-                             f"{seconds['loop'] * 1e3:.1f} ms, vmap {seconds['vmap'] * 1e3:.1f} ms)")
+        self.upper_forward = self.forward
+        timed = ", ".join(f"{forward} {seconds[forward] * 1e3:.1f} ms" for forward in self.AUTO_CPU)
+        self.info.forward = f"{self.forward} (auto, timed on the first meta-step's inner step: {timed})"
         self.info.upper_forward = self.upper_forward
         self._logger.info(f"task batching: the lower's training_step runs as {self.info.forward}")
         return result[self.forward]

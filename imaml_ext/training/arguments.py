@@ -42,7 +42,9 @@ ALGOS = ("imaml", "maml", "fomaml")
 
 # Arguments that do not change what a run computes: they may differ on --resume.
 # Options added after checkpoints were first written, with the value those runs had.
-ADDED_OPTION_DEFAULTS = {"precision": "fp32", "model": "conv4"}
+# (Runs before --hvp double-backpropagated, what "auto" keeps wherever it times faster, as on a CPU; like
+# --forward auto, it changes only the float rounding.)
+ADDED_OPTION_DEFAULTS = {"precision": "fp32", "model": "conv4", "hvp": "auto", "tf32": "torch"}
 # (--preset only names defaults: the values it resolved to are what a run records and compares.)
 RUNTIME_KEYS = ("out", "resume", "progress", "tensorboard", "data", "download", "stop_after", "on_nonfinite",
                 "evaluate", "undamped", "preset", "time_budget")
@@ -137,8 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add(algo, "optimizer", default="adam", choices=("adam", "adamw"), help="the meta-optimizer")
     _add(algo, "scheduler", default="none", choices=("none", "cosine"), help="meta learning-rate schedule")
     _add(algo, "steps", type=int, default=10000, help="meta-steps")
-    _add(algo, "forward", default="auto", choices=("auto", "vmap", "loop"),
-         help="task-batched forward: vmap (grouped convolutions), loop, or auto (vmap on GPU, loop on CPU)")
+    _add(algo, "forward", default="auto", choices=("auto", "vmap", "loop", "stacked"),
+         help="task-batched forward: vmap (grouped convolutions), loop (per-task dense layers), stacked (vmap with "
+              "convolutions, BatchNorm and max-pooling on the tasks' stacked channels) or auto (vmap on a GPU; on a "
+              "CPU the faster of loop and stacked, timed once per input shape)")
+    _add(algo, "hvp", default="auto", choices=("auto", "reverse", "forward"),
+         help="the CG solve's Hessian-vector products: reverse (double backward through one kept support-gradient "
+              "graph), forward (jvp of grad: no graph kept) or auto (the faster, timed at the first meta-step)")
+    _add(algo, "tf32", default="torch", choices=("torch", "on", "off"),
+         help="CUDA convolutions and matrix products in TensorFloat-32: torch (its settings as they are: by default "
+              "cuDNN convolutions in TF32, matrix products not), on (both) or off (both IEEE float32)")
     _add(algo, "cuda_graph", action="store_true", help="capture the meta-step as a CUDA graph (CUDA only)")
     _add(algo, "precision", default="fp32", choices=("fp32", "bf16", "fp16"),
          help="bf16 / fp16: iMAML's forwards under bfloat16 / float16 autocast, float32 weights, gradients and "

@@ -10,7 +10,7 @@ import os
 import platform
 import time
 from datetime import datetime, timezone
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 
@@ -39,6 +39,35 @@ def evaluate(imaml: IMAML, sampler: TaskSampler, indices: TaskIndices, batch: in
     return {"accuracy": torch.cat(accuracy), "loss": torch.cat(loss)}
 
 
+def evaluation_batch_sizes(args) -> List[int]:
+    """The meta-batch sizes the validations and the final evaluation run: --eval_batch and the remainders."""
+    sizes = set()
+    for total in (args.valid_tasks if args.valid_every else 0, args.eval_tasks):
+        if total:
+            sizes.add(min(args.eval_batch, total))
+            if total % args.eval_batch and total > args.eval_batch:
+                sizes.add(total % args.eval_batch)
+    return sorted(sizes)
+
+
+def time_evaluation_shapes(imaml: IMAML, sampler: TaskSampler, args) -> None:
+    """forward="auto" times each input shape at its first call. A run's evaluation shapes are timed
+    here, at its start, so that every checkpoint holds their choices and a resumed run evaluates as
+    the uninterrupted one would. Runs the evaluation on one task drawn and put back (the sampler's
+    generator and every RNG as they were), repeated to each batch size."""
+    if imaml.forward != "auto" or next(imaml.model.parameters()).device.type != "cpu":
+        return  # (off the CPU "auto" is vmap, untimed)
+    sizes = evaluation_batch_sizes(args)
+    if not sizes:
+        return
+    state = sampler.generator.get_state()
+    one = sampler.gather(sampler.sample_indices(1))
+    sampler.generator.set_state(state)
+    with torch.random.fork_rng(devices=[]):
+        for size in sizes:
+            imaml.evaluate(*(t.expand(size, *t.shape[1:]).contiguous() for t in one), per_task=True)
+
+
 def summarise(per_task_accuracy: torch.Tensor) -> Dict[str, float]:
     """Mean accuracy in percent with the half-width of its 95 % confidence interval."""
     acc = per_task_accuracy.double().cpu() * 100.0
@@ -62,7 +91,7 @@ def evaluate_run(args: argparse.Namespace) -> Dict[str, object]:
     tasks = make_tasks(run, Distributed(1, 0, 0).device(run.device))
     model = build_model(run)
     model.load_state_dict(ckpt["model"])
-    results = final_evaluation(run, model, tasks.test, folder, write=False)
+    results = final_evaluation(run, model, tasks.test, folder, write=False, choices=ckpt.get("timed_choices"))
     results.update(step=ckpt["step"], eval_batch=run.eval_batch, ways=run.ways, shots=run.shots)
     with open(folder.path / "evaluations.jsonl", "a") as f:
         f.write(json.dumps(results, sort_keys=True) + "\n")
@@ -70,9 +99,16 @@ def evaluate_run(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def final_evaluation(args, model: torch.nn.Module, test_sampler: TaskSampler, folder: RunFolder,
-                     write: bool = True) -> Dict[str, object]:
+                     write: bool = True, choices: Optional[dict] = None) -> Dict[str, object]:
     """The trained ``model`` adapted to --eval_tasks test tasks with --eval_lam's inner loop, beside
-    the same adaptation from the random initialisation (--baseline); written to results.json."""
+    the same adaptation from the random initialisation (--baseline); written to results.json.
+    ``choices``: the run's timed choices (IMAML.timed_choices), so "auto" runs what the run chose."""
+
+    def evaluator(of: torch.nn.Module) -> IMAML:
+        learner = build_evaluator(of, args)
+        learner.keep_timed_choices(choices)
+        return learner
+
     results: Dict[str, object] = {
         "out": str(folder.path),
         "steps": args.steps,
@@ -83,11 +119,11 @@ def final_evaluation(args, model: torch.nn.Module, test_sampler: TaskSampler, fo
     if args.eval_tasks:
         indices = test_sampler.sample_indices(args.eval_tasks)  # the same tasks for both models
         start = time.perf_counter()
-        results["test"] = summarise(evaluate(build_evaluator(model, args), test_sampler, indices,
+        results["test"] = summarise(evaluate(evaluator(model), test_sampler, indices,
                                              args.eval_batch)["accuracy"])
         results["test"]["seconds"] = time.perf_counter() - start
         if args.baseline:
-            baseline = build_evaluator(build_model(args), args)
+            baseline = evaluator(build_model(args))
             results["baseline"] = summarise(evaluate(baseline, test_sampler, indices, args.eval_batch)["accuracy"])
     if write:
         folder.write_json(folder.results, results)

@@ -21,15 +21,19 @@ def build_model(args) -> torch.nn.Module:
         return Conv4(args.ways, args.hidden_size, in_channels=channels, image_size=side).to(args.device)
 
 
+TF32_OPTION = {"torch": None, "on": True, "off": False}
+
+
 def build_imaml(model, args) -> IMAML:
     """The learner of ``--algo``: IMAML, or MAML (a subclass) for maml / fomaml."""
+    tf32 = TF32_OPTION[getattr(args, "tf32", "torch")]
     if args.algo != "imaml":
         return MAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, first_order=args.algo == "fomaml",
-                    ways=args.ways, check_labels=False, forward=args.forward)
+                    ways=args.ways, check_labels=False, forward=args.forward, tf32=tf32)
     return IMAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, lam=args.lam,
                  cg_iterations=args.cg_iterations, ways=args.ways, check_labels=False, forward=args.forward,
                  cg_damping=args.cg_damping, lam_damping=args.lam_damping, nonfinite="skip",
-                 precision=args.precision)
+                 precision=args.precision, hvp=getattr(args, "hvp", "auto"), tf32=tf32)
 
 
 def evaluation_lam(args) -> float:
@@ -48,5 +52,5 @@ def build_evaluator(model, args) -> IMAML:
         return build_imaml(model, args)
     if lam == 0:
         return MAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, first_order=True, ways=args.ways,
-                    check_labels=False, forward=args.forward)
+                    check_labels=False, forward=args.forward, tf32=TF32_OPTION[getattr(args, "tf32", "torch")])
     return build_imaml(model, argparse.Namespace(**{**vars(args), "lam": lam}))

@@ -19,7 +19,7 @@ import torch
 from .arguments import run_config
 from .distributed import Distributed
 from .errors import RunError
-from .evaluation import evaluate, final_evaluation, slice_indices
+from .evaluation import evaluate, final_evaluation, slice_indices, time_evaluation_shapes
 from .learner import build_imaml, build_model
 from .run_folder import RunFolder, check_out_folder, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .signals import StopSignal
@@ -96,6 +96,7 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
         for key, value in ckpt["window"].items():
             window[key] = value.to(device) if isinstance(value, torch.Tensor) else value
         start_step, best_valid = ckpt["step"], ckpt["best_valid"]
+        imaml.keep_timed_choices(ckpt.get("timed_choices"))
         if ckpt["config"].get("steps") != args.steps:
             _extend(args, folder, ckpt, optimizer, scheduler, main_rank)
         rows = [r for r in folder.read_metrics() if r["step"] <= start_step]
@@ -115,6 +116,8 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
                 raise RunError(f"--out {folder.path}: cannot make the run folder ({error.strerror or error})") from None
             folder.write_config(config, args.preset)
             folder.write_metrics(rows)
+        # Before the first checkpoint, as the training shapes are (at the first meta-step).
+        time_evaluation_shapes(imaml, tasks.validation, args)
 
     logger = None
     if args.tensorboard and main_rank:
@@ -136,6 +139,7 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
                 "rng": rng_state(),
                 "window": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in window.items()},
                 "best_valid": best_valid,
+                "timed_choices": imaml.timed_choices(),
             })
 
     def log_row(row: Dict[str, object]) -> None:
@@ -298,7 +302,7 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
               f"Continue with the same arguments and --resume.")
         return {"stopped_at": step, "out": str(folder.path), "signal": stop.received}
 
-    results = final_evaluation(args, model, tasks.test, folder)
+    results = final_evaluation(args, model, tasks.test, folder, choices=imaml.timed_choices())
     folder.plot_curves(rows, baseline=results.get("baseline", {}).get("accuracy"), test=results.get("test"),
                        step=step)
     return results

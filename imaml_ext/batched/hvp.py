@@ -1,0 +1,141 @@
+"""The Hessian-vector products behind IMAML's CG solve: H_t v_t for every task t at once, H_t the
+Hessian of task t's support loss at phi_t, two ways that give the same products:
+
+- "reverse" (double backward): the support gradient's graph is built once per solve, with
+  ``create_graph``, and each product is one backward through it. The graph is kept for the
+  whole solve.
+- "forward" (forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``): each product
+  is one forward and one backward pass carrying tangents, and no graph outlives a product.
+
+Which is faster depends on the device, the model and the number of CG iterations: a product
+costs about 1.3-3x one through the kept graph on a 2-core CPU (Conv4, 2026-11-30), but
+"forward" builds nothing up front. ``choose`` times both once per key, as
+``torch.backends.cudnn.benchmark`` times convolution algorithms.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp
+
+HVPS = ("auto", "reverse", "forward")
+
+# losses(phi, fresh_buffers) -> (the [T] support losses at phi, the buffers the forward used). With
+# fresh_buffers, the forward runs on a copy of the module's buffers (e.g. running BatchNorm
+# statistics) and changes no state; without, on the module's own.
+Losses = Callable[[List[Tensor], bool], Tuple[Tensor, Dict[str, Tensor]]]
+
+
+class SupportHVP:
+    """``hvp(vectors)`` for ``ops.cg_solve``, and ``losses``: the [T] support losses at phi
+    (known once the first product has run, for "forward").
+
+    Buffers change as under one support forward at phi: "reverse" runs it on the module's
+    buffers; "forward" (whose transforms cannot mutate captured tensors) runs every product on
+    a copy and hands the first product's copy to ``keep_buffers``."""
+
+    def __init__(self, mode: str, losses: Losses, phi: Sequence[Tensor],
+                 keep_buffers: Optional[Callable[[Dict[str, Tensor]], None]] = None):
+        if mode not in ("reverse", "forward"):
+            raise ValueError(f"SupportHVP: mode must be 'reverse' or 'forward'; got {mode!r}")
+        self.mode = mode
+        self.losses: Optional[Tensor] = None
+        if mode == "reverse":
+            self._phi = [p.detach().requires_grad_(True) for p in phi]
+            with torch.enable_grad():
+                losses_at_phi, _ = losses(self._phi, False)
+                self._grads = torch.autograd.grad(losses_at_phi.sum(), self._phi, create_graph=True)
+            self.losses = losses_at_phi.detach()
+        else:
+            self._phi = tuple(p.detach() for p in phi)
+            self._keep_buffers = keep_buffers
+            self._calls = 0
+
+            def total(params):
+                per_task, buffers = losses(list(params), True)
+                return per_task.sum(), (per_task, buffers)
+
+            self._grad = grad(total, has_aux=True)
+
+    def __call__(self, vectors: List[Tensor]) -> List[Tensor]:
+        if self.mode == "reverse":
+            out = torch.autograd.grad(self._grads, self._phi, grad_outputs=vectors, retain_graph=True)
+            return [h.detach() for h in out]
+        try:
+            _, products, (per_task, buffers) = jvp(self._grad, (self._phi,), (tuple(vectors),), has_aux=True)
+        except RuntimeError as error:
+            if "saved tensor hooks" in str(error):
+                raise RuntimeError(
+                    "IMAML: hvp='forward' runs torch.func.jvp of torch.func.grad, which cannot run while "
+                    "saved-tensor hooks are active (e.g. torch.autograd.graph.save_on_cpu); use hvp='reverse' "
+                    f"there ({error})"
+                ) from error
+            if "should be the same" in str(error) and ("BFloat16" in str(error) or "Half" in str(error)):
+                # torch 2.14's forward-mode convolution derivative under autocast mixes the dtypes
+                # (vmap's grouped convolution does not).
+                raise RuntimeError(
+                    "IMAML: hvp='forward' under autocast (precision='bf16') fails in this torch's forward-mode "
+                    "derivative of a dense convolution; use hvp='reverse', or forward='vmap' "
+                    f"({str(error).splitlines()[0]})"
+                ) from error
+            raise
+        if self._calls == 0:
+            self.losses = per_task.detach()
+            if self._keep_buffers is not None and buffers:
+                self._keep_buffers(buffers)
+        self._calls += 1
+        return list(products)
+
+
+def choose(losses: Losses, phi: Sequence[Tensor], products: int) -> Dict[str, object]:
+    """Times "reverse" (building its graph, one product) and "forward" (one product), twice each,
+    each keeping its best, and returns the one faster over a solve of ``products`` products:
+    ``{"hvp": mode, "ms": {mode: predicted solve ms}}``, and ``"refused": {mode: cause}`` for a mode
+    that could not run here. Only fresh buffers are used and the RNG
+    state is restored, so the timing changes nothing."""
+    device = phi[0].device
+    vectors = [p.detach().clone() for p in phi]
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def fresh(params, _first):
+        return losses(params, True)
+
+    best: Dict[str, Tuple[float, float]] = {}
+    refused: Dict[str, str] = {}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        for _ in range(2):
+            for mode in [m for m in ("reverse", "forward") if m not in refused]:
+                start = now()
+                hvp = SupportHVP(mode, fresh, phi)
+                built = now()
+                try:
+                    hvp(vectors)
+                except RuntimeError as error:  # e.g. under the caller's saved-tensor hooks
+                    refused[mode] = str(error).splitlines()[0]
+                    continue
+                done = now()
+                setup, product = best.get(mode, (float("inf"), float("inf")))
+                best[mode] = (min(setup, built - start), min(product, done - built))
+                del hvp
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
+    solve = {mode: setup + products * product for mode, (setup, product) in best.items()}
+    choice = {"hvp": min(solve, key=solve.get), "ms": {m: round(s * 1e3, 3) for m, s in solve.items()}}
+    if refused:
+        choice["refused"] = refused
+    return choice
+
+
+__all__ = ["HVPS", "SupportHVP", "choose"]
