@@ -170,11 +170,31 @@ def test_auto_timing_leaves_buffers_and_the_random_stream_as_they_were():
     assert_all_close([chosen(phi, x), *chosen.buffers.values(), torch.rand(3)], [out, *auto.buffers.values(), after])
 
 
-def test_auto_off_the_cpu_is_vmap_without_timing():
+def test_auto_off_the_cpu_and_cuda_is_vmap_without_timing():
     module = TaskBatchedModule(conv4(), 2, "auto")
     x = torch.empty(2, 3, 1, 28, 28, dtype=f64, device="meta")
     assert module.auto_forward(module.expand_theta(), x, module.buffers) == "vmap"
     assert module.forward_choices == {}
+
+
+def test_auto_leaves_out_a_forward_that_fails_and_says_why(monkeypatch):
+    original = TaskBatchedModule._forward
+
+    def forward(self, mode, *args):
+        if mode == "stacked":
+            raise RuntimeError("no stacked rule for this layer\nsecond line")
+        return original(self, mode, *args)
+
+    monkeypatch.setattr(TaskBatchedModule, "_forward", forward)
+    module = TaskBatchedModule(conv4(), 2, "auto")
+    phi = [p.requires_grad_(True) for p in module.expand_theta()]
+    x = torch.randn(2, 3, 1, 28, 28, dtype=f64)
+    module(phi, x)
+    (choice,) = module.forward_choices.values()
+    assert choice["forward"] == "loop" and choice["refused"] == {"stacked": "no stacked rule for this layer"}
+    monkeypatch.setattr(TaskBatchedModule, "_forward", lambda *args: (_ for _ in ()).throw(RuntimeError("none")))
+    with pytest.raises(RuntimeError, match='forward="auto": every forward it times failed here'):
+        module(phi, torch.randn(2, 4, 1, 28, 28, dtype=f64))
 
 
 def test_forward_names_are_checked():
@@ -199,15 +219,33 @@ def test_auto_timing_is_invisible_to_the_callers_saved_tensor_hooks():
     assert packed["auto"] == packed["chosen"] > 0
 
 
-@pytest.mark.cuda
-def test_cuda_stacked_forward_equals_the_cpu_default_in_float64_and_replays_as_a_cuda_graph():
-    """Not run where the tests were written (no GPU): the stacked rules on CUDA, and inside a capture."""
+def cpu_step_then_cuda():
+    """A float64 Conv4's meta-gradient on the CPU (the default forward), then the model and the
+    tasks moved to CUDA: (model, the CUDA batch, the CPU meta-gradient)."""
     model, batch = conv4(), tasks(3)
     IMAML(model, 3, 0.1, 2.0, 3).meta_step(*batch)
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.cuda()
-    cuda_batch = [t.cuda() for t in batch]
+    return model.cuda(), [t.cuda() for t in batch], expected
+
+
+@pytest.mark.cuda
+def test_cuda_auto_times_vmap_against_stacked_before_a_capture_and_equals_the_cpu_default():
+    """Not run where the tests were written (no GPU)."""
+    model, cuda_batch, expected = cpu_step_then_cuda()
+    imaml = IMAML(model, 3, 0.1, 2.0, 3, check_labels=False)
+    captured = imaml.capture(*cuda_batch)  # its eager warm-up times every shape first
+    assert {c["forward"] for c in imaml.forward_choices.values()} <= {"vmap", "stacked"}
+    assert all(set(c["ms"]) == {"vmap", "stacked"} for c in imaml.forward_choices.values())
+    model.zero_grad()
+    captured.step(*cuda_batch)
+    assert_all_close([p.grad.cpu() for p in model.parameters()], expected)
+
+
+@pytest.mark.cuda
+def test_cuda_stacked_forward_equals_the_cpu_default_in_float64_and_replays_as_a_cuda_graph():
+    """Not run where the tests were written (no GPU): the stacked rules on CUDA, and inside a capture."""
+    model, cuda_batch, expected = cpu_step_then_cuda()
     imaml = IMAML(model, 3, 0.1, 2.0, 3, forward="stacked", check_labels=False)
     imaml.meta_step(*cuda_batch)
     assert_all_close([p.grad.cpu() for p in model.parameters()], expected)

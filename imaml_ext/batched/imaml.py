@@ -71,11 +71,11 @@ class IMAML:
       in IEEE float32) for the CUDA work of ``meta_step``, ``adapt``, ``evaluate`` and
       ``capture``, restored after each call; nothing changes off CUDA;
     - CG: ``imaml_ext.ops.cg_solve``, per-task scalars on the device;
-    - ``forward``: "vmap" (grouped convolutions, one launch per layer: the
-      GPU default), "loop" (dense per-task layers), "stacked" (vmap with the
-      convolutions, BatchNorm and max-pooling on the tasks' stacked channels) or
-      "auto" ("vmap" on a GPU; on a CPU the faster of "loop" and "stacked", timed
-      at the first call of each input shape and kept in ``forward_choices``);
+    - ``forward``: "vmap" (grouped convolutions, one launch per layer), "loop"
+      (dense per-task layers), "stacked" (vmap with the convolutions, BatchNorm and
+      max-pooling on the tasks' stacked channels) or "auto" (on a CPU the faster of
+      "loop" and "stacked", on CUDA of "vmap" and "stacked", timed at the first call
+      of each input shape and kept in ``forward_choices``);
     - ``check_labels``: one host sync per call to check the labels' range
       (out-of-range labels would give an unreadable device assert on CUDA);
       turn it off for sync-free steps and CUDA-graph capture.

@@ -72,9 +72,10 @@ class TaskBatchedModule:
     - "stacked": vmap, with the 2-d convolutions, BatchNorm and max-pooling run on
       the tasks' channels stacked (``[B, T*C, H, W]``: grouped convolutions, the
       BatchNorm affine fused, no relayout of the activations between these layers);
-    - "auto": "vmap" on a GPU; on a CPU, for each input shape (and dtype, grad mode,
-      thread count, autocast), the faster of "loop" and "stacked" by a timed forward
-      and backward of each at the first call of that shape, kept in
+    - "auto": for each input shape (and dtype, grad mode, thread count, autocast, CUDA
+      device), the faster of "loop" and "stacked" on a CPU, of "vmap" and "stacked" on
+      CUDA ("vmap" elsewhere), by a timed forward and backward of each at the first
+      call of that shape (never inside a CUDA-graph capture), kept in
       ``forward_choices``, as ``torch.backends.cudnn.benchmark`` keeps a
       convolution algorithm. Pass the same ``choices`` dict to later instances of
       the same model to keep them (IMAML does, across meta-batch sizes). The first
@@ -82,7 +83,10 @@ class TaskBatchedModule:
     """
 
     FORWARDS = ("auto", "vmap", "loop", "stacked")
-    AUTO_CPU = ("loop", "stacked")  # "stacked" ran faster than "vmap" at every shape measured on the CPU
+    # What "auto" times, per device type. CPU: "stacked" ran faster than "vmap" at every shape measured
+    # there. CUDA: the loop is 13x slower than vmap (H200, 2026-11-28); "stacked" is untimed there yet.
+    AUTO = {"cpu": ("loop", "stacked"), "cuda": ("vmap", "stacked")}
+    AUTO_CPU = AUTO["cpu"]
 
     def __init__(self, model: nn.Module, num_tasks: int, forward: str = "auto", choices: Optional[dict] = None):
         if forward not in self.FORWARDS:
@@ -146,48 +150,78 @@ class TaskBatchedModule:
         return vmap(one_task, in_dims=(0, 0, 0), randomness="different")(list(phi), buffers, x)
 
     def auto_forward(self, phi: Sequence[Tensor], x: Tensor, buffers: Dict[str, Tensor]) -> str:
-        """The forward "auto" runs for these inputs: "vmap" off the CPU (one launch per layer: 13x
-        the loop on an H200); on a CPU the one timed fastest for this shape (see the class)."""
-        if x.device.type != "cpu":
+        """The forward "auto" runs for these inputs: on a CPU or a CUDA device the one of AUTO timed
+        fastest for this shape (see the class); elsewhere "vmap"."""
+        device = x.device.type
+        if device not in self.AUTO:
             return "vmap"
         grad = torch.is_grad_enabled()
         key = (tuple(x.shape), str(x.dtype).replace("torch.", ""), "grad" if grad else "no_grad",
-               torch.get_num_threads(), torch.is_autocast_enabled("cpu"))
+               torch.get_num_threads(), torch.is_autocast_enabled(device))
+        if device == "cuda":  # a CPU's keys stay as checkpoints of CPU runs hold them
+            key += (str(x.device),)
         choice = self.forward_choices.get(key)
         if choice is None:
-            choice = self.forward_choices[key] = self._time_forwards(phi, x, buffers, grad)
+            if device == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    'forward="auto" times its choice at the first call of an input shape, which cannot run inside '
+                    "a CUDA-graph capture; run the step once eagerly first (IMAML.capture's warm-up does) or pass "
+                    'forward="vmap" or "stacked"'
+                )
+            choice = self.forward_choices[key] = self._time_forwards(phi, x, buffers, grad, self.AUTO[device])
         return choice["forward"]
 
-    def _time_forwards(self, phi, x, buffers, grad: bool) -> dict:
-        """Each of AUTO_CPU once (with its backward to phi when grad is on), again those within 1.5x
+    def _time_forwards(self, phi, x, buffers, grad: bool, modes: Sequence[str] = AUTO_CPU) -> dict:
+        """Each of ``modes`` once (with its backward to phi when grad is on), again those within 1.5x
         of the fastest (the first call of a shape also pays one-off setup), and a third time those
         still within 1.1x; each keeps its best time, and the fastest wins. Buffers are cloned, the
         RNG state restored and the caller's saved-tensor hooks (e.g. MAML's graph meter) shadowed
-        by identity ones: the timing changes nothing."""
+        by identity ones: the timing changes nothing. A mode that raises is left out, its cause kept
+        under "refused"."""
         import time
 
+        cuda = x.device if x.device.type == "cuda" else None
         probe = [p.detach().requires_grad_(grad) for p in phi]
         seconds: Dict[str, float] = {}
+        refused: Dict[str, str] = {}
+
+        def now() -> float:
+            if cuda is not None:
+                torch.cuda.synchronize(cuda)
+            return time.perf_counter()
 
         def run(mode: str) -> None:
-            start = time.perf_counter()
-            out = self._forward(mode, probe, x, {k: b.clone() for k, b in buffers.items()})
-            if grad and out.requires_grad:
-                torch.autograd.grad(out.sum(), probe, allow_unused=True)
-            seconds[mode] = min(seconds.get(mode, math.inf), time.perf_counter() - start)
+            start = now()
+            try:
+                out = self._forward(mode, probe, x, {k: b.clone() for k, b in buffers.items()})
+                if grad and out.requires_grad:
+                    torch.autograd.grad(out.sum(), probe, allow_unused=True)
+            except RuntimeError as error:
+                refused[mode] = str(error).splitlines()[0]
+                return
+            seconds[mode] = min(seconds.get(mode, math.inf), now() - start)
 
         rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(cuda) if cuda is not None else None
         try:
             with torch.autograd.graph.saved_tensors_hooks(_same, _same):
-                contenders = list(self.AUTO_CPU)
+                contenders = list(modes)
                 for margin in (None, 1.5, 1.1):
                     if margin is not None:
-                        contenders = [m for m in contenders if seconds[m] <= margin * min(seconds.values())]
+                        contenders = [m for m in contenders
+                                      if m in seconds and seconds[m] <= margin * min(seconds.values())]
                     for mode in contenders if len(contenders) > 1 else ():
                         run(mode)
         finally:
             torch.set_rng_state(rng)
-        return {"forward": min(seconds, key=seconds.get), "ms": {m: round(s * 1e3, 3) for m, s in seconds.items()}}
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, cuda)
+        if not seconds:
+            raise RuntimeError(f'forward="auto": every forward it times failed here ({refused})')
+        choice = {"forward": min(seconds, key=seconds.get), "ms": {m: round(s * 1e3, 3) for m, s in seconds.items()}}
+        if refused:
+            choice["refused"] = refused
+        return choice
 
 
 def _same(tensor: Tensor) -> Tensor:

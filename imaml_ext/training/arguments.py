@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(algo, "steps", type=int, default=10000, help="meta-steps")
     _add(algo, "forward", default="auto", choices=("auto", "vmap", "loop", "stacked"),
          help="task-batched forward: vmap (grouped convolutions), loop (per-task dense layers), stacked (vmap with "
-              "convolutions, BatchNorm and max-pooling on the tasks' stacked channels) or auto (vmap on a GPU; on a "
-              "CPU the faster of loop and stacked, timed once per input shape)")
+              "convolutions, BatchNorm and max-pooling on the tasks' stacked channels) or auto (the faster of loop and "
+              "stacked on a CPU, of vmap and stacked on a GPU, timed once per input shape)")
     _add(algo, "hvp", default="auto", choices=("auto", "reverse", "forward"),
          help="the CG solve's Hessian-vector products: reverse (double backward through one kept support-gradient "
               "graph), forward (jvp of grad: no graph kept) or auto (the faster, timed at the first meta-step)")

@@ -55,8 +55,8 @@ def time_evaluation_shapes(imaml: IMAML, sampler: TaskSampler, args) -> None:
     here, at its start, so that every checkpoint holds their choices and a resumed run evaluates as
     the uninterrupted one would. Runs the evaluation on one task drawn and put back (the sampler's
     generator and every RNG as they were), repeated to each batch size."""
-    if imaml.forward != "auto" or next(imaml.model.parameters()).device.type != "cpu":
-        return  # (off the CPU "auto" is vmap, untimed)
+    if imaml.forward != "auto":
+        return
     sizes = evaluation_batch_sizes(args)
     if not sizes:
         return
