@@ -12,6 +12,7 @@ from torch import nn
 
 from imaml_ext import IMAML
 from imaml_ext.batched import hvp as support_hvp
+from imaml_ext.batched.module import TaskBatchedModule
 from test_batched import conv4, random_tasks as tasks
 from test_forward_choice import Mixed, assert_all_close
 
@@ -203,3 +204,24 @@ def test_tf32_is_checked():
     with pytest.raises(ValueError, match=r"IMAML: tf32 must be None \(torch's settings as they are\), True or False; "
                                          r"got 'on'"):
         IMAML(conv4(), tf32="on")
+
+
+def test_timed_choices_survive_a_weights_only_checkpoint_and_are_used_instead_of_timing(tmp_path, monkeypatch):
+    model, batch = conv4(), tasks(2)
+    imaml, first = meta_step(model, batch)
+    torch.save({"timed_choices": imaml.timed_choices()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["timed_choices"]
+    assert saved == imaml.timed_choices() and saved["forward"] and saved["hvp"]
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(support_hvp, "choose", no_timing)
+    monkeypatch.setattr(TaskBatchedModule, "_time_forwards", no_timing)
+    again = IMAML(copy.deepcopy(model), inner_steps=2, cg_iterations=3, check_labels=False)
+    again.keep_timed_choices(saved)
+    again.keep_timed_choices(None)  # a checkpoint from before the choices were kept
+    again.meta_step(*batch)
+    assert_all_close([p.grad for p in again.model.parameters()], first[:len(list(model.parameters()))])
+    with pytest.raises(ValueError, match=r"IMAML: choices must be a dict from timed_choices\(\); got \{'forwards': \{\}\}"):
+        again.keep_timed_choices({"forwards": {}})
