@@ -831,7 +831,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown or not args.variants:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(ALL_VARIANTS)}")
     if cpu and any(v in CUDA_ONLY for v in args.variants):
-        parser.error(f"--variants: {', '.join(CUDA_ONLY)} need --device cuda (CUDA graphs); got --device cpu")
+        parser.error(f"--variants: {', '.join(v for v in args.variants if v in CUDA_ONLY)} need --device cuda "
+                     "(CUDA graphs, TF32); got --device cpu")
     for name in ("ways", "shots", "query"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1; got {getattr(args, name)}")
