@@ -885,8 +885,8 @@ def main(argv=None) -> None:
                 "ways": WAYS, "shots": SHOTS, "query_per_class": QUERY, "hidden": HIDDEN,
                 "inner_lr": INNER_LR, "lam": LAM,
                 "num_params": sum(p.numel() for p in model.parameters()),
-                "auto_forward": ('the faster of "loop" and "stacked", timed per input shape'
-                                 if device.type == "cpu" else '"vmap"'),
+                "auto_forward": ('the fastest of "loop", "stacked" and stacked chunks of tasks, timed per input shape'
+                                 if device.type == "cpu" else 'the faster of "vmap" and "stacked", timed per input shape'),
                 "variants": args.variants,
                 "tasks": args.tasks, "inner_steps": args.inner_steps, "cg_iters": args.cg_iters,
                 "repeats": args.repeats,

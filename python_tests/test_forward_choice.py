@@ -67,11 +67,24 @@ def test_meta_step_of_each_forward_equals_the_default(forward):
     assert_all_close(results[forward], results["auto"])
 
 
+class FixedForward:
+    """A TaskBatchedModule whose forward is ``mode``, also one "auto" times but does not take by name
+    ("stacked/2": stacked over chunks of 2 tasks)."""
+
+    def __init__(self, model, num_tasks, mode):
+        self.module, self.mode = TaskBatchedModule(model, num_tasks, "loop"), mode
+        self.buffers = self.module.buffers
+
+    def __call__(self, params, inputs):
+        return self.module._forward(self.mode, params, inputs, self.buffers)
+
+
+@pytest.mark.parametrize("mode", ["stacked", "stacked/2"])
 @pytest.mark.parametrize("running", [False, True])
-def test_stacked_forward_gradient_and_hvp_equal_the_loop_on_every_layer_case(running):
-    T = 3
+def test_stacked_forward_gradient_and_hvp_equal_the_loop_on_every_layer_case(mode, running):
+    T = 5  # "stacked/2": chunks of 2, 2 and 1
     model = Mixed(running).to(f64)
-    loop, stacked = TaskBatchedModule(model, T, "loop"), TaskBatchedModule(model, T, "stacked")
+    loop, stacked = TaskBatchedModule(model, T, "loop"), FixedForward(model, T, mode)
     phi = [p + 0.1 * torch.randn_like(p) for p in loop.expand_theta()]
     x = torch.randn(T, 4, 2, 13, 15, dtype=f64)
     assert_all_close(outputs_grads_hvps(stacked, phi, x), outputs_grads_hvps(loop, phi, x))
@@ -253,3 +266,20 @@ def test_cuda_stacked_forward_equals_the_cpu_default_in_float64_and_replays_as_a
     model.zero_grad()
     captured.step(*cuda_batch)
     assert_all_close([p.grad.cpu() for p in model.parameters()], expected)
+
+
+
+def test_auto_on_a_cpu_times_stacked_chunks_smaller_than_the_meta_batch(monkeypatch):
+    monkeypatch.setattr(TaskBatchedModule, "STACKED_CHUNKS", (8, 2))
+    timed, original = [], TaskBatchedModule._time_forwards
+
+    def record(self, phi, x, buffers, grad, modes):
+        timed.append(list(modes))
+        return original(self, phi, x, buffers, grad, modes)
+
+    monkeypatch.setattr(TaskBatchedModule, "_time_forwards", record)
+    module = TaskBatchedModule(conv4(), 3, "auto")
+    out = module(module.expand_theta(), torch.randn(3, 2, 1, 28, 28, dtype=f64))
+    assert timed == [["loop", "stacked", "stacked/2"]]  # 8 tasks would be all 3: "stacked" itself
+    (choice,) = module.forward_choices.values()
+    assert choice["forward"] in ("loop", "stacked", "stacked/2") and out.shape == (3, 2, 5)

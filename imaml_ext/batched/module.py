@@ -73,9 +73,10 @@ class TaskBatchedModule:
       the tasks' channels stacked (``[B, T*C, H, W]``: grouped convolutions, the
       BatchNorm affine fused, no relayout of the activations between these layers);
     - "auto": for each input shape (and dtype, grad mode, thread count, autocast, CUDA
-      device), the faster of "loop" and "stacked" on a CPU, of "vmap" and "stacked" on
-      CUDA ("vmap" elsewhere), by a timed forward and backward of each at the first
-      call of that shape (never inside a CUDA-graph capture), kept in
+      device), the fastest of "loop", "stacked" and "stacked" over chunks of 8 or 4 tasks
+      ("stacked/8", "stacked/4") on a CPU, of "vmap" and "stacked" on CUDA ("vmap"
+      elsewhere), by a timed forward and backward of each at the first call of that
+      shape (never inside a CUDA-graph capture), kept in
       ``forward_choices``, as ``torch.backends.cudnn.benchmark`` keeps a
       convolution algorithm. Pass the same ``choices`` dict to later instances of
       the same model to keep them (IMAML does, across meta-batch sizes). The first
@@ -87,6 +88,10 @@ class TaskBatchedModule:
     # there. CUDA: the loop is 13x slower than vmap (H200, 2026-11-28); "stacked" is untimed there yet.
     AUTO = {"cpu": ("loop", "stacked"), "cuda": ("vmap", "stacked")}
     AUTO_CPU = AUTO["cpu"]
+    # On a CPU "auto" also times "stacked" over chunks of this many tasks ("stacked/8"): grouped
+    # convolutions on a working set the caches hold (at T = 32 with 75 query images, all tasks
+    # stacked make the elementwise layers memory-bound).
+    STACKED_CHUNKS = (8, 4)
 
     def __init__(self, model: nn.Module, num_tasks: int, forward: str = "auto", choices: Optional[dict] = None):
         if forward not in self.FORWARDS:
@@ -129,6 +134,13 @@ class TaskBatchedModule:
 
     def _forward(self, mode: str, phi: Sequence[Tensor], x: Tensor, buffers: Dict[str, Tensor]) -> Tensor:
         names = self.names
+        if mode.startswith("stacked/"):
+            # split, not slices: one cat per tensor in the backward, no zero-filled [T, ...] gradients
+            size = int(mode[len("stacked/"):])
+            parts = list(zip(*[p.split(size) for p in phi]))
+            bufs = {k: b.split(size) for k, b in buffers.items()}
+            return torch.cat([self._forward("stacked", list(parts[i]), xs, {k: b[i] for k, b in bufs.items()})
+                              for i, xs in enumerate(x.split(size))])
 
         def one_task(params, bufs, inputs):
             return functional_call(self.model, ({**dict(zip(names, params)), **bufs}), (inputs,))
@@ -168,7 +180,10 @@ class TaskBatchedModule:
                     "a CUDA-graph capture; run the step once eagerly first (IMAML.capture's warm-up does) or pass "
                     'forward="vmap" or "stacked"'
                 )
-            choice = self.forward_choices[key] = self._time_forwards(phi, x, buffers, grad, self.AUTO[device])
+            modes = list(self.AUTO[device])
+            if device == "cpu":
+                modes += [f"stacked/{size}" for size in self.STACKED_CHUNKS if size < x.shape[0]]
+            choice = self.forward_choices[key] = self._time_forwards(phi, x, buffers, grad, modes)
         return choice["forward"]
 
     def _time_forwards(self, phi, x, buffers, grad: bool, modes: Sequence[str] = AUTO_CPU) -> dict:
