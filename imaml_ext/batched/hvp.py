@@ -7,20 +7,21 @@ Hessian of task t's support loss at phi_t, two ways that give the same products:
 - "forward" (forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``): each product
   is one forward and one backward pass carrying tangents, and no graph outlives a product.
 
-Which is faster depends on the device, the model and the number of CG iterations: a product
-costs about 1.3-3x one through the kept graph on a 2-core CPU (Conv4, 2026-11-30), but
-"forward" builds nothing up front. ``choose`` times both once per key, as
+Which is faster depends on the device, the model and the number of CG iterations: "forward"
+builds nothing up front but pays more per product (on a 2-core CPU it made the paper's
+meta-step 3-22 % slower, benchmarks/results/meta_step-issue17-cpu-2cores-2026-11-30.md). ``choose`` times both once per key, as
 ``torch.backends.cudnn.benchmark`` times convolution algorithms.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp
+
+from .timing import device_clock, rng_kept
 
 HVPS = ("auto", "reverse", "forward")
 
@@ -97,22 +98,15 @@ def choose(losses: Losses, phi: Sequence[Tensor], products: int) -> Dict[str, ob
     ``{"hvp": mode, "ms": {mode: predicted solve ms}}``, and ``"refused": {mode: cause}`` for a mode
     that could not run here. Only fresh buffers are used and the RNG
     state is restored, so the timing changes nothing."""
-    device = phi[0].device
+    now = device_clock(phi[0].device)
     vectors = [p.detach().clone() for p in phi]
-
-    def now() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
 
     def fresh(params, _first):
         return losses(params, True)
 
     best: Dict[str, Tuple[float, float]] = {}
     refused: Dict[str, str] = {}
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    try:
+    with rng_kept(phi[0].device):
         for _ in range(2):
             for mode in [m for m in ("reverse", "forward") if m not in refused]:
                 start = now()
@@ -127,10 +121,6 @@ def choose(losses: Losses, phi: Sequence[Tensor], products: int) -> Dict[str, ob
                 setup, product = best.get(mode, (float("inf"), float("inf")))
                 best[mode] = (min(setup, built - start), min(product, done - built))
                 del hvp
-    finally:
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, device)
     solve = {mode: setup + products * product for mode, (setup, product) in best.items()}
     choice = {"hvp": min(solve, key=solve.get), "ms": {m: round(s * 1e3, 3) for m, s in solve.items()}}
     if refused:

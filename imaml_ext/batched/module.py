@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
+from .timing import device_clock, rng_kept
+
 # Leaf layers whose batching under vmap is known to be right (each task's
 # slice of every input, parameter and buffer is used only by that task).
 _SUPPORTED_WITH_PARAMS = (
@@ -186,24 +188,17 @@ class TaskBatchedModule:
             choice = self.forward_choices[key] = self._time_forwards(phi, x, buffers, grad, modes)
         return choice["forward"]
 
-    def _time_forwards(self, phi, x, buffers, grad: bool, modes: Sequence[str] = AUTO_CPU) -> dict:
+    def _time_forwards(self, phi, x, buffers, grad: bool, modes: Sequence[str]) -> dict:
         """Each of ``modes`` once (with its backward to phi when grad is on), again those within 1.5x
         of the fastest (the first call of a shape also pays one-off setup), and a third time those
         still within 1.1x; each keeps its best time, and the fastest wins. Buffers are cloned, the
         RNG state restored and the caller's saved-tensor hooks (e.g. MAML's graph meter) shadowed
         by identity ones: the timing changes nothing. A mode that raises is left out, its cause kept
         under "refused"."""
-        import time
-
-        cuda = x.device if x.device.type == "cuda" else None
+        now = device_clock(x.device)
         probe = [p.detach().requires_grad_(grad) for p in phi]
         seconds: Dict[str, float] = {}
         refused: Dict[str, str] = {}
-
-        def now() -> float:
-            if cuda is not None:
-                torch.cuda.synchronize(cuda)
-            return time.perf_counter()
 
         def run(mode: str) -> None:
             start = now()
@@ -216,21 +211,13 @@ class TaskBatchedModule:
                 return
             seconds[mode] = min(seconds.get(mode, math.inf), now() - start)
 
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(cuda) if cuda is not None else None
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(_same, _same):
-                contenders = list(modes)
-                for margin in (None, 1.5, 1.1):
-                    if margin is not None:
-                        contenders = [m for m in contenders
-                                      if m in seconds and seconds[m] <= margin * min(seconds.values())]
-                    for mode in contenders if len(contenders) > 1 else ():
-                        run(mode)
-        finally:
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, cuda)
+        with rng_kept(x.device), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            contenders = list(modes)
+            for margin in (None, 1.5, 1.1):
+                if margin is not None:
+                    contenders = [m for m in contenders if m in seconds and seconds[m] <= margin * min(seconds.values())]
+                for mode in contenders if len(contenders) > 1 else ():
+                    run(mode)
         if not seconds:
             raise RuntimeError(f'forward="auto": every forward it times failed here ({refused})')
         choice = {"forward": min(seconds, key=seconds.get), "ms": {m: round(s * 1e3, 3) for m, s in seconds.items()}}

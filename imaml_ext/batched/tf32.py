@@ -24,19 +24,15 @@ def _flags():
     return ((torch.backends.cudnn, "allow_tf32", True, False), (torch.backends.cuda.matmul, "allow_tf32", True, False))
 
 
-def check_tf32(owner: str, tf32) -> Optional[bool]:
-    if tf32 is not None and not isinstance(tf32, bool):
-        raise ValueError(f"{owner}: tf32 must be None (torch's settings as they are), True or False; got {tf32!r}")
-    return tf32
-
-
 class TF32:
     """``with mode(device):`` the TF32 setting ``tf32`` for CUDA work on ``device``; on other devices
     nothing changes, and tf32=True says once that it does not apply there."""
 
     def __init__(self, owner: str, tf32: Optional[bool]):
+        if tf32 is not None and not isinstance(tf32, bool):
+            raise ValueError(f"{owner}: tf32 must be None (torch's settings as they are), True or False; got {tf32!r}")
         self.owner = owner
-        self.tf32 = check_tf32(owner, tf32)
+        self.tf32 = tf32
         self._warned = False
 
     @contextlib.contextmanager
@@ -60,4 +56,4 @@ class TF32:
                 setattr(obj, name, value)
 
 
-__all__ = ["TF32", "check_tf32"]
+__all__ = ["TF32"]

@@ -24,9 +24,14 @@ def build_model(args) -> torch.nn.Module:
 TF32_OPTION = {"torch": None, "on": True, "off": False}
 
 
+def _tf32(args):
+    """--tf32 as IMAML's tf32 (runs from before the option: torch's settings)."""
+    return TF32_OPTION[getattr(args, "tf32", "torch")]
+
+
 def build_imaml(model, args) -> IMAML:
     """The learner of ``--algo``: IMAML, or MAML (a subclass) for maml / fomaml."""
-    tf32 = TF32_OPTION[getattr(args, "tf32", "torch")]
+    tf32 = _tf32(args)
     if args.algo != "imaml":
         return MAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, first_order=args.algo == "fomaml",
                     ways=args.ways, check_labels=False, forward=args.forward, tf32=tf32)
@@ -52,5 +57,5 @@ def build_evaluator(model, args) -> IMAML:
         return build_imaml(model, args)
     if lam == 0:
         return MAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, first_order=True, ways=args.ways,
-                    check_labels=False, forward=args.forward, tf32=TF32_OPTION[getattr(args, "tf32", "torch")])
+                    check_labels=False, forward=args.forward, tf32=_tf32(args))
     return build_imaml(model, argparse.Namespace(**{**vars(args), "lam": lam}))
