@@ -291,6 +291,7 @@ def test_missing_data_names_the_path(tmp_path, capsys):
                                   "skips a step) and lowers the loss scale: it needs --on_nonfinite skip-task; got error"),
         (["--precision", "fp8"], "invalid choice: 'fp8'"),
         (["--hvp", "jvp"], "argument --hvp: invalid choice: 'jvp'"),
+        (["--tf32", "yes"], "argument --tf32: invalid choice: 'yes'"),
         (["--forward", "grouped"], "argument --forward: invalid choice: 'grouped'"),
     ],
 )
@@ -327,11 +328,15 @@ def test_resume_keeps_the_timed_choices(tmp_path, data_root, monkeypatch):
                            "--data", data_root, "--no-progress"]) == 0
 
 
-@pytest.mark.parametrize("forward, hvp", [("stacked", "forward"), ("loop", "reverse"), ("auto", "auto")])
-def test_forward_and_hvp_reach_the_learner(forward, hvp):
-    args = train_cli.parse_args(["--forward", forward, "--hvp", hvp])
+@pytest.mark.parametrize("forward, hvp, tf32, expected_tf32",
+                         [("stacked", "forward", "on", True), ("loop", "reverse", "off", False),
+                          ("auto", "auto", "torch", None)])
+def test_forward_hvp_and_tf32_reach_the_learner(forward, hvp, tf32, expected_tf32):
+    args = train_cli.parse_args(["--forward", forward, "--hvp", hvp, "--tf32", tf32])
     imaml = train_cli.build_imaml(train_cli.build_model(args), args)
-    assert (imaml.forward, imaml.hvp) == (forward, hvp)
+    assert (imaml.forward, imaml.hvp, imaml.tf32) == (forward, hvp, expected_tf32)
+    maml = train_cli.build_imaml(train_cli.build_model(args), train_cli.parse_args(["--algo", "maml", "--tf32", tf32]))
+    assert maml.tf32 is expected_tf32
 
 
 def test_stacked_forward_and_forward_hvp_run(tmp_path, data_root):
