@@ -1,4 +1,4 @@
-"""The batched forwards ("loop", "vmap", "stacked") compute the same values as the default
+"""The batched forwards ("loop", "vmap", "stacked", "im2col") compute the same values as the default
 ("auto") in float64, and "auto" times them once per input shape on a CPU, keeps the faster,
 changes no state while timing, and stays "vmap" off the CPU."""
 
@@ -55,7 +55,7 @@ def assert_all_close(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=lambda m: f"tensor {i}: {m}")
 
 
-@pytest.mark.parametrize("forward", ["loop", "vmap", "stacked"])
+@pytest.mark.parametrize("forward", ["loop", "vmap", "stacked", "im2col"])
 def test_meta_step_of_each_forward_equals_the_default(forward):
     model, batch = conv4(), tasks(3)
     results = {}
@@ -79,7 +79,7 @@ class FixedForward:
         return self.module._forward(self.mode, params, inputs, self.buffers)
 
 
-@pytest.mark.parametrize("mode", ["stacked", "stacked/2"])
+@pytest.mark.parametrize("mode", ["stacked", "stacked/2", "im2col"])
 @pytest.mark.parametrize("running", [False, True])
 def test_stacked_forward_gradient_and_hvp_equal_the_loop_on_every_layer_case(mode, running):
     T = 5  # "stacked/2": chunks of 2, 2 and 1
@@ -110,6 +110,15 @@ def test_stacked_forward_runs_its_rules_for_convolutions_batchnorm_and_pooling(m
     module = TaskBatchedModule(conv4(), 2, "stacked")
     module(module.expand_theta(), torch.randn(2, 3, 1, 28, 28, dtype=f64))
     assert calls == ["conv2d", "batch_norm", "max_pool2d"] * 4
+
+
+def test_im2col_forward_runs_dense_convolutions_as_im2col_and_leaves_the_rest_grouped(monkeypatch):
+    calls = stacked_rules_run(monkeypatch)
+    module = TaskBatchedModule(Mixed().to(f64), 2, "im2col")
+    module(module.expand_theta(), torch.randn(2, 4, 2, 13, 15, dtype=f64))
+    # c2 (dilated, grouped, padding="same") has no im2col rule: the grouped one runs it
+    assert calls == ["conv2d_im2col", "batch_norm", "conv2d", "batch_norm", "max_pool2d", "conv2d_im2col",
+                     "max_pool2d", "batch_norm"]
 
 
 def test_batched_module_with_the_stacked_forward_equals_the_loop():
@@ -211,10 +220,10 @@ def test_auto_leaves_out_a_forward_that_fails_and_says_why(monkeypatch):
 
 
 def test_forward_names_are_checked():
-    with pytest.raises(ValueError, match="'auto', 'vmap', 'loop', 'stacked'"):
+    with pytest.raises(ValueError, match="'auto', 'vmap', 'loop', 'stacked', 'im2col'"):
         IMAML(conv4(), forward="grouped")
-    with pytest.raises(ValueError, match="'stacked'"):
-        TaskBatchedModule(conv4(), 2, "im2col")
+    with pytest.raises(ValueError, match="'stacked', 'im2col'; got 'gemm'"):
+        TaskBatchedModule(conv4(), 2, "gemm")
 
 
 def test_auto_timing_is_invisible_to_the_callers_saved_tensor_hooks():
@@ -243,23 +252,24 @@ def cpu_step_then_cuda():
 
 
 @pytest.mark.cuda
-def test_cuda_auto_times_vmap_against_stacked_before_a_capture_and_equals_the_cpu_default():
+def test_cuda_auto_times_vmap_stacked_and_im2col_before_a_capture_and_equals_the_cpu_default():
     """Not run where the tests were written (no GPU)."""
     model, cuda_batch, expected = cpu_step_then_cuda()
     imaml = IMAML(model, 3, 0.1, 2.0, 3, check_labels=False)
     captured = imaml.capture(*cuda_batch)  # its eager warm-up times every shape first
-    assert {c["forward"] for c in imaml.forward_choices.values()} <= {"vmap", "stacked"}
-    assert all(set(c["ms"]) == {"vmap", "stacked"} for c in imaml.forward_choices.values())
+    assert {c["forward"] for c in imaml.forward_choices.values()} <= {"vmap", "stacked", "im2col"}
+    assert all(set(c["ms"]) == {"vmap", "stacked", "im2col"} for c in imaml.forward_choices.values())
     model.zero_grad()
     captured.step(*cuda_batch)
     assert_all_close([p.grad.cpu() for p in model.parameters()], expected)
 
 
 @pytest.mark.cuda
-def test_cuda_stacked_forward_equals_the_cpu_default_in_float64_and_replays_as_a_cuda_graph():
+@pytest.mark.parametrize("forward", ["stacked", "im2col"])
+def test_cuda_stacked_forward_equals_the_cpu_default_in_float64_and_replays_as_a_cuda_graph(forward):
     """Not run where the tests were written (no GPU): the stacked rules on CUDA, and inside a capture."""
     model, cuda_batch, expected = cpu_step_then_cuda()
-    imaml = IMAML(model, 3, 0.1, 2.0, 3, forward="stacked", check_labels=False)
+    imaml = IMAML(model, 3, 0.1, 2.0, 3, forward=forward, check_labels=False)
     imaml.meta_step(*cuda_batch)
     assert_all_close([p.grad.cpu() for p in model.parameters()], expected)
     captured = imaml.capture(*cuda_batch)

@@ -29,7 +29,7 @@ def test_issue17_names_its_stages_and_fits_in_eight_minutes(tmp_path):
     text = SCRIPT.read_text()
     group = re.search(r'^issue17="([^"]+)"', text, flags=re.M).group(1).split(",")
     caps = {name: int(cap) for name, cap in re.findall(r"^stage (\w+) (\d+) ", text, flags=re.M)}
-    assert group == ["tests_issue17", "profile", "meta_step_issue17", "meta_step_20w5s_issue17"]
+    assert group == ["tests_issue17", "profile", "meta_step_issue17", "meta_step_20w5s_issue17", "compile_probe"]
     assert sum(caps[name] for name in group) + 21 <= 480
     assert "default_budget=480" in text
     proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True,

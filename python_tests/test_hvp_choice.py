@@ -28,7 +28,7 @@ def meta_step(model, batch, **options):
                    result.cg.residual_norm, *imaml._batched.buffers.values()]
 
 
-@pytest.mark.parametrize("forward", ["loop", "vmap", "stacked"])
+@pytest.mark.parametrize("forward", ["loop", "vmap", "stacked", "im2col"])
 def test_forward_over_reverse_equals_double_backward_in_float64(forward):
     model, batch = conv4(), tasks(3)
     _, reverse = meta_step(model, batch, forward=forward, hvp="reverse")
@@ -47,7 +47,8 @@ def test_forward_over_reverse_updates_running_statistics_as_one_support_forward(
     assert_all_close(fwd, reverse)  # buffers included: updated once, not once per product
 
 
-@pytest.mark.parametrize("precision, forward", [("bf16", "vmap"), ("fp16", "loop"), ("fp16", "stacked")])
+@pytest.mark.parametrize("precision, forward", [("bf16", "vmap"), ("bf16", "im2col"), ("fp16", "loop"),
+                                                  ("fp16", "stacked")])
 def test_forward_over_reverse_under_mixed_precision_agrees_with_double_backward(precision, forward):
     model = conv4(dtype=torch.float32)
     batch = tuple(t.float() if t.is_floating_point() else t for t in tasks(3))

@@ -76,7 +76,7 @@ def test_meta_batch_sizes(case, meta_batch):
     assert_same_state(sequential, batched)
 
 
-@pytest.mark.parametrize("forward", ["vmap", "stacked"])
+@pytest.mark.parametrize("forward", ["vmap", "stacked", "im2col"])
 def test_vmap_and_stacked_forwards_and_chunks_equal_the_loop(forward):
     sequential, _ = both(meta_steps=2, meta_batch=8, inner_steps=2)
     vmapped = build("on", meta_batch=8, inner_steps=2, forward=forward, max_tasks=3)
@@ -94,6 +94,14 @@ def test_stacked_forward_runs_the_stacked_rules(monkeypatch):
     stacked = build("on", meta_batch=4, inner_steps=1, forward="stacked")
     run_meta_steps(stacked, 1)
     assert {"conv2d", "batch_norm", "max_pool2d"} <= set(kinds)
+
+
+def test_im2col_forward_runs_the_im2col_convolutions(monkeypatch):
+    from test_forward_choice import stacked_rules_run
+
+    kinds = stacked_rules_run(monkeypatch)
+    run_meta_steps(build("on", meta_batch=4, inner_steps=1, forward="im2col"), 1)
+    assert {"conv2d_im2col", "batch_norm", "max_pool2d"} <= set(kinds) and "conv2d" not in kinds
 
 
 def test_auto_forward_on_a_cpu_is_timed_once():

@@ -23,15 +23,16 @@ selected=${GPU_CHECK_STAGES:-}
 [ "$selected" = issue17 ] && default_budget=480 || default_budget=540
 budget=${GPU_CHECK_BUDGET_S:-$default_budget}
 # Issue 17 (the meta-step toward the floor): its equality tests, the profile, its variants at the paper's
-# configuration and at 20-way 5-shot; caps 30 + 110 + 150 + 90 s plus the build (21 s on an H200).
-issue17="tests_issue17,profile,meta_step_issue17,meta_step_20w5s_issue17"
+# configuration and at 20-way 5-shot, whether torch.compile can compile the HVPs; caps 30 + 110 + 150 + 90 +
+# 70 s plus the build (21 s on an H200).
+issue17="tests_issue17,profile,meta_step_issue17,meta_step_20w5s_issue17,compile_probe"
 expanded=""
 for s in ${selected//,/ }; do
     [ "$s" = issue17 ] && s=$issue17
     expanded=${expanded:+$expanded,}$s
 done
 selected=$expanded
-known_stages=" build tests tests_issue17 profile meta_step_issue17 meta_step_20w5s_issue17 meta_step_5w1s sweep_tasks sweep_inner floor hvp meta_step_20w5s meta_step_sequential dropin dropin_siblings ops "
+known_stages=" build tests tests_issue17 profile meta_step_issue17 meta_step_20w5s_issue17 compile_probe meta_step_5w1s sweep_tasks sweep_inner floor hvp meta_step_20w5s meta_step_sequential dropin dropin_siblings ops "
 for s in ${selected//,/ }; do
     if [[ $known_stages != *" $s "* ]]; then
         echo "GPU_CHECK_STAGES: unknown stage '$s'; the stages are:$known_stages" >&2
@@ -112,17 +113,19 @@ fi
 stage tests 100 "$PY" -m pytest -q -p no:cacheprovider -m cuda python_tests/test_cuda_ops.py \
     python_tests/test_cuda_paths.py python_tests/test_batched.py python_tests/test_data.py python_tests/test_extension.py
 
-# Issue 17: the equality tests of its options on CUDA (stacked forward, jvp-of-grad HVPs, TF32, in a capture too),
+# Issue 17: the equality tests of its options on CUDA (stacked and im2col forwards, jvp-of-grad HVPs, TF32, in a capture too),
 # the kernel table of the replayed step, and each option timed beside the default.
 stage tests_issue17 30 "$PY" -m pytest -q -p no:cacheprovider -m cuda python_tests/test_forward_choice.py \
     python_tests/test_hvp_choice.py
 stage profile 110 "$PY" benchmarks/profile_meta_step.py --device cuda --config paper,20w5s --steps 2 --wall-steps 3
 stage meta_step_issue17 150 "$PY" benchmarks/bench_meta_step.py --device cuda --configs 32x16x5,32x5x5 \
-    --variants ours_batched,ours_graph,ours_batched_stacked,ours_hvp_reverse,ours_hvp_forward,ours_tf32_on,ours_tf32_off,ours_bf16,ours_fp16,plain_vmap \
+    --variants ours_batched,ours_graph,ours_batched_stacked,ours_batched_im2col,ours_hvp_reverse,ours_hvp_forward,ours_tf32_on,ours_tf32_off,ours_bf16,ours_fp16,plain_vmap \
     --repeats 5 --check-tasks 2 --max-seconds 12 --out "benchmarks/results/meta_step-issue17-$card.json"
 stage meta_step_20w5s_issue17 90 "$PY" benchmarks/bench_meta_step.py --device cuda --ways 20 --shots 5 --tasks 16 \
-    --inner-steps 5 --cg-iters 5 --variants ours_batched,ours_graph,ours_batched_stacked,ours_hvp_forward,ours_tf32_on,plain_vmap \
+    --inner-steps 5 --cg-iters 5 --variants ours_batched,ours_graph,ours_batched_stacked,ours_batched_im2col,ours_hvp_forward,ours_tf32_on,plain_vmap \
     --repeats 3 --check-tasks 1 --max-seconds 12 --out "benchmarks/results/meta_step-20w5s-issue17-$card.json"
+# Each mode's row is written as it ends: a compile cut short by the cap keeps the rows before it.
+stage compile_probe 70 "$PY" benchmarks/probe_compile.py --device cuda --tasks 32 --repeats 5
 # Issue 4's grid: ours (eager and CUDA-graph replay) against plain torch.func vmap and the plain per-task loop.
 stage meta_step_5w1s 180 "$PY" benchmarks/bench_meta_step.py --device cuda --tasks 16,32 --inner-steps 5,16 \
     --cg-iters 3,5 --variants ours_batched,ours_graph,ours_bf16,ours_fp16,plain_vmap,plain_loop --repeats 3 --check-tasks 2 \

@@ -74,10 +74,14 @@ class TaskBatchedModule:
     - "stacked": vmap, with the 2-d convolutions, BatchNorm and max-pooling run on
       the tasks' channels stacked (``[B, T*C, H, W]``: grouped convolutions, the
       BatchNorm affine fused, no relayout of the activations between these layers);
+    - "im2col": "stacked" with each dense 2-d convolution (no groups, no dilation, zero
+      padding) as im2col and one batched matrix product over tasks (``torch.bmm`` of
+      ``[T, O, C*kh*kw]`` by ``[T, C*kh*kw, B*H'*W']``: GEMM kernels, TF32 tensor cores
+      where TF32 is on), the others grouped as in "stacked";
     - "auto": for each input shape (and dtype, grad mode, thread count, autocast, CUDA
       device), the fastest of "loop", "stacked" and "stacked" over chunks of 8 or 4 tasks
-      ("stacked/8", "stacked/4") on a CPU, of "vmap" and "stacked" on CUDA ("vmap"
-      elsewhere), by a timed forward and backward of each at the first call of that
+      ("stacked/8", "stacked/4") on a CPU, of "vmap", "stacked" and "im2col" on CUDA
+      ("vmap" elsewhere), by a timed forward and backward of each at the first call of that
       shape (never inside a CUDA-graph capture), kept in
       ``forward_choices``, as ``torch.backends.cudnn.benchmark`` keeps a
       convolution algorithm. Pass the same ``choices`` dict to later instances of
@@ -85,11 +89,11 @@ class TaskBatchedModule:
       call of a shape pays the timing: two to three forwards and backwards of each.
     """
 
-    FORWARDS = ("auto", "vmap", "loop", "stacked")
+    FORWARDS = ("auto", "vmap", "loop", "stacked", "im2col")
     # What "auto" times, per device type. CPU: "stacked" ran faster than "vmap" at every shape measured
-    # there. CUDA: the loop is 13x slower than vmap (H200, 2026-11-28); "stacked" is untimed there yet.
-    AUTO = {"cpu": ("loop", "stacked"), "cuda": ("vmap", "stacked")}
-    AUTO_CPU = AUTO["cpu"]
+    # there, and faster than "im2col" (benchmarks/results/meta_step-im2col-cpu-2cores-2026-11-30.md).
+    # CUDA: the loop is 13x slower than vmap (H200, 2026-11-28); "stacked" and "im2col" are untimed there yet.
+    AUTO = {"cpu": ("loop", "stacked"), "cuda": ("vmap", "stacked", "im2col")}
     # On a CPU "auto" also times "stacked" over chunks of this many tasks ("stacked/8"): grouped
     # convolutions on a working set the caches hold (at T = 32 with 75 query images, all tasks
     # stacked make the elementwise layers memory-bound).
@@ -155,9 +159,11 @@ class TaskBatchedModule:
             outs = [one_task(list(per_task[t]), {k: b[t] for k, b in bufs.items()}, xt)
                     for t, xt in enumerate(x.unbind(0))]
             return torch.stack(outs)
-        if mode == "stacked":
+        if mode in ("stacked", "im2col"):
+            conv = "im2col" if mode == "im2col" else "grouped"
+
             def stacked_task(params, bufs, inputs):
-                with _StackedLayers():
+                with _StackedLayers(conv):
                     return one_task(params, bufs, inputs)
 
             return vmap(stacked_task, in_dims=(0, 0, 0), randomness="different")(list(phi), buffers, x)
@@ -180,7 +186,7 @@ class TaskBatchedModule:
                 raise RuntimeError(
                     'forward="auto" times its choice at the first call of an input shape, which cannot run inside '
                     "a CUDA-graph capture; run the step once eagerly first (IMAML.capture's warm-up does) or pass "
-                    'forward="vmap" or "stacked"'
+                    'forward="vmap", "stacked" or "im2col"'
                 )
             modes = list(self.AUTO[device])
             if device == "cpu":
@@ -255,6 +261,30 @@ def _conv2d_rule(T, dims, x, weight, bias, stride, padding, dilation, groups):
     return out.view(b, T, w.shape[0] // T, *out.shape[2:]), 1
 
 
+def _conv2d_im2col_rule(T, dims, x, weight, bias, stride, padding, dilation, groups):
+    """The stacked conv2d as im2col + one batched matrix product over tasks: out[t] = W[t] @ cols[t],
+    W[t] as [O, C*kh*kw], cols[t] as [C*kh*kw, B*H'*W']. Every op here is twice differentiable."""
+    xs = _stacked(x, dims[0], T)
+    b, _, c, h, w_in = xs.shape
+    w = weight if dims[1] is None else weight.movedim(dims[1], 0)
+    kh, kw = w.shape[-2:]
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    padded = F.pad(xs, (pw, pw, ph, ph))
+    # [B, T, C, H', W', kh, kw] as a view, then one copy into the GEMM's layout [T, C*kh*kw, B*H'*W']
+    windows = padded.unfold(3, kh, sh).unfold(4, kw, sw)
+    ho, wo = windows.shape[3:5]
+    cols = windows.permute(1, 2, 5, 6, 0, 3, 4).reshape(T, c * kh * kw, b * ho * wo)
+    out = torch.bmm(w.expand(T, *w.shape[-4:]).reshape(T, -1, c * kh * kw), cols)  # [T, O, B*H'*W']
+    if bias is not None:
+        out = out + (bias.expand(T, *bias.shape) if dims[2] is None else bias.movedim(dims[2], 0)).unsqueeze(-1)
+    return out.view(T, -1, b, ho, wo).permute(2, 0, 1, 3, 4), 1
+
+
+def _pair(value):
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
 def _batch_norm_rule(T, dims, x, running_mean, running_var, weight, bias, training, momentum, eps):
     xs = _stacked(x, dims[0], T)
     b, _, c = xs.shape[:3]
@@ -297,6 +327,12 @@ def _accept_conv2d(a) -> bool:
     return a[0].dim() == 4
 
 
+def _accept_conv2d_im2col(a) -> bool:
+    # the rule's windows: zero padding given as numbers, no dilation, no grouping
+    return (a[0].dim() == 4 and a[6] == 1 and _pair(a[5]) == (1, 1) and not isinstance(a[4], str)
+            and len(_pair(a[4])) == 2 and len(_pair(a[3])) == 2)
+
+
 def _accept_batch_norm(a) -> bool:
     # Training with running statistics updates them in place: left to vmap's own rule.
     return a[0].dim() >= 2 and not (a[5] and (a[1] is not None or a[2] is not None))
@@ -312,6 +348,9 @@ _REQUIRED = object()
 _RULES = {
     "conv2d": (_conv2d_rule, _accept_conv2d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
                (_REQUIRED, _REQUIRED, None, 1, 0, 1, 1)),
+    "conv2d_im2col": (_conv2d_im2col_rule, _accept_conv2d_im2col,
+                      ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+                      (_REQUIRED, _REQUIRED, None, 1, 0, 1, 1)),
     "batch_norm": (_batch_norm_rule, _accept_batch_norm, ("input", "running_mean", "running_var", "weight", "bias",
                                                          "training", "momentum", "eps"),
                    (_REQUIRED, _REQUIRED, _REQUIRED, None, None, False, 0.1, 1e-5)),
@@ -324,18 +363,27 @@ _INTERCEPTED = {torch.conv2d: "conv2d", F.conv2d: "conv2d", F.batch_norm: "batch
 
 class _StackedLayers(TorchFunctionMode):
     """Inside a vmapped forward: conv2d, batch_norm and max_pool2d on a batched 4-d input (2-d and
-    up for batch_norm) go to the stacked rules; everything else to vmap's own."""
+    up for batch_norm) go to the stacked rules; everything else to vmap's own. With
+    ``conv="im2col"`` a dense 2-d convolution runs as im2col + a batched matrix product (one
+    it cannot run, e.g. a grouped or dilated one, as the grouped convolution)."""
+
+    def __init__(self, conv: str = "grouped"):
+        super().__init__()
+        self.conv = conv
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kind = _INTERCEPTED.get(func)
         if kind is not None:
-            _, accept, names, defaults = _RULES[kind]
+            _, _, names, defaults = _RULES[kind]
             if len(args) <= len(names) and set(kwargs) <= set(names[len(args):]):
                 bound = list(args) + [kwargs.get(n, d) for n, d in zip(names[len(args):], defaults[len(args):])]
                 if (all(v is not _REQUIRED for v in bound) and isinstance(bound[0], Tensor)
-                        and torch._C._functorch.is_batchedtensor(bound[0]) and accept(bound)):
-                    return _StackedRule.apply(kind, *bound)
+                        and torch._C._functorch.is_batchedtensor(bound[0])):
+                    if kind == "conv2d" and self.conv == "im2col" and _accept_conv2d_im2col(bound):
+                        return _StackedRule.apply("conv2d_im2col", *bound)
+                    if _RULES[kind][1](bound):
+                        return _StackedRule.apply(kind, *bound)
         return func(*args, **kwargs)
 
 

@@ -29,6 +29,7 @@ from torch.func import functional_call, vmap
 
 from ..batched.memory import GraphSizeMeter, available_bytes
 from ..batched.module import _StackedLayers
+from ..batched.timing import device_clock
 from ..logging import get_logger
 from .plan import NotBatchable, TaskBatchingInfo
 from .sgd import TaskSGD
@@ -93,8 +94,8 @@ class TaskBatcher:
 
     # the share of the free memory a chunk of tasks may plan to take
     memory_fraction = 0.8
-    # what "auto" times on a CPU
-    AUTO_CPU = ("loop", "vmap", "stacked")
+    # what "auto" times, per device type (on CUDA the loop is 13x slower than vmap: H200, 2026-11-28)
+    AUTO = {"cpu": ("loop", "vmap", "stacked"), "cuda": ("vmap", "stacked", "im2col")}
 
     def __init__(self, engine, upper, lower, info: TaskBatchingInfo, forward: str, max_tasks: Optional[int]):
         from ..problems.iterative_problem import IterativeProblem, _FastWeightsModule
@@ -108,9 +109,10 @@ class TaskBatcher:
         self.keys = [f"module.{n}" for n in self.names]
         self.sgd = None if self.iterative else TaskSGD(lower.optimizer, self.module_params)
         device = torch.device(engine.device if lower.device is None else lower.device)
-        # "auto" on a CPU: none wins everywhere (grouped convolutions beat per-task ones for small task
-        # batches, not for large), so the first meta-step times each (_measured_gradients).
-        self.measure = forward == "auto" and device.type == "cpu" and not self.iterative
+        # "auto" on a CPU or CUDA: none wins everywhere (grouped convolutions beat per-task ones for small
+        # task batches, not for large), so the first meta-step times each (_measured_gradients).
+        self.device = device
+        self.measure = forward == "auto" and device.type in self.AUTO and not self.iterative
         if forward == "auto":
             forward = "loop" if device.type == "cpu" else "vmap"
         self.forward = forward
@@ -356,8 +358,10 @@ class TaskBatcher:
                 return torch.stack([loss for loss, _ in outs]), [metrics for _, metrics in outs]
             call = _Call(self.target, lambda b: problem._parse_loss(problem.training_step_exec(b)))
             stacked = _stack(batches)
-            # "stacked": convolutions, BatchNorm and max-pooling on the tasks' stacked channels (BatchedModule's rules)
-            with _StackedLayers() if forward == "stacked" else contextlib.nullcontext():
+            # "stacked": convolutions, BatchNorm and max-pooling on the tasks' stacked channels (BatchedModule's
+            # rules); "im2col": the same with the dense convolutions as im2col + batched matrix products
+            layers = _StackedLayers("im2col" if forward == "im2col" else "grouped")
+            with layers if forward in ("stacked", "im2col") else contextlib.nullcontext():
                 losses, metrics = vmap(
                     lambda weights, batch: functional_call(call, weights, (batch,)),
                     in_dims=(0, _stack_dims(stacked)),
@@ -459,19 +463,19 @@ class TaskBatcher:
         return losses, metrics, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.phi)]
 
     def _measured_gradients(self, batches: Sequence[Any]):
-        """The first inner step of "auto" on a CPU: each forward twice (the first warms it up), and the
-        fastest kept for this program, as cudnn.benchmark keeps a convolution algorithm."""
-        import time
-
+        """The first inner step of "auto" on a CPU or CUDA: each forward twice (the first warms it up),
+        and the fastest kept for this program, as cudnn.benchmark keeps a convolution algorithm."""
+        modes = self.AUTO[self.device.type]
+        now = device_clock(self.device)
         seconds, result = {}, {}
-        for forward in self.AUTO_CPU * 2:
-            start = time.perf_counter()
+        for forward in modes * 2:
+            start = now()
             result[forward] = self._gradients(batches, forward)
-            seconds[forward] = time.perf_counter() - start
+            seconds[forward] = now() - start
         self.measure = False
         self.forward = min(seconds, key=seconds.get)
         self.upper_forward = self.forward
-        timed = ", ".join(f"{forward} {seconds[forward] * 1e3:.1f} ms" for forward in self.AUTO_CPU)
+        timed = ", ".join(f"{forward} {seconds[forward] * 1e3:.1f} ms" for forward in modes)
         self.info.forward = f"{self.forward} (auto, timed on the first meta-step's inner step: {timed})"
         self.info.upper_forward = self.upper_forward
         self._logger.info(f"task batching: the lower's training_step runs as {self.info.forward}")
