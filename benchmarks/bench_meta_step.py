@@ -7,8 +7,9 @@ meta-gradient mean_t (I + H_t / lam)^-1 grad L_query(phi_t) by ``cg_iters`` CG
 iterations, added to theta's .grad. Every variant computes that same
 meta-gradient from the same theta and the same tasks:
 
-- ours_batched (_vmap, _loop, _stacked, _im2col): ``imaml_ext.IMAML.meta_step`` over all T
-  tasks at once, forward="auto" (and "vmap", "loop", "stacked", "im2col" forced);
+- ours_batched (_vmap, _loop, _stacked, _im2col, _channels_last): ``imaml_ext.IMAML.meta_step``
+  over all T tasks at once, forward="auto" (and "vmap", "loop", "stacked", "im2col",
+  "channels_last" forced);
 - ours_sequential: the Betty tutorial's recipe on imaml_ext's Betty API (a
   Lower ImplicitProblem with Config(type="cg", proximal_lambda=lam), an Upper
   accumulating T tasks, an Env feeding one task at a time, run by the Engine);
@@ -62,7 +63,7 @@ WAYS, SHOTS, QUERY = 5, 1, 15
 HIDDEN = 64
 INNER_LR, LAM = 0.1, 2.0
 ALL_VARIANTS = ("ours_batched", "ours_batched_vmap", "ours_batched_loop", "ours_batched_stacked",
-                "ours_batched_im2col", "ours_graph",
+                "ours_batched_im2col", "ours_batched_channels_last", "ours_graph",
                 "ours_hvp_reverse", "ours_hvp_forward", "ours_tf32_on", "ours_tf32_off",
                 "ours_bf16", "ours_fp16", "ours_sequential", "plain_loop", "plain_vmap")
 CUDA_ONLY = ("ours_graph", "ours_tf32_on", "ours_tf32_off")
@@ -740,6 +741,8 @@ VARIANT_NOTES = {
                             "on the tasks' stacked channels)",
     "ours_batched_im2col": 'the same with forward="im2col" (as "stacked", the convolutions as im2col and one '
                            "batched matrix product over tasks)",
+    "ours_batched_channels_last": 'the same with forward="channels_last" (as "stacked", in channels-last memory '
+                                  "layout)",
     "ours_sequential": "the Betty tutorial on imaml_ext's Engine, Config(type=\"cg\", proximal_lambda=2), "
                        "one task per inner loop, Upper accumulating T tasks",
     "plain_loop": "plain PyTorch, Python loop over tasks, double-backward HVPs, Betty-style torch.cat/torch.dot CG",

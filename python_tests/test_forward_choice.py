@@ -1,4 +1,4 @@
-"""The batched forwards ("loop", "vmap", "stacked", "im2col") compute the same values as the default
+"""The batched forwards ("loop", "vmap", "stacked", "im2col", "channels_last") compute the same values as the default
 ("auto") in float64, and "auto" times them once per input shape on a CPU, keeps the faster,
 changes no state while timing, and stays "vmap" off the CPU."""
 
@@ -55,7 +55,7 @@ def assert_all_close(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=lambda m: f"tensor {i}: {m}")
 
 
-@pytest.mark.parametrize("forward", ["loop", "vmap", "stacked", "im2col"])
+@pytest.mark.parametrize("forward", ["loop", "vmap", "stacked", "im2col", "channels_last"])
 def test_meta_step_of_each_forward_equals_the_default(forward):
     model, batch = conv4(), tasks(3)
     results = {}
@@ -79,7 +79,7 @@ class FixedForward:
         return self.module._forward(self.mode, params, inputs, self.buffers)
 
 
-@pytest.mark.parametrize("mode", ["stacked", "stacked/2", "im2col"])
+@pytest.mark.parametrize("mode", ["stacked", "stacked/2", "im2col", "channels_last"])
 @pytest.mark.parametrize("running", [False, True])
 def test_stacked_forward_gradient_and_hvp_equal_the_loop_on_every_layer_case(mode, running):
     T = 5  # "stacked/2": chunks of 2, 2 and 1
@@ -110,6 +110,45 @@ def test_stacked_forward_runs_its_rules_for_convolutions_batchnorm_and_pooling(m
     module = TaskBatchedModule(conv4(), 2, "stacked")
     module(module.expand_theta(), torch.randn(2, 3, 1, 28, 28, dtype=f64))
     assert calls == ["conv2d", "batch_norm", "max_pool2d"] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("forward", ["loop", "vmap", "stacked", "im2col", "channels_last"])
+def test_convolutions_run_in_the_autocast_dtype_with_every_forward(forward, dtype):
+    """torch.func's vmapped convolutions escape autocast (torch 2.14): every forward must still run them,
+    1-d and 2-d, in the autocast dtype, as a plain convolution under autocast runs."""
+
+    class Convs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c2, self.c1, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Conv1d(4, 3, 3), nn.Linear(3 * 6, 2)
+
+        def forward(self, x):
+            x = torch.relu(self.c2(x)).flatten(2)[..., :8]
+            return self.head(self.c1(x).flatten(1))
+
+    model, seen = Convs(), []
+    for conv in (model.c2, model.c1):
+        conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    module = TaskBatchedModule(model, 2, forward)
+    with torch.autocast("cpu", dtype=dtype):
+        module(module.expand_theta(), torch.randn(2, 3, 2, 5, 5))
+    assert seen == [dtype, dtype] * (2 if forward == "loop" else 1)
+
+
+def test_channels_last_forward_keeps_the_layout_from_each_convolution_to_the_next(monkeypatch):
+    layouts = []
+    for kind, (rule, *rest) in list(batched_module._RULES.items()):
+        def recorded(T, dims, *args, rule=rule, kind=kind):
+            out, dim = rule(T, dims, *args)
+            stacked = out.reshape(out.shape[0], -1, *out.shape[3:])  # [B, T*C, H, W]: a view, or a copy
+            layouts.append((kind, stacked.data_ptr() == out.data_ptr()
+                            and stacked.is_contiguous(memory_format=torch.channels_last)))
+            return out, dim
+        monkeypatch.setitem(batched_module._RULES, kind, (recorded, *rest))
+    module = TaskBatchedModule(conv4(), 2, "channels_last")
+    module(module.expand_theta(), torch.randn(2, 3, 1, 28, 28, dtype=f64))
+    assert layouts == [("conv2d_channels_last", True), ("batch_norm", True), ("max_pool2d", True)] * 4
 
 
 def test_im2col_forward_runs_dense_convolutions_as_im2col_and_leaves_the_rest_grouped(monkeypatch):
@@ -220,9 +259,9 @@ def test_auto_leaves_out_a_forward_that_fails_and_says_why(monkeypatch):
 
 
 def test_forward_names_are_checked():
-    with pytest.raises(ValueError, match="'auto', 'vmap', 'loop', 'stacked', 'im2col'"):
+    with pytest.raises(ValueError, match="'auto', 'vmap', 'loop', 'stacked', 'im2col', 'channels_last'"):
         IMAML(conv4(), forward="grouped")
-    with pytest.raises(ValueError, match="'stacked', 'im2col'; got 'gemm'"):
+    with pytest.raises(ValueError, match="'im2col', 'channels_last'; got 'gemm'"):
         TaskBatchedModule(conv4(), 2, "gemm")
 
 
@@ -252,20 +291,21 @@ def cpu_step_then_cuda():
 
 
 @pytest.mark.cuda
-def test_cuda_auto_times_vmap_stacked_and_im2col_before_a_capture_and_equals_the_cpu_default():
+def test_cuda_auto_times_vmap_stacked_im2col_and_channels_last_before_a_capture_and_equals_the_cpu_default():
     """Not run where the tests were written (no GPU)."""
     model, cuda_batch, expected = cpu_step_then_cuda()
     imaml = IMAML(model, 3, 0.1, 2.0, 3, check_labels=False)
     captured = imaml.capture(*cuda_batch)  # its eager warm-up times every shape first
-    assert {c["forward"] for c in imaml.forward_choices.values()} <= {"vmap", "stacked", "im2col"}
-    assert all(set(c["ms"]) == {"vmap", "stacked", "im2col"} for c in imaml.forward_choices.values())
+    timed = {"vmap", "stacked", "im2col", "channels_last"}
+    assert {c["forward"] for c in imaml.forward_choices.values()} <= timed
+    assert all(set(c["ms"]) == timed for c in imaml.forward_choices.values())
     model.zero_grad()
     captured.step(*cuda_batch)
     assert_all_close([p.grad.cpu() for p in model.parameters()], expected)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("forward", ["stacked", "im2col"])
+@pytest.mark.parametrize("forward", ["stacked", "im2col", "channels_last"])
 def test_cuda_stacked_forward_equals_the_cpu_default_in_float64_and_replays_as_a_cuda_graph(forward):
     """Not run where the tests were written (no GPU): the stacked rules on CUDA, and inside a capture."""
     model, cuda_batch, expected = cpu_step_then_cuda()

@@ -28,7 +28,7 @@ def meta_step(model, batch, **options):
                    result.cg.residual_norm, *imaml._batched.buffers.values()]
 
 
-@pytest.mark.parametrize("forward", ["loop", "vmap", "stacked", "im2col"])
+@pytest.mark.parametrize("forward", ["loop", "vmap", "stacked", "im2col", "channels_last"])
 def test_forward_over_reverse_equals_double_backward_in_float64(forward):
     model, batch = conv4(), tasks(3)
     _, reverse = meta_step(model, batch, forward=forward, hvp="reverse")
@@ -52,12 +52,18 @@ def test_forward_over_reverse_updates_running_statistics_as_one_support_forward(
 def test_forward_over_reverse_under_mixed_precision_agrees_with_double_backward(precision, forward):
     model = conv4(dtype=torch.float32)
     batch = tuple(t.float() if t.is_floating_point() else t for t in tasks(3))
-    options = dict(precision=precision, nonfinite="skip" if precision == "fp16" else "propagate", forward=forward)
+    # Damped as training is: undamped, CG at this random theta amplifies bf16's rounding of the two modes'
+    # products (im2col's bmm runs in bfloat16) to 6 % apart over 16 seeds; damped, 0.1 %.
+    options = dict(precision=precision, nonfinite="skip" if precision == "fp16" else "propagate", forward=forward,
+                   cg_damping=1.0, lam_damping=10.0)
     _, reverse = meta_step(model, batch, hvp="reverse", **options)
     _, fwd = meta_step(model, batch, hvp="forward", **options)
     grads = len(list(model.parameters()))
-    for got, expected in zip(fwd[:grads], reverse[:grads]):  # the same autocast arithmetic, other op order
-        assert (got - expected).norm() <= 2e-2 * expected.norm() + 1e-6
+    # The same autocast arithmetic in another op order, compared over the whole meta-gradient: the
+    # convolution biases before BatchNorm have an exact gradient of 0, so each of theirs is rounding
+    # alone (bf16: up to 1.3x apart per tensor, 2.5e-3 over the whole, 10 seeds).
+    got, expected = (torch.cat([g.flatten() for g in side[:grads]]) for side in (fwd, reverse))
+    assert (got - expected).norm() <= 2e-2 * expected.norm()
 
 
 @pytest.mark.parametrize("forward", ["loop", "stacked"])

@@ -76,7 +76,7 @@ def test_meta_batch_sizes(case, meta_batch):
     assert_same_state(sequential, batched)
 
 
-@pytest.mark.parametrize("forward", ["vmap", "stacked", "im2col"])
+@pytest.mark.parametrize("forward", ["vmap", "stacked", "im2col", "channels_last"])
 def test_vmap_and_stacked_forwards_and_chunks_equal_the_loop(forward):
     sequential, _ = both(meta_steps=2, meta_batch=8, inner_steps=2)
     vmapped = build("on", meta_batch=8, inner_steps=2, forward=forward, max_tasks=3)
@@ -562,6 +562,20 @@ def test_bf16_autocast_is_the_sequential_engines():
     moved = relative_difference(theta(fp32), theta(sequential))
     assert moved > 1e-5  # bf16 changes the numbers: the autocast is on
     assert relative_difference(theta(sequential), theta(batched)) < moved / 10
+
+
+@pytest.mark.parametrize("forward", ["vmap", "stacked", "im2col", "channels_last"])
+def test_bf16_autocast_reaches_the_vmapped_convolutions(forward):
+    """torch.func's vmapped convolutions escape autocast by themselves (torch 2.14): under the lower's
+    precision="bf16" every forward still runs the user's convolution in bfloat16, as the sequential
+    engine does."""
+    engine = build("on", meta_batch=4, inner_steps=1, dtype=torch.float32, lower_config={"precision": "bf16"},
+                   upper_config={"precision": "bf16"}, forward=forward)
+    seen = []
+    conv = engine.lower.module[0]
+    conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    run_meta_steps(engine, 1)
+    assert engine.task_batching.forward == forward and seen and set(seen) == {torch.bfloat16}
 
 
 def test_siblings_with_a_validation_inside_a_meta_step():

@@ -330,7 +330,8 @@ def test_resume_keeps_the_timed_choices(tmp_path, data_root, monkeypatch):
 
 @pytest.mark.parametrize("forward, hvp, tf32, expected_tf32",
                          [("stacked", "forward", "on", True), ("loop", "reverse", "off", False),
-                          ("im2col", "reverse", "on", True), ("auto", "auto", "torch", None)])
+                          ("im2col", "reverse", "on", True), ("channels_last", "forward", "off", False),
+                          ("auto", "auto", "torch", None)])
 def test_forward_hvp_and_tf32_reach_the_learner(forward, hvp, tf32, expected_tf32):
     args = train_cli.parse_args(["--forward", forward, "--hvp", hvp, "--tf32", tf32])
     imaml = train_cli.build_imaml(train_cli.build_model(args), args)

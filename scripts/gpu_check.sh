@@ -113,16 +113,16 @@ fi
 stage tests 100 "$PY" -m pytest -q -p no:cacheprovider -m cuda python_tests/test_cuda_ops.py \
     python_tests/test_cuda_paths.py python_tests/test_batched.py python_tests/test_data.py python_tests/test_extension.py
 
-# Issue 17: the equality tests of its options on CUDA (stacked and im2col forwards, jvp-of-grad HVPs, TF32, in a capture too),
+# Issue 17: the equality tests of its options on CUDA (stacked, im2col and channels-last forwards, jvp-of-grad HVPs, TF32, in a capture too),
 # the kernel table of the replayed step, and each option timed beside the default.
 stage tests_issue17 30 "$PY" -m pytest -q -p no:cacheprovider -m cuda python_tests/test_forward_choice.py \
     python_tests/test_hvp_choice.py
 stage profile 110 "$PY" benchmarks/profile_meta_step.py --device cuda --config paper,20w5s --steps 2 --wall-steps 3
 stage meta_step_issue17 150 "$PY" benchmarks/bench_meta_step.py --device cuda --configs 32x16x5,32x5x5 \
-    --variants ours_batched,ours_graph,ours_batched_stacked,ours_batched_im2col,ours_hvp_reverse,ours_hvp_forward,ours_tf32_on,ours_tf32_off,ours_bf16,ours_fp16,plain_vmap \
+    --variants ours_batched,ours_graph,ours_batched_stacked,ours_batched_im2col,ours_batched_channels_last,ours_hvp_reverse,ours_hvp_forward,ours_tf32_on,ours_tf32_off,ours_bf16,ours_fp16,plain_vmap \
     --repeats 5 --check-tasks 2 --max-seconds 12 --out "benchmarks/results/meta_step-issue17-$card.json"
 stage meta_step_20w5s_issue17 90 "$PY" benchmarks/bench_meta_step.py --device cuda --ways 20 --shots 5 --tasks 16 \
-    --inner-steps 5 --cg-iters 5 --variants ours_batched,ours_graph,ours_batched_stacked,ours_batched_im2col,ours_hvp_forward,ours_tf32_on,plain_vmap \
+    --inner-steps 5 --cg-iters 5 --variants ours_batched,ours_graph,ours_batched_stacked,ours_batched_im2col,ours_batched_channels_last,ours_hvp_forward,ours_tf32_on,plain_vmap \
     --repeats 3 --check-tasks 1 --max-seconds 12 --out "benchmarks/results/meta_step-20w5s-issue17-$card.json"
 # Each mode's row is written as it ends: a compile cut short by the cap keeps the rows before it.
 stage compile_probe 70 "$PY" benchmarks/probe_compile.py --device cuda --tasks 32 --repeats 5

@@ -74,10 +74,10 @@ class IMAML:
     - ``forward``: "vmap" (grouped convolutions, one launch per layer), "loop"
       (dense per-task layers), "stacked" (vmap with the convolutions, BatchNorm and
       max-pooling on the tasks' stacked channels), "im2col" ("stacked" with the dense
-      convolutions as im2col and one batched matrix product over tasks) or "auto" (on a
-      CPU the fastest of "loop" and "stacked", on CUDA of "vmap", "stacked" and
-      "im2col", timed at the first call of each input shape and kept in
-      ``forward_choices``);
+      convolutions as im2col and one batched matrix product over tasks), "channels_last"
+      ("stacked" in channels-last memory layout) or "auto" (on a CPU the fastest of "loop"
+      and "stacked", on CUDA of "vmap", "stacked", "im2col" and "channels_last", timed at
+      the first call of each input shape and kept in ``forward_choices``);
     - ``check_labels``: one host sync per call to check the labels' range
       (out-of-range labels would give an unreadable device assert on CUDA);
       turn it off for sync-free steps and CUDA-graph capture.

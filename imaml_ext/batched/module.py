@@ -6,6 +6,7 @@ own task's data (BatchNorm statistics included)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -78,9 +79,11 @@ class TaskBatchedModule:
       padding) as im2col and one batched matrix product over tasks (``torch.bmm`` of
       ``[T, O, C*kh*kw]`` by ``[T, C*kh*kw, B*H'*W']``: GEMM kernels, TF32 tensor cores
       where TF32 is on), the others grouped as in "stacked";
+    - "channels_last": "stacked" with the activations and convolution weights channels-last
+      (``[B, H, W, T*C]`` in memory: cuDNN's NHWC kernels for the grouped convolutions);
     - "auto": for each input shape (and dtype, grad mode, thread count, autocast, CUDA
       device), the fastest of "loop", "stacked" and "stacked" over chunks of 8 or 4 tasks
-      ("stacked/8", "stacked/4") on a CPU, of "vmap", "stacked" and "im2col" on CUDA
+      ("stacked/8", "stacked/4") on a CPU, of "vmap", "stacked", "im2col" and "channels_last" on CUDA
       ("vmap" elsewhere), by a timed forward and backward of each at the first call of that
       shape (never inside a CUDA-graph capture), kept in
       ``forward_choices``, as ``torch.backends.cudnn.benchmark`` keeps a
@@ -89,11 +92,12 @@ class TaskBatchedModule:
       call of a shape pays the timing: two to three forwards and backwards of each.
     """
 
-    FORWARDS = ("auto", "vmap", "loop", "stacked", "im2col")
+    FORWARDS = ("auto", "vmap", "loop", "stacked", "im2col", "channels_last")
     # What "auto" times, per device type. CPU: "stacked" ran faster than "vmap" at every shape measured
-    # there, and faster than "im2col" (benchmarks/results/meta_step-im2col-cpu-2cores-2026-11-30.md).
-    # CUDA: the loop is 13x slower than vmap (H200, 2026-11-28); "stacked" and "im2col" are untimed there yet.
-    AUTO = {"cpu": ("loop", "stacked"), "cuda": ("vmap", "stacked", "im2col")}
+    # there, and faster than "im2col" (benchmarks/results/meta_step-im2col-cpu-2cores-2026-11-30.md) and
+    # "channels_last" (meta_step-channels-last-cpu-2cores-2026-11-30.md). CUDA: the loop is 13x slower than
+    # vmap (H200, 2026-11-28); "stacked", "im2col" and "channels_last" are untimed there yet.
+    AUTO = {"cpu": ("loop", "stacked"), "cuda": ("vmap", "stacked", "im2col", "channels_last")}
     # On a CPU "auto" also times "stacked" over chunks of this many tasks ("stacked/8"): grouped
     # convolutions on a working set the caches hold (at T = 32 with 75 query images, all tasks
     # stacked make the elementwise layers memory-bound).
@@ -159,15 +163,21 @@ class TaskBatchedModule:
             outs = [one_task(list(per_task[t]), {k: b[t] for k, b in bufs.items()}, xt)
                     for t, xt in enumerate(x.unbind(0))]
             return torch.stack(outs)
-        if mode in ("stacked", "im2col"):
-            conv = "im2col" if mode == "im2col" else "grouped"
+        autocast = _AutocastConvolutions.under(x.device.type)
+        if mode in ("stacked", "im2col", "channels_last"):
+            conv = "grouped" if mode == "stacked" else mode
 
             def stacked_task(params, bufs, inputs):
-                with _StackedLayers(conv):
+                with autocast, _StackedLayers(conv):
                     return one_task(params, bufs, inputs)
 
             return vmap(stacked_task, in_dims=(0, 0, 0), randomness="different")(list(phi), buffers, x)
-        return vmap(one_task, in_dims=(0, 0, 0), randomness="different")(list(phi), buffers, x)
+
+        def vmapped_task(params, bufs, inputs):
+            with autocast:
+                return one_task(params, bufs, inputs)
+
+        return vmap(vmapped_task, in_dims=(0, 0, 0), randomness="different")(list(phi), buffers, x)
 
     def auto_forward(self, phi: Sequence[Tensor], x: Tensor, buffers: Dict[str, Tensor]) -> str:
         """The forward "auto" runs for these inputs: on a CPU or a CUDA device the one of AUTO timed
@@ -186,7 +196,7 @@ class TaskBatchedModule:
                 raise RuntimeError(
                     'forward="auto" times its choice at the first call of an input shape, which cannot run inside '
                     "a CUDA-graph capture; run the step once eagerly first (IMAML.capture's warm-up does) or pass "
-                    'forward="vmap", "stacked" or "im2col"'
+                    'forward="vmap", "stacked", "im2col" or "channels_last"'
                 )
             modes = list(self.AUTO[device])
             if device == "cpu":
@@ -240,8 +250,12 @@ def _same(tensor: Tensor) -> Tensor:
 
 
 def _stacked(x: Tensor, dim: Optional[int], num_tasks: int) -> Tensor:
-    """A batched input as [B, T, C, ...] in memory (tasks second); a free view after another stacked layer."""
+    """A batched input as [B, T, C, ...] whose tasks and channels merge into one dimension by a view
+    (tasks outside channels in memory): free after another stacked layer, in either memory format
+    (a channels-last output stays channels-last); otherwise one copy into that layout."""
     x = x.unsqueeze(1).expand(x.shape[0], num_tasks, *x.shape[1:]) if dim is None else x.movedim(dim, 1)
+    if x.dim() >= 3 and (x.shape[2] == 1 or x.stride(1) == x.shape[2] * x.stride(2)) and x.stride(1) > 0:
+        return x
     return x.contiguous()
 
 
@@ -261,6 +275,18 @@ def _conv2d_rule(T, dims, x, weight, bias, stride, padding, dilation, groups):
     return out.view(b, T, w.shape[0] // T, *out.shape[2:]), 1
 
 
+def _conv2d_channels_last_rule(T, dims, x, weight, bias, stride, padding, dilation, groups):
+    """The stacked conv2d on channels-last ([B, H, W, T*C] in memory) input and weights: cuDNN's NHWC
+    grouped kernels on CUDA. Its output stays channels-last, and so do BatchNorm's and max-pooling's
+    after it (their rules keep the layout), until the next convolution."""
+    xs = _stacked(x, dims[0], T)
+    b, _, c = xs.shape[:3]
+    w = _per_task(weight, dims[1], T).contiguous(memory_format=torch.channels_last)
+    inputs = xs.view(b, T * c, *xs.shape[3:]).contiguous(memory_format=torch.channels_last)
+    out = F.conv2d(inputs, w, _per_task(bias, dims[2], T), stride, padding, dilation, T * groups)
+    return out.view(b, T, w.shape[0] // T, *out.shape[2:]), 1
+
+
 def _conv2d_im2col_rule(T, dims, x, weight, bias, stride, padding, dilation, groups):
     """The stacked conv2d as im2col + one batched matrix product over tasks: out[t] = W[t] @ cols[t],
     W[t] as [O, C*kh*kw], cols[t] as [C*kh*kw, B*H'*W']. Every op here is twice differentiable."""
@@ -276,8 +302,9 @@ def _conv2d_im2col_rule(T, dims, x, weight, bias, stride, padding, dilation, gro
     ho, wo = windows.shape[3:5]
     cols = windows.permute(1, 2, 5, 6, 0, 3, 4).reshape(T, c * kh * kw, b * ho * wo)
     out = torch.bmm(w.expand(T, *w.shape[-4:]).reshape(T, -1, c * kh * kw), cols)  # [T, O, B*H'*W']
-    if bias is not None:
-        out = out + (bias.expand(T, *bias.shape) if dims[2] is None else bias.movedim(dims[2], 0)).unsqueeze(-1)
+    if bias is not None:  # in the product's dtype: under autocast, a convolution's bias is cast too
+        bias = bias.expand(T, *bias.shape) if dims[2] is None else bias.movedim(dims[2], 0)
+        out = out + bias.unsqueeze(-1).to(out.dtype)
     return out.view(T, -1, b, ho, wo).permute(2, 0, 1, 3, 4), 1
 
 
@@ -348,6 +375,9 @@ _REQUIRED = object()
 _RULES = {
     "conv2d": (_conv2d_rule, _accept_conv2d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
                (_REQUIRED, _REQUIRED, None, 1, 0, 1, 1)),
+    "conv2d_channels_last": (_conv2d_channels_last_rule, _accept_conv2d,
+                             ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+                             (_REQUIRED, _REQUIRED, None, 1, 0, 1, 1)),
     "conv2d_im2col": (_conv2d_im2col_rule, _accept_conv2d_im2col,
                       ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
                       (_REQUIRED, _REQUIRED, None, 1, 0, 1, 1)),
@@ -365,7 +395,8 @@ class _StackedLayers(TorchFunctionMode):
     """Inside a vmapped forward: conv2d, batch_norm and max_pool2d on a batched 4-d input (2-d and
     up for batch_norm) go to the stacked rules; everything else to vmap's own. With
     ``conv="im2col"`` a dense 2-d convolution runs as im2col + a batched matrix product (one
-    it cannot run, e.g. a grouped or dilated one, as the grouped convolution)."""
+    it cannot run, e.g. a grouped or dilated one, as the grouped convolution); with
+    ``conv="channels_last"`` every 2-d convolution runs grouped on channels-last tensors."""
 
     def __init__(self, conv: str = "grouped"):
         super().__init__()
@@ -382,9 +413,44 @@ class _StackedLayers(TorchFunctionMode):
                         and torch._C._functorch.is_batchedtensor(bound[0])):
                     if kind == "conv2d" and self.conv == "im2col" and _accept_conv2d_im2col(bound):
                         return _StackedRule.apply("conv2d_im2col", *bound)
+                    if kind == "conv2d" and self.conv == "channels_last" and _accept_conv2d(bound):
+                        return _StackedRule.apply("conv2d_channels_last", *bound)
                     if _RULES[kind][1](bound):
                         return _StackedRule.apply(kind, *bound)
         return func(*args, **kwargs)
+
+
+class _AutocastConvolutions(TorchFunctionMode):
+    """Autocast's cast for convolutions under vmap. torch.func's convolution batching rule runs before
+    autocast sees the call, so a vmapped convolution would stay float32 under bf16 / fp16 autocast
+    (torch 2.14, CPU; linear and matmul are cast): its floating inputs are cast here to the autocast
+    dtype of their device, as autocast casts a convolution's, when autocast is on at the call."""
+
+    CONVOLUTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                    torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
+                    torch.conv_transpose3d}
+
+    @classmethod
+    def under(cls, device_type: str):
+        """The mode when autocast is on for this device type now; a no-op context otherwise."""
+        return cls() if _autocast_dtype(device_type) is not None else contextlib.nullcontext()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.CONVOLUTIONS and args and isinstance(args[0], Tensor):
+            dtype = _autocast_dtype(args[0].device.type)
+            if dtype is not None:
+                def cast(value):
+                    return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
+
+                args, kwargs = [cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def check_num_tasks(num_tasks) -> None:

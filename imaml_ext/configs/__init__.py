@@ -216,8 +216,9 @@ class EngineConfig:
     # gradient_accumulation=G over one lower problem) as one batch; see engine.task_batching
     task_batching: str = "auto"  # "auto": when the pattern holds; "on": raise the cause when not; "off"
     # "vmap", "loop" over tasks, "stacked" (vmap, tasks' channels side by side), "im2col" (stacked, the
-    # convolutions as im2col + batched matrix products), "auto": the fastest of loop, vmap and stacked on
-    # a CPU, of vmap, stacked and im2col on CUDA, timed at the first inner step; vmap elsewhere
+    # convolutions as im2col + batched matrix products), "channels_last" (stacked, channels-last layout),
+    # "auto": the fastest of loop, vmap and stacked on a CPU, of vmap, stacked, im2col and channels_last
+    # on CUDA, timed at the first inner step; vmap elsewhere
     task_batching_forward: str = "auto"
     task_batching_max_tasks: Optional[int] = None  # tasks run at once (None: as many as memory allows)
 
@@ -225,7 +226,7 @@ class EngineConfig:
         owner = "EngineConfig"
         _check_choice(owner, "task_batching", self.task_batching, ("auto", "on", "off"))
         _check_choice(owner, "task_batching_forward", self.task_batching_forward,
-                      ("auto", "vmap", "loop", "stacked", "im2col"))
+                      ("auto", "vmap", "loop", "stacked", "im2col", "channels_last"))
         if self.task_batching_max_tasks is not None:
             _check_int(owner, "task_batching_max_tasks", self.task_batching_max_tasks, 1)
         _check_int(owner, "train_iters", self.train_iters, 1)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..batched.memory import GraphSizeMeter, available_bytes
-from ..batched.module import _StackedLayers
+from ..batched.module import _AutocastConvolutions, _StackedLayers
 from ..batched.timing import device_clock
 from ..logging import get_logger
 from .plan import NotBatchable, TaskBatchingInfo
@@ -95,7 +95,7 @@ class TaskBatcher:
     # the share of the free memory a chunk of tasks may plan to take
     memory_fraction = 0.8
     # what "auto" times, per device type (on CUDA the loop is 13x slower than vmap: H200, 2026-11-28)
-    AUTO = {"cpu": ("loop", "vmap", "stacked"), "cuda": ("vmap", "stacked", "im2col")}
+    AUTO = {"cpu": ("loop", "vmap", "stacked"), "cuda": ("vmap", "stacked", "im2col", "channels_last")}
 
     def __init__(self, engine, upper, lower, info: TaskBatchingInfo, forward: str, max_tasks: Optional[int]):
         from ..problems.iterative_problem import IterativeProblem, _FastWeightsModule
@@ -359,9 +359,13 @@ class TaskBatcher:
             call = _Call(self.target, lambda b: problem._parse_loss(problem.training_step_exec(b)))
             stacked = _stack(batches)
             # "stacked": convolutions, BatchNorm and max-pooling on the tasks' stacked channels (BatchedModule's
-            # rules); "im2col": the same with the dense convolutions as im2col + batched matrix products
-            layers = _StackedLayers("im2col" if forward == "im2col" else "grouped")
-            with layers if forward in ("stacked", "im2col") else contextlib.nullcontext():
+            # rules); "im2col": the same with the dense convolutions as im2col + batched matrix products;
+            # "channels_last": the same in channels-last layout
+            stacked_forwards = ("stacked", "im2col", "channels_last")
+            layers = _StackedLayers("grouped" if forward == "stacked" else forward)
+            # training_step's autocast (Config(precision=)) does not reach vmapped convolutions by itself
+            autocast = _AutocastConvolutions() if problem.config.precision in ("bf16", "fp16") else contextlib.nullcontext()
+            with autocast, layers if forward in stacked_forwards else contextlib.nullcontext():
                 losses, metrics = vmap(
                     lambda weights, batch: functional_call(call, weights, (batch,)),
                     in_dims=(0, _stack_dims(stacked)),

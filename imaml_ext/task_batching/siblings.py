@@ -44,7 +44,7 @@ class SiblingBatcher(TaskBatcher):
         self.sibling_params = [[p for p in m.parameters() if p.requires_grad] for m in self.targets]
         self._all = nn.ModuleList(self.targets)  # the upper's training_step sees every sibling's module
         self.window: List[tuple] = []  # (sibling, global step, count, batch) in the sequential order
-        if forward in ("vmap", "stacked", "im2col"):
+        if forward in ("vmap", "stacked", "im2col", "channels_last"):
             info.forward = "loop (each sibling's training_step reads its own index, so it runs as its own call)"
         info.upper_forward = "one call (the upper's training_step reads every sibling)"
 

@@ -139,11 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(algo, "optimizer", default="adam", choices=("adam", "adamw"), help="the meta-optimizer")
     _add(algo, "scheduler", default="none", choices=("none", "cosine"), help="meta learning-rate schedule")
     _add(algo, "steps", type=int, default=10000, help="meta-steps")
-    _add(algo, "forward", default="auto", choices=("auto", "vmap", "loop", "stacked", "im2col"),
+    _add(algo, "forward", default="auto", choices=("auto", "vmap", "loop", "stacked", "im2col", "channels_last"),
          help="task-batched forward: vmap (grouped convolutions), loop (per-task dense layers), stacked (vmap with "
               "convolutions, BatchNorm and max-pooling on the tasks' stacked channels), im2col (stacked, with the "
-              "convolutions as im2col and one batched matrix product over tasks) or auto (the fastest of loop and "
-              "stacked on a CPU, of vmap, stacked and im2col on a GPU, timed once per input shape)")
+              "convolutions as im2col and one batched matrix product over tasks), channels_last (stacked, in "
+              "channels-last memory layout) or auto (the fastest of loop and stacked on a CPU, of vmap, stacked, "
+              "im2col and channels_last on a GPU, timed once per input shape)")
     _add(algo, "hvp", default="auto", choices=("auto", "reverse", "forward"),
          help="the CG solve's Hessian-vector products: reverse (double backward through one kept support-gradient "
               "graph), forward (jvp of grad: no graph kept) or auto (the faster, timed at the first meta-step)")
