@@ -73,7 +73,8 @@ def test_forward_over_reverse_of_dense_convolutions_under_bf16_is_refused_and_au
     batch = tuple(t.float() if t.is_floating_point() else t for t in tasks(2))
     with pytest.raises(RuntimeError, match=r"hvp='forward' under autocast \(precision='bf16'\) .* use hvp='reverse'"):
         meta_step(model, batch, precision="bf16", forward=forward, hvp="forward")
-    imaml, auto = meta_step(model, batch, precision="bf16", forward=forward, hvp="auto")
+    with pytest.warns(RuntimeWarning, match=r"hvp='auto' left out forward: .*precision='bf16'.*; it keeps 'reverse'"):
+        imaml, auto = meta_step(model, batch, precision="bf16", forward=forward, hvp="auto")
     (choice,) = imaml.hvp_choices.values()
     assert choice["hvp"] == "reverse" and "precision='bf16'" in choice["refused"]["forward"]
     _, reverse = meta_step(model, batch, precision="bf16", forward=forward, hvp="reverse")
@@ -127,7 +128,8 @@ def test_auto_timing_leaves_buffers_and_the_random_stream_as_they_were():
 def test_auto_under_saved_tensor_hooks_keeps_reverse_and_says_why():
     model, batch = conv4(), tasks(2)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        imaml, auto = meta_step(model, batch, hvp="auto")
+        with pytest.warns(RuntimeWarning, match=r"hvp='auto' left out forward: .*saved-tensor hooks.*; it keeps 'reverse'"):
+            imaml, auto = meta_step(model, batch, hvp="auto")
         with pytest.raises(RuntimeError, match="hvp='forward' .* saved-tensor hooks"):
             meta_step(model, batch, hvp="forward")
     (choice,) = imaml.hvp_choices.values()

@@ -116,6 +116,25 @@ def test_auto_forward_on_a_cpu_is_timed_once():
     assert relative_difference(theta(sequential), theta(batched)) < TOL
 
 
+def test_auto_forward_leaves_out_a_forward_that_fails_and_says_why(monkeypatch):
+    """A forward that raises while "auto" times it (on a GPU: out of memory) is left out with a warning
+    naming it and its cause; the others are timed and the result is the sequential engine's."""
+    from imaml_ext.batched import module as batched_module
+
+    def out_of_memory(*args):
+        raise RuntimeError("out of memory (stand-in)")
+
+    sequential, _ = both(meta_steps=2, meta_batch=4, inner_steps=2)
+    rule = batched_module._RULES["conv2d"]
+    monkeypatch.setitem(batched_module._RULES, "conv2d", (out_of_memory, *rule[1:]))
+    with pytest.warns(RuntimeWarning, match=r'"auto" left out .*stacked: RuntimeError: out of memory \(stand-in\)'):
+        batched = build("on", meta_batch=4, inner_steps=2)
+        run_meta_steps(batched, 2)
+    info = batched.task_batching
+    assert info.forward.split()[0] in ("loop", "vmap") and "left out: stacked: RuntimeError" in info.forward
+    assert relative_difference(theta(sequential), theta(batched)) < TOL
+
+
 @pytest.mark.parametrize("forward", ["vmap", "stacked"])
 def test_upper_step_without_item_runs_under_vmap(forward):
     sequential, _ = both(meta_steps=2, meta_batch=4, inner_steps=2, accuracy_item=False)

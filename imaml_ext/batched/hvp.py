@@ -15,6 +15,7 @@ meta-step 3-22 % slower, benchmarks/results/meta_step-issue17-cpu-2cores-2026-11
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -125,6 +126,8 @@ def choose(losses: Losses, phi: Sequence[Tensor], products: int) -> Dict[str, ob
     choice = {"hvp": min(solve, key=solve.get), "ms": {m: round(s * 1e3, 3) for m, s in solve.items()}}
     if refused:
         choice["refused"] = refused
+        causes = "; ".join(f"{mode}: {cause}" for mode, cause in refused.items())
+        warnings.warn(f"hvp='auto' left out {causes}; it keeps {choice['hvp']!r}", RuntimeWarning, stacklevel=3)
     return choice
 
 

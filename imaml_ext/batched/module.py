@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -238,6 +239,9 @@ class TaskBatchedModule:
             raise RuntimeError(f'forward="auto": every forward it times failed here ({refused})')
         choice = {"forward": min(seconds, key=seconds.get), "ms": {m: round(s * 1e3, 3) for m, s in seconds.items()}}
         if refused:
+            causes = "; ".join(f"{mode}: {cause}" for mode, cause in refused.items())
+            warnings.warn(f'forward="auto" left out forwards that failed here ({causes}); it keeps '
+                          f'"{choice["forward"]}" for input shape {tuple(x.shape)}', RuntimeWarning, stacklevel=4)
             choice["refused"] = refused
         return choice
 

@@ -468,18 +468,33 @@ class TaskBatcher:
 
     def _measured_gradients(self, batches: Sequence[Any]):
         """The first inner step of "auto" on a CPU or CUDA: each forward twice (the first warms it up),
-        and the fastest kept for this program, as cudnn.benchmark keeps a convolution algorithm."""
+        and the fastest kept for this program, as cudnn.benchmark keeps a convolution algorithm. A
+        forward that raises (e.g. out of memory) is left out, with a warning naming its cause; the
+        lower's training_step already ran under vmap (_first_window_checks)."""
         modes = self.AUTO[self.device.type]
         now = device_clock(self.device)
-        seconds, result = {}, {}
+        seconds, result, refused = {}, {}, {}
         for forward in modes * 2:
+            if forward in refused:
+                continue
             start = now()
-            result[forward] = self._gradients(batches, forward)
+            try:
+                result[forward] = self._gradients(batches, forward)
+            except RuntimeError as error:
+                refused[forward] = error
+                continue
             seconds[forward] = now() - start
+        if not seconds:
+            raise next(iter(refused.values()))
         self.measure = False
         self.forward = min(seconds, key=seconds.get)
         self.upper_forward = self.forward
-        timed = ", ".join(f"{forward} {seconds[forward] * 1e3:.1f} ms" for forward in modes)
+        timed = ", ".join(f"{forward} {seconds[forward] * 1e3:.1f} ms" for forward in modes if forward in seconds)
+        if refused:
+            causes = "; ".join(f"{forward}: {_first_line(error)}" for forward, error in refused.items())
+            timed += f"; left out: {causes}"
+            warnings.warn(f"task batching: \"auto\" left out forwards that failed on the first inner step ({causes})",
+                          RuntimeWarning, stacklevel=2)
         self.info.forward = f"{self.forward} (auto, timed on the first meta-step's inner step: {timed})"
         self.info.upper_forward = self.upper_forward
         self._logger.info(f"task batching: the lower's training_step runs as {self.info.forward}")
