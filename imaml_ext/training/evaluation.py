@@ -125,9 +125,18 @@ def final_evaluation(args, model: torch.nn.Module, test_sampler: TaskSampler, fo
         if args.baseline:
             baseline = evaluator(build_model(args))
             results["baseline"] = summarise(evaluate(baseline, test_sampler, indices, args.eval_batch)["accuracy"])
+    if choices:  # what "auto" ran, so that a figure says which kernels made it
+        results["timed_choices"] = readable_choices(choices)
     if write:
         folder.write_json(folder.results, results)
     return results
+
+
+def readable_choices(choices: dict) -> Dict[str, Dict[str, str]]:
+    """IMAML.timed_choices() as JSON: per kind ("forward", "hvp"), each key's fields joined into one
+    string (shape, dtype, grad mode, ...) and the mode chosen for it."""
+    return {kind: {", ".join(map(str, key)): choice[kind] for key, choice in timed.items()}
+            for kind, timed in choices.items()}
 
 
 def _machine(device: str) -> str:
