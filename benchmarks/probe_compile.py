@@ -30,7 +30,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +166,7 @@ def probe(args, save: Callable[[dict], None]) -> dict:
 
 def render(result: dict) -> str:
     meta = result["meta"]
-    lines = [f"# torch.compile of the CG solve's Hessian-vector products",
+    lines = ["# torch.compile of the CG solve's Hessian-vector products",
              "",
              f"{meta['device_name']}, torch {meta['torch']}, {meta['torch_threads']} threads, {meta['date']}; "
              f"Conv4-64, 5-way 1-shot support sets, T = {meta['tasks']} tasks, float32, vmapped over tasks "

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 from imaml_ext import IMAML
 from imaml_ext.batched import hvp as support_hvp

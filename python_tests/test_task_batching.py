@@ -1,8 +1,6 @@
 """Task batching inside the Engine: the Betty tutorial's classes, unchanged, run
 their meta-batch as one batch, and give the sequential engine's theta (float64)."""
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F

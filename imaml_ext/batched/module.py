@@ -63,6 +63,10 @@ def check_batchable(model: nn.Module) -> None:
             )
 
 
+# The forwards that run vmap with the stacked rules, and the convolution rule each uses (see _StackedLayers).
+STACKED_FORWARDS = {"stacked": "grouped", "im2col": "im2col", "channels_last": "channels_last"}
+
+
 class TaskBatchedModule:
     """T copies of ``model``'s parameters as ``[T, *shape]`` tensors and a
     forward over ``[T, B, ...]`` inputs. ``model`` itself holds theta (the
@@ -93,7 +97,7 @@ class TaskBatchedModule:
       call of a shape pays the timing: two to three forwards and backwards of each.
     """
 
-    FORWARDS = ("auto", "vmap", "loop", "stacked", "im2col", "channels_last")
+    FORWARDS = ("auto", "vmap", "loop", *STACKED_FORWARDS)
     # What "auto" times, per device type. CPU: "stacked" ran faster than "vmap" at every shape measured
     # there, and faster than "im2col" (benchmarks/results/meta_step-im2col-cpu-2cores-2026-11-30.md) and
     # "channels_last" (meta_step-channels-last-cpu-2cores-2026-11-30.md). CUDA: the loop is 13x slower than
@@ -165,8 +169,8 @@ class TaskBatchedModule:
                     for t, xt in enumerate(x.unbind(0))]
             return torch.stack(outs)
         autocast = _AutocastConvolutions.under(x.device.type)
-        if mode in ("stacked", "im2col", "channels_last"):
-            conv = "grouped" if mode == "stacked" else mode
+        if mode in STACKED_FORWARDS:
+            conv = STACKED_FORWARDS[mode]
 
             def stacked_task(params, bufs, inputs):
                 with autocast, _StackedLayers(conv):
@@ -295,7 +299,7 @@ def _conv2d_im2col_rule(T, dims, x, weight, bias, stride, padding, dilation, gro
     """The stacked conv2d as im2col + one batched matrix product over tasks: out[t] = W[t] @ cols[t],
     W[t] as [O, C*kh*kw], cols[t] as [C*kh*kw, B*H'*W']. Every op here is twice differentiable."""
     xs = _stacked(x, dims[0], T)
-    b, _, c, h, w_in = xs.shape
+    b, _, c = xs.shape[:3]
     w = weight if dims[1] is None else weight.movedim(dims[1], 0)
     kh, kw = w.shape[-2:]
     sh, sw = _pair(stride)
@@ -402,9 +406,13 @@ class _StackedLayers(TorchFunctionMode):
     it cannot run, e.g. a grouped or dilated one, as the grouped convolution); with
     ``conv="channels_last"`` every 2-d convolution runs grouped on channels-last tensors."""
 
+    # conv -> the conv2d rules to try, in order: the first whose acceptance test passes runs
+    CONV2D_RULES = {"grouped": ("conv2d",), "im2col": ("conv2d_im2col", "conv2d"),
+                    "channels_last": ("conv2d_channels_last",)}
+
     def __init__(self, conv: str = "grouped"):
         super().__init__()
-        self.conv = conv
+        self.conv2d_rules = self.CONV2D_RULES[conv]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -415,12 +423,9 @@ class _StackedLayers(TorchFunctionMode):
                 bound = list(args) + [kwargs.get(n, d) for n, d in zip(names[len(args):], defaults[len(args):])]
                 if (all(v is not _REQUIRED for v in bound) and isinstance(bound[0], Tensor)
                         and torch._C._functorch.is_batchedtensor(bound[0])):
-                    if kind == "conv2d" and self.conv == "im2col" and _accept_conv2d_im2col(bound):
-                        return _StackedRule.apply("conv2d_im2col", *bound)
-                    if kind == "conv2d" and self.conv == "channels_last" and _accept_conv2d(bound):
-                        return _StackedRule.apply("conv2d_channels_last", *bound)
-                    if _RULES[kind][1](bound):
-                        return _StackedRule.apply(kind, *bound)
+                    for rule in self.conv2d_rules if kind == "conv2d" else (kind,):
+                        if _RULES[rule][1](bound):
+                            return _StackedRule.apply(rule, *bound)
         return func(*args, **kwargs)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 from .._device import check_device
+from ..batched.module import TaskBatchedModule
 
 HYPERGRADIENT_TYPES = ("cg", "darts", "neumann")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -225,8 +226,7 @@ class EngineConfig:
     def __post_init__(self):
         owner = "EngineConfig"
         _check_choice(owner, "task_batching", self.task_batching, ("auto", "on", "off"))
-        _check_choice(owner, "task_batching_forward", self.task_batching_forward,
-                      ("auto", "vmap", "loop", "stacked", "im2col", "channels_last"))
+        _check_choice(owner, "task_batching_forward", self.task_batching_forward, TaskBatchedModule.FORWARDS)
         if self.task_batching_max_tasks is not None:
             _check_int(owner, "task_batching_max_tasks", self.task_batching_max_tasks, 1)
         _check_int(owner, "train_iters", self.train_iters, 1)

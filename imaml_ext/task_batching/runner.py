@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..batched.memory import GraphSizeMeter, available_bytes
-from ..batched.module import _AutocastConvolutions, _StackedLayers
+from ..batched.module import STACKED_FORWARDS, _AutocastConvolutions, _StackedLayers
 from ..batched.timing import device_clock
 from ..logging import get_logger
 from .plan import NotBatchable, TaskBatchingInfo
@@ -361,11 +361,10 @@ class TaskBatcher:
             # "stacked": convolutions, BatchNorm and max-pooling on the tasks' stacked channels (BatchedModule's
             # rules); "im2col": the same with the dense convolutions as im2col + batched matrix products;
             # "channels_last": the same in channels-last layout
-            stacked_forwards = ("stacked", "im2col", "channels_last")
-            layers = _StackedLayers("grouped" if forward == "stacked" else forward)
+            layers = _StackedLayers(STACKED_FORWARDS[forward]) if forward in STACKED_FORWARDS else contextlib.nullcontext()
             # training_step's autocast (Config(precision=)) does not reach vmapped convolutions by itself
             autocast = _AutocastConvolutions() if problem.config.precision in ("bf16", "fp16") else contextlib.nullcontext()
-            with autocast, layers if forward in stacked_forwards else contextlib.nullcontext():
+            with autocast, layers:
                 losses, metrics = vmap(
                     lambda weights, batch: functional_call(call, weights, (batch,)),
                     in_dims=(0, _stack_dims(stacked)),

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from .._device import check_device
+from ..batched.module import TaskBatchedModule
 from ..data import NUM_DRAWERS, PROTOCOLS, split_classes
 from .errors import RunError
 from .presets import PRESETS
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(algo, "optimizer", default="adam", choices=("adam", "adamw"), help="the meta-optimizer")
     _add(algo, "scheduler", default="none", choices=("none", "cosine"), help="meta learning-rate schedule")
     _add(algo, "steps", type=int, default=10000, help="meta-steps")
-    _add(algo, "forward", default="auto", choices=("auto", "vmap", "loop", "stacked", "im2col", "channels_last"),
+    _add(algo, "forward", default="auto", choices=TaskBatchedModule.FORWARDS,
          help="task-batched forward: vmap (grouped convolutions), loop (per-task dense layers), stacked (vmap with "
               "convolutions, BatchNorm and max-pooling on the tasks' stacked channels), im2col (stacked, with the "
               "convolutions as im2col and one batched matrix product over tasks), channels_last (stacked, in "
