@@ -115,9 +115,12 @@ def _extensions():
         "csrc/imaml_ext.cpp",
         "csrc/tensor_lists.cpp",
         "csrc/cpu/ops_cpu.cpp",
+        "csrc/cpu/batch_norm_relu_max_pool_cpu.cpp",
     ]
     # -fopenmp: at::parallel_for in the CPU kernels is OpenMP; without it they run on one thread.
-    cxx_flags = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
+    # -fno-trapping-math: lets the compiler turn the fused BatchNorm kernels' selects into vector blends (no
+    # op here reads the floating-point exception flags).
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fdiagnostics-color=always"]
     link_flags = ["-fopenmp"]
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -134,7 +137,8 @@ def _extensions():
         ]
     # Ampere and Hopper machine code, and PTX so that newer GPUs can JIT it.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    sources += ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/kernels.cu"]
+    sources += ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/kernels.cu", "csrc/cuda/batch_norm_relu_max_pool_cuda.cpp",
+                "csrc/cuda/batch_norm_relu_max_pool.cu"]
     wheel_flags = _wheel_cuda_include_flags()
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     nvcc_flags += [f"-Xcompiler={a}" for a in wheel_flags]

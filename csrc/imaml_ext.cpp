@@ -1,9 +1,13 @@
 // Every schema of the imaml_ext operator library, and the Python module that
 // loading the shared object registers them through.
 #include <Python.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <utility>
+#include <vector>
 
 #include "op_args.h"
 #include "ops_math.h"
@@ -106,6 +110,87 @@ int64_t validate_cg_update(
   return num_tasks;
 }
 
+c10::ScalarType accumulation_dtype(c10::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+namespace {
+
+void check_channel_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  const int64_t channels = input.size(1);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == channels, op, ": ", name,
+                    " must be a [C] tensor with C = ", channels, " (input's channels); got ", describe(t));
+  TORCH_CHECK_VALUE(t.device() == input.device(), op, ": ", name, " must be on input's device (",
+                    input.device(), "); got ", describe(t));
+}
+
+}  // namespace
+
+void validate_batch_norm_relu_max_pool2d(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  constexpr const char* op = "imaml_ext.batch_norm_relu_max_pool2d";
+  const c10::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                   op, ": input must be float32, float64, float16 or bfloat16; got ", describe(input));
+  TORCH_CHECK_VALUE(input.dim() == 4 && input.size(0) >= 1 && input.size(1) >= 1 && input.size(2) >= 2 &&
+                        input.size(3) >= 2,
+                    op, ": input must be [N, C, H, W] with N, C >= 1 and H, W >= 2 (one 2x2 window); got ",
+                    describe(input));
+  TORCH_CHECK_VALUE(input.is_contiguous(), op, ": input must be contiguous; got strides ", input.strides());
+  const bool reduced = dtype == at::kHalf || dtype == at::kBFloat16;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"weight", weight}, {"bias", bias}}) {
+    check_channel_vector(op, name, t, input);
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype || (reduced && t.scalar_type() == at::kFloat), op, ": ", name,
+                     " must have input's dtype (", dtype, reduced ? ") or float32" : ")", "; got ", describe(t));
+  }
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, op, ": eps must be a finite number > 0; got ", eps);
+}
+
+void validate_batch_norm_relu_max_pool2d_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& argmax) {
+  constexpr const char* op = "imaml_ext.batch_norm_relu_max_pool2d_backward";
+  validate_batch_norm_relu_max_pool2d(input, weight, bias, 1.0);
+  const std::vector<int64_t> pooled{input.size(0), input.size(1), input.size(2) / 2, input.size(3) / 2};
+  TORCH_CHECK_VALUE(grad_out.sizes() == c10::IntArrayRef(pooled) && grad_out.scalar_type() == input.scalar_type() &&
+                        grad_out.device() == input.device() && grad_out.is_contiguous(),
+                    op, ": grad_out must be a contiguous [N, C, H / 2, W / 2] = ", c10::IntArrayRef(pooled),
+                    " tensor of input's dtype and device; got ", describe(grad_out));
+  TORCH_CHECK_VALUE(argmax.sizes() == c10::IntArrayRef(pooled) && argmax.scalar_type() == at::kByte &&
+                        argmax.device() == input.device() && argmax.is_contiguous(),
+                    op, ": argmax must be the forward's contiguous uint8 ", c10::IntArrayRef(pooled),
+                    " tensor; got ", describe(argmax));
+  const c10::ScalarType acc = accumulation_dtype(input.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean}, {"invstd", invstd}}) {
+    check_channel_vector(op, name, t, input);
+    TORCH_CHECK_TYPE(t.scalar_type() == acc && t.is_contiguous(), op, ": ", name,
+                     " must be the forward's contiguous ", acc, " tensor; got ", describe(t));
+  }
+}
+
+BatchNormPoolForward prepare_batch_norm_relu_max_pool2d(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  validate_batch_norm_relu_max_pool2d(input, weight, bias, eps);
+  const c10::ScalarType acc = accumulation_dtype(input.scalar_type());
+  const int64_t c = input.size(1);
+  const std::vector<int64_t> pooled{input.size(0), c, input.size(2) / 2, input.size(3) / 2};
+  return {at::empty(pooled, input.options()), at::empty({c}, input.options().dtype(acc)),
+          at::empty({c}, input.options().dtype(acc)), at::empty(pooled, input.options().dtype(at::kByte)),
+          weight.to(acc).contiguous(), bias.to(acc).contiguous()};
+}
+
+BatchNormPoolBackward prepare_batch_norm_relu_max_pool2d_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& argmax) {
+  validate_batch_norm_relu_max_pool2d_backward(grad_out, input, weight, bias, mean, invstd, argmax);
+  const c10::ScalarType acc = accumulation_dtype(input.scalar_type());
+  const int64_t c = input.size(1);
+  return {at::empty_like(input), at::empty({c}, input.options().dtype(acc)), at::empty({c}, input.options().dtype(acc)),
+          weight.to(acc).contiguous(), bias.to(acc).contiguous()};
+}
+
 }  // namespace imaml_ext
 
 TORCH_LIBRARY(imaml_ext, m) {
@@ -128,4 +213,16 @@ TORCH_LIBRARY(imaml_ext, m) {
       "cg_update_(Tensor(a!)[] x, Tensor(b!)[] r, Tensor(c!)[] p, Tensor(d!)[] s, Tensor[] hr, "
       "Tensor(e!) scalars, Tensor(f!) status, Tensor(g!) iterations, Tensor(h!) counter, "
       "float lam, Tensor? lam_per_task, float tol) -> ()");
+  // Training-mode BatchNorm (each channel normalised by its batch statistics,
+  // nothing running updated), ReLU and a 2x2 max-pool of stride 2 in one pass,
+  // on [N, C, H, W]: out [N, C, H / 2, W / 2], the channels' mean and 1 / std
+  // ([C], float64 for a float64 input, else float32) and each window's argmax
+  // (uint8, 0..3 in row-major order). The backward gives the gradients of
+  // input, weight and bias for grad_out.
+  m.def(
+      "batch_norm_relu_max_pool2d(Tensor input, Tensor weight, Tensor bias, float eps) "
+      "-> (Tensor out, Tensor mean, Tensor invstd, Tensor argmax)");
+  m.def(
+      "batch_norm_relu_max_pool2d_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor bias, "
+      "Tensor mean, Tensor invstd, Tensor argmax) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }

@@ -29,4 +29,37 @@ int64_t validate_cg_update(
     const at::Tensor& counter, double lam, const c10::optional<at::Tensor>& lam_per_task,
     double tol);
 
+// BatchNorm -> ReLU -> 2x2 max-pool: input [N, C, H, W] (H, W >= 2) contiguous,
+// float / double / half / bfloat16; weight and bias [C] of input's dtype, or
+// float32 for a half or bfloat16 input; eps finite and > 0 (as F.batch_norm's
+// in training).
+void validate_batch_norm_relu_max_pool2d(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps);
+
+// The forward's checks, and grad_out / argmax [N, C, H / 2, W / 2] (input's dtype,
+// uint8), mean / invstd [C] of the accumulation dtype (double for double, else float).
+void validate_batch_norm_relu_max_pool2d_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& argmax);
+
+// double for a double input, float otherwise.
+c10::ScalarType accumulation_dtype(c10::ScalarType input);
+
+// The forward's and the backward's checks, and the tensors both backends fill: the
+// outputs, and weight and bias in the accumulation dtype.
+struct BatchNormPoolForward {
+  at::Tensor out, mean, invstd, argmax, weight, bias;
+};
+BatchNormPoolForward prepare_batch_norm_relu_max_pool2d(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps);
+
+struct BatchNormPoolBackward {
+  at::Tensor grad_input, grad_weight, grad_bias, weight, bias;
+};
+BatchNormPoolBackward prepare_batch_norm_relu_max_pool2d_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& argmax);
+
 }  // namespace imaml_ext

@@ -215,4 +215,91 @@ C10_HOST_DEVICE inline void cg_finalize_update(
   }
 }
 
+// ---------------------------------------------------------------------------
+// BatchNorm (batch statistics) -> ReLU -> 2x2 max-pool (stride 2), fused, per
+// channel of an [N, C, H, W] input: y = x * scale + shift with scale = w * invstd,
+// shift = b - mean * scale; r = relu(y); out = the window's max of r. A window's
+// argmax is its position 0..3 in row-major order (dh * 2 + dw); the first
+// maximum wins, as in ATen's max_pool2d on ReLU's output.
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t bn_relu_input(acc_t x, acc_t scale, acc_t shift) {
+  return x * scale + shift;  // the pre-activation y, computed the same way forward and backward
+}
+
+// "not <=" is "> or NaN": ReLU keeps a NaN, and a NaN met in a window becomes
+// its maximum (the last NaN wins, as in ATen's max_pool2d). A NaN y arises only
+// from the channel's statistics or scale (y = x * scale + shift, x, scale and
+// shift finite cannot give one), so a channel's y are all NaN or none, and ATen's
+// "keep a NaN once taken" never has a number after a NaN to keep it from.
+// Without branches, so that the CPU loops vectorise (with -fno-trapping-math).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t relu_value(acc_t y) {
+  return !(y <= acc_t(0)) ? y : acc_t(0);
+}
+
+template <typename acc_t>
+struct WindowMax {
+  acc_t value;
+  int32_t argmax;  // 0..3, row-major
+};
+
+// ReLU then the window's max over four pre-activations in row-major order, and
+// the winner's position.
+template <typename acc_t>
+C10_HOST_DEVICE inline WindowMax<acc_t> relu_max4(acc_t y0, acc_t y1, acc_t y2, acc_t y3) {
+  acc_t best = relu_value(y0);
+  int32_t k = 0;
+  const acc_t r1 = relu_value(y1);
+  const bool take1 = !(r1 <= best);
+  best = take1 ? r1 : best;
+  k = take1 ? 1 : k;
+  const acc_t r2 = relu_value(y2);
+  const bool take2 = !(r2 <= best);
+  best = take2 ? r2 : best;
+  k = take2 ? 2 : k;
+  const acc_t r3 = relu_value(y3);
+  const bool take3 = !(r3 <= best);
+  return {take3 ? r3 : best, take3 ? 3 : k};
+}
+
+// The window element at position k (0..3, row-major).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t window_element(int32_t k, acc_t v0, acc_t v1, acc_t v2, acc_t v3) {
+  acc_t v = v0;  // one select per position (a chain of ?: would branch)
+  v = k == 1 ? v1 : v;
+  v = k == 2 ? v2 : v;
+  return k == 3 ? v3 : v;
+}
+
+// The input gradient of training-mode BatchNorm,
+//   w * invstd * (gy - mean(gy) - xhat * mean(gy * xhat)),  xhat = (x - mean) * invstd,
+// is affine in x, w * invstd * gy + slope * x + offset, with one slope and offset per
+// channel: where gy = 0 (all but one element of each pooling window) it is one
+// multiply-add, a pass the compiler vectorises.
+template <typename acc_t>
+struct BnInputGrad {
+  acc_t w_invstd, slope, offset;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline BnInputGrad<acc_t> bn_input_grad_coefficients(
+    acc_t w_invstd, acc_t mean, acc_t invstd, acc_t mean_gy, acc_t mean_gy_xhat) {
+  const acc_t slope = -w_invstd * invstd * mean_gy_xhat;
+  return {w_invstd, slope, -w_invstd * mean_gy - slope * mean};
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t bn_input_grad(acc_t gy, acc_t x, const BnInputGrad<acc_t>& k) {
+  return k.w_invstd * gy + (k.slope * x + k.offset);
+}
+
+// The gradient reaching the pre-activation y at a window's argmax: the
+// window's output gradient where y > 0, else 0 (ReLU's derivative at 0 is 0).
+// Every other element of the window gets 0.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t pooled_relu_grad(acc_t grad_out, acc_t y) {
+  return y > acc_t(0) ? grad_out : acc_t(0);
+}
+
 }  // namespace imaml_ext

@@ -9,14 +9,14 @@
 
 namespace imaml_ext {
 
-namespace {
-
 std::string describe(const at::Tensor& t) {
   std::ostringstream out;
   out << "Tensor(shape=" << t.sizes() << ", dtype=" << t.scalar_type()
       << ", device=" << t.device() << ")";
   return out.str();
 }
+
+namespace {
 
 void check_length(const char* op, const char* name, at::TensorList list,
                   const char* like_name, at::TensorList like) {

@@ -24,6 +24,9 @@ struct ListLayout {
 
 ListLayout make_layout(at::TensorList tensors);
 
+// "Tensor(shape=[...], dtype=..., device=...)", for error messages.
+std::string describe(const at::Tensor& t);
+
 // `list` holds [T, *shape] tensors of one floating dtype on one device,
 // contiguous, T >= 1 and the same T for all. Returns T.
 int64_t check_task_list(const char* op, const char* name, at::TensorList list);

@@ -150,3 +150,52 @@ def cg_sample_states(device="cpu", dtype=torch.float64, layouts=None):
                 lam_per_task=(0.5 + torch.rand(num_tasks, dtype=dtype, device=device)) if per_task else None,
                 tol=1e-3,
             )
+
+
+@dataclasses.dataclass
+class BatchNormPoolSample:
+    """Inputs of batch_norm_relu_max_pool2d, and a gradient for its output."""
+
+    name: str
+    input: Tensor
+    weight: Tensor
+    bias: Tensor
+    eps: float
+    grad_out: Tensor
+
+    def op_args(self):
+        return (self.input, self.weight, self.bias, self.eps)
+
+
+# name -> [N, C, H, W]: Conv4's blocks (28x28 Omniglot, 3x3 before the last pool), T = 4 tasks stacked,
+# odd sides (a row and a column no window covers), the smallest input, one channel.
+BATCH_NORM_POOL_SHAPES = {
+    "conv4_first": (5, 8, 28, 28),
+    "conv4_last": (5, 8, 3, 3),
+    "stacked_T4": (3, 4 * 6, 14, 14),
+    "odd_sides": (3, 5, 7, 9),
+    "smallest": (1, 1, 2, 2),
+    "one_channel_many_images": (40, 1, 6, 4),
+}
+
+
+def batch_norm_pool_sample_inputs(device="cpu", dtype=torch.float64):
+    """Random inputs of every shape above, and "ties": small integers, so that windows hold equal
+    maxima (positive and zero) and the first one must win."""
+    for name, shape in BATCH_NORM_POOL_SHAPES.items():
+        for kind in ("random", "ties"):
+            n, c, h, w = shape
+            if kind == "random":
+                x = torch.randn(shape, dtype=torch.float64) * (0.5 + torch.rand(1, c, 1, 1, dtype=torch.float64))
+                x = x + torch.randn(1, c, 1, 1, dtype=torch.float64)
+            else:
+                x = torch.randint(-2, 3, shape).to(torch.float64)
+            weight = torch.randn(c, dtype=torch.float64)  # some negative: the max is not BatchNorm's argmax
+            yield BatchNormPoolSample(
+                name=f"{name}-{kind}",
+                input=x.to(dtype=dtype, device=device),
+                weight=weight.to(dtype=dtype, device=device),
+                bias=torch.randn(c, dtype=torch.float64).to(dtype=dtype, device=device),
+                eps=float(10 ** torch.empty(()).uniform_(-5, -2)),
+                grad_out=torch.randn(n, c, h // 2, w // 2, dtype=torch.float64).to(dtype=dtype, device=device),
+            )

@@ -6,14 +6,13 @@
 
 #include <cstdint>
 
+#include "block_reduce.cuh"
 #include "kernels.cuh"
 
 namespace imaml_ext {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -38,33 +37,6 @@ template <int kLists>
 __device__ __forceinline__ ChunkLocation this_chunk(const LaunchMeta<kLists>& meta) {
   return locate_chunk(static_cast<int64_t>(blockIdx.x), meta.chunk_start, meta.numel_per_task,
                       meta.task_chunk_offset, meta.n_tensors);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    v += __shfl_down_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
-
-// Sum over the block; the result is valid in thread 0.
-template <typename acc_t>
-__device__ __forceinline__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t warp_sums[kWarps];
-  v = warp_sum(v);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    warp_sums[warp] = v;
-  }
-  __syncthreads();
-  v = threadIdx.x < kWarps ? warp_sums[threadIdx.x] : acc_t(0);
-  if (warp == 0) {
-    v = warp_sum(v);
-  }
-  return v;
 }
 
 // Stores this block's partial; the last block of all launches of the op then

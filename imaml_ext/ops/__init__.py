@@ -1,7 +1,8 @@
 """Fused operators of implicit MAML for a whole meta-batch of T tasks.
 
 ``prox_sgd_step_`` is the batched proximal inner step and ``cg_solve`` the
-batched conjugate-gradient solve of ``(I + H_t / lam) x_t = b_t``. Both run the
+batched conjugate-gradient solve of ``(I + H_t / lam) x_t = b_t``;
+``batch_norm_relu_max_pool2d`` fuses Conv4's BatchNorm, ReLU and max-pool. All run the
 compiled kernels of ``torch.ops.imaml_ext`` (CPU, and CUDA when built with it)
 and fall back, with a one-time warning, to ``imaml_ext.ops.reference``.
 """
@@ -15,8 +16,9 @@ from torch import Tensor
 
 from . import _checks, _extension, reference
 from ._extension import has_compiled_kernels
+from .batch_norm_relu_max_pool import batch_norm_relu_max_pool2d
 
-__all__ = ["prox_sgd_step_", "cg_solve", "CGInfo", "has_compiled_kernels", "reference"]
+__all__ = ["prox_sgd_step_", "cg_solve", "CGInfo", "batch_norm_relu_max_pool2d", "has_compiled_kernels", "reference"]
 
 if _extension._C is not None:
     from . import _fake  # noqa: F401  (fake kernels for torch.compile / FakeTensor)

@@ -1,7 +1,8 @@
 """Fake (meta) kernels, so torch.compile and FakeTensor tracing see the ops.
 
-Every imaml_ext op mutates its arguments in place and returns nothing: the
-fake kernel only has to exist.
+The in-place ops (the inner step, CG) return nothing: their fake kernel only has
+to exist. batch_norm_relu_max_pool2d and its backward return new tensors, whose
+shapes and dtypes the fake kernels give.
 """
 
 import torch
@@ -25,3 +26,17 @@ def _cg_alpha_fake(r, hr, scalars, status, counter, lam, lam_per_task):
 @torch.library.register_fake("imaml_ext::cg_update_")
 def _cg_update_fake(x, r, p, s, hr, scalars, status, iterations, counter, lam, lam_per_task, tol):
     return None
+
+
+@torch.library.register_fake("imaml_ext::batch_norm_relu_max_pool2d")
+def _batch_norm_relu_max_pool2d_fake(input, weight, bias, eps):
+    n, c, h, w = input.shape
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    pooled = (n, c, h // 2, w // 2)
+    return (input.new_empty(pooled), input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc),
+            input.new_empty(pooled, dtype=torch.uint8))
+
+
+@torch.library.register_fake("imaml_ext::batch_norm_relu_max_pool2d_backward")
+def _batch_norm_relu_max_pool2d_backward_fake(grad_out, input, weight, bias, mean, invstd, argmax):
+    return torch.empty_like(input), torch.empty_like(weight), torch.empty_like(bias)

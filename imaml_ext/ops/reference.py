@@ -144,3 +144,81 @@ def cg_update_(
         BREAKDOWN,
     )
     status.bitwise_or_(torch.where(active, newly, 0).to(status.dtype))
+
+
+# ----- BatchNorm (batch statistics) -> ReLU -> 2x2 max-pool of stride 2, fused -----
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the fused BatchNorm op accumulates and keeps its statistics in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channels(v: Tensor) -> Tensor:
+    """[C] -> [C, 1, 1], to broadcast against [N, C, H, W]."""
+    return v[:, None, None]
+
+
+def pool_windows(t: Tensor) -> Tensor:
+    """[N, C, H, W] -> [N, C, H // 2, W // 2, 4]: each 2x2 window's elements in row-major order (a
+    last odd row or column, which no window covers, is dropped)."""
+    n, c, h, w = t.shape
+    ho, wo = h // 2, w // 2
+    t = t[:, :, : 2 * ho, : 2 * wo].reshape(n, c, ho, 2, wo, 2)
+    return t.permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, 4)
+
+
+def unpool_windows(windows: Tensor, h: int, w: int) -> Tensor:
+    """pool_windows' inverse: [N, C, Ho, Wo, 4] -> [N, C, h, w], zeros where no window covers."""
+    n, c, ho, wo, _ = windows.shape
+    t = windows.reshape(n, c, ho, wo, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * ho, 2 * wo)
+    return torch.nn.functional.pad(t, (0, w - 2 * wo, 0, h - 2 * ho))
+
+
+def batch_statistics(x: Tensor, eps: float):
+    """Each channel's mean and 1 / sqrt(biased variance + eps) over N, H, W (x in the accumulation dtype)."""
+    mean = x.mean((0, 2, 3))
+    var = (x - _channels(mean)).square().mean((0, 2, 3))
+    return mean, 1.0 / torch.sqrt(var + eps)
+
+
+def batch_norm_relu_max_pool2d(input: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    """out = max over each 2x2 window (stride 2) of relu(y), y = x * scale + shift per channel,
+    scale = weight * invstd, shift = bias - mean * scale, mean and invstd the channel's batch
+    statistics over N, H, W. Returns (out, mean, invstd, argmax): argmax (uint8) is the window
+    position 0..3 (row-major) of the first maximum, or of the last NaN, as ATen's max_pool2d."""
+    acc = accumulation_dtype(input.dtype)
+    x = input.to(acc)
+    mean, invstd = batch_statistics(x, eps)
+    scale = weight.to(acc) * invstd
+    shift = bias.to(acc) - mean * scale
+    windows = pool_windows(torch.relu(x * _channels(scale) + _channels(shift)))
+    best, argmax = windows[..., 0], torch.zeros(windows.shape[:-1], dtype=torch.uint8, device=x.device)
+    for k in range(1, 4):
+        value = windows[..., k]
+        take = (value > best) | torch.isnan(value)
+        best = torch.where(take, value, best)
+        argmax = torch.where(take, torch.full_like(argmax, k), argmax)
+    return best.to(input.dtype), mean, invstd, argmax
+
+
+def batch_norm_relu_max_pool2d_backward(grad_out: Tensor, input: Tensor, weight: Tensor, bias: Tensor,
+                                        mean: Tensor, invstd: Tensor, argmax: Tensor):
+    """The gradients (input, weight, bias) of batch_norm_relu_max_pool2d's out for grad_out: the window's
+    gradient goes to its argmax where y > 0; then training-mode BatchNorm's backward. Written in
+    differentiable ops: with mean and invstd computed from input (batch_statistics) it is
+    differentiable again in every argument, in reverse and forward mode."""
+    acc = mean.dtype
+    x, w = input.to(acc), weight.to(acc)
+    n, c, h, wd = x.shape
+    scale = w * invstd
+    shift = bias.to(acc) - mean * scale
+    y = x * _channels(scale) + _channels(shift)
+    one_hot = torch.nn.functional.one_hot(argmax.long(), 4).to(acc)
+    gy = unpool_windows(grad_out.to(acc).unsqueeze(-1) * one_hot, h, wd) * (y > 0)
+    xhat = (x - _channels(mean)) * _channels(invstd)
+    sum_gy = gy.sum((0, 2, 3))
+    sum_gy_xhat = (gy * xhat).sum((0, 2, 3))
+    count = n * h * wd
+    grad_input = _channels(scale) * (gy - _channels(sum_gy / count) - xhat * _channels(sum_gy_xhat / count))
+    return grad_input.to(input.dtype), sum_gy_xhat.to(weight.dtype), sum_gy.to(bias.dtype)

@@ -1,0 +1,222 @@
+// CPU kernels of batch_norm_relu_max_pool2d and its backward: one channel per
+// at::parallel_for item, the per-element arithmetic of ops_math.h (which the
+// CUDA kernels call too). Forward: two reads of the channel for its statistics,
+// one for the pooled output. Backward: one read of each window for the
+// channel's sums, one writing the input gradient. The inner loops run over a
+// row of windows without branches, so that the compiler vectorises them
+// (omp simd; the sums' order is then the compiler's, fixed for a build).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "../op_args.h"
+#include "../ops_math.h"
+
+// The per-channel loops are compiled twice, for AVX2 + FMA and for the
+// baseline x86-64 this package is built for, and the loader picks the one the
+// CPU runs (an ifunc, as ATen's CPU_CAPABILITY dispatch): the baseline's
+// 16-byte vectors made them slower than ATen's own AVX2 kernels.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define IMAML_EXT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define IMAML_EXT_CPU_CLONES
+#endif
+
+namespace imaml_ext {
+namespace {
+
+// Sizes of an [N, C, H, W] input and its [N, C, H / 2, W / 2] output.
+struct PoolShape {
+  int64_t n, c, h, w, ho, wo;
+  int64_t plane() const { return h * w; }
+  int64_t pooled_plane() const { return ho * wo; }
+  int64_t count() const { return n * h * w; }  // elements per channel
+};
+
+PoolShape shape_of(const at::Tensor& input) {
+  return {input.size(0), input.size(1), input.size(2), input.size(3), input.size(2) / 2, input.size(3) / 2};
+}
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  PoolShape s;
+  const scalar_t* x;
+  const acc_t* weight;
+  const acc_t* bias;
+  acc_t eps;
+  scalar_t* out;
+  acc_t* mean;
+  acc_t* invstd;
+  uint8_t* argmax;
+};
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  PoolShape s;
+  const scalar_t* grad_out;
+  const scalar_t* x;
+  const acc_t* weight;
+  const acc_t* bias;
+  const acc_t* mean;
+  const acc_t* invstd;
+  const uint8_t* argmax;
+  scalar_t* grad_x;
+  acc_t* grad_weight;
+  acc_t* grad_bias;
+};
+
+// sum over the channel's N planes of f(v).
+template <typename acc_t, typename scalar_t, typename F>
+inline acc_t channel_sum(const scalar_t* x, const PoolShape& s, int64_t c, F&& f) {
+  acc_t total = 0;
+  for (int64_t n = 0; n < s.n; ++n) {
+    const scalar_t* p = x + (n * s.c + c) * s.plane();
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < s.plane(); ++i) {
+      sum += f(static_cast<acc_t>(p[i]));
+    }
+    total += sum;
+  }
+  return total;
+}
+
+template <typename scalar_t, typename acc_t>
+IMAML_EXT_CPU_CLONES void forward_channels(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  const PoolShape& s = a.s;
+  for (int64_t c = begin; c < end; ++c) {
+    const acc_t m = channel_sum<acc_t>(a.x, s, c, [](acc_t v) { return v; }) / static_cast<acc_t>(s.count());
+    const acc_t var =
+        channel_sum<acc_t>(a.x, s, c, [m](acc_t v) { return (v - m) * (v - m); }) / static_cast<acc_t>(s.count());
+    const acc_t is = acc_t(1) / std::sqrt(var + a.eps);
+    a.mean[c] = m;
+    a.invstd[c] = is;
+    const acc_t scale = a.weight[c] * is;
+    const acc_t shift = a.bias[c] - m * scale;
+    for (int64_t n = 0; n < s.n; ++n) {
+      const scalar_t* xp = a.x + (n * s.c + c) * s.plane();
+      scalar_t* op = a.out + (n * s.c + c) * s.pooled_plane();
+      uint8_t* ap = a.argmax + (n * s.c + c) * s.pooled_plane();
+      for (int64_t i = 0; i < s.ho; ++i) {
+        const scalar_t* top = xp + 2 * i * s.w;
+        const scalar_t* below = top + s.w;
+#pragma omp simd
+        for (int64_t j = 0; j < s.wo; ++j) {
+          const WindowMax<acc_t> window = relu_max4<acc_t>(
+              bn_relu_input<acc_t>(top[2 * j], scale, shift), bn_relu_input<acc_t>(top[2 * j + 1], scale, shift),
+              bn_relu_input<acc_t>(below[2 * j], scale, shift), bn_relu_input<acc_t>(below[2 * j + 1], scale, shift));
+          op[i * s.wo + j] = static_cast<scalar_t>(window.value);
+          ap[i * s.wo + j] = static_cast<uint8_t>(window.argmax);
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+IMAML_EXT_CPU_CLONES void backward_channels(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  const PoolShape& s = a.s;
+  for (int64_t c = begin; c < end; ++c) {
+    const acc_t m = a.mean[c];
+    const acc_t is = a.invstd[c];
+    const acc_t scale = a.weight[c] * is;
+    const acc_t shift = a.bias[c] - m * scale;
+    // Only a window's argmax with y > 0 receives a gradient: the sums read one element per window.
+    acc_t sum_gy = 0, sum_gy_xhat = 0;
+    for (int64_t n = 0; n < s.n; ++n) {
+      const scalar_t* xp = a.x + (n * s.c + c) * s.plane();
+      const scalar_t* gp = a.grad_out + (n * s.c + c) * s.pooled_plane();
+      const uint8_t* ap = a.argmax + (n * s.c + c) * s.pooled_plane();
+      for (int64_t i = 0; i < s.ho; ++i) {
+        const scalar_t* top = xp + 2 * i * s.w;
+        const scalar_t* below = top + s.w;
+#pragma omp simd reduction(+ : sum_gy, sum_gy_xhat)
+        for (int64_t j = 0; j < s.wo; ++j) {
+          const acc_t v = window_element<acc_t>(ap[i * s.wo + j], top[2 * j], top[2 * j + 1], below[2 * j],
+                                                below[2 * j + 1]);
+          const acc_t gy = pooled_relu_grad<acc_t>(gp[i * s.wo + j], bn_relu_input(v, scale, shift));
+          sum_gy += gy;
+          sum_gy_xhat += gy * ((v - m) * is);
+        }
+      }
+    }
+    a.grad_weight[c] = sum_gy_xhat;
+    a.grad_bias[c] = sum_gy;
+    const BnInputGrad<acc_t> coef = bn_input_grad_coefficients(
+        scale, m, is, sum_gy / static_cast<acc_t>(s.count()), sum_gy_xhat / static_cast<acc_t>(s.count()));
+    for (int64_t n = 0; n < s.n; ++n) {
+      const scalar_t* xp = a.x + (n * s.c + c) * s.plane();
+      scalar_t* gxp = a.grad_x + (n * s.c + c) * s.plane();
+      const scalar_t* gp = a.grad_out + (n * s.c + c) * s.pooled_plane();
+      const uint8_t* ap = a.argmax + (n * s.c + c) * s.pooled_plane();
+      for (int64_t i = 0; i < s.ho; ++i) {
+        const scalar_t* top = xp + 2 * i * s.w;
+        const scalar_t* below = top + s.w;
+        scalar_t* grad_top = gxp + 2 * i * s.w;
+        scalar_t* grad_below = grad_top + s.w;
+#pragma omp simd
+        for (int64_t j = 0; j < s.wo; ++j) {
+          const int32_t k = ap[i * s.wo + j];
+          const acc_t v0 = top[2 * j], v1 = top[2 * j + 1], v2 = below[2 * j], v3 = below[2 * j + 1];
+          const acc_t gy = pooled_relu_grad<acc_t>(gp[i * s.wo + j],
+                                                   bn_relu_input(window_element(k, v0, v1, v2, v3), scale, shift));
+          grad_top[2 * j] = static_cast<scalar_t>(bn_input_grad(k == 0 ? gy : acc_t(0), v0, coef));
+          grad_top[2 * j + 1] = static_cast<scalar_t>(bn_input_grad(k == 1 ? gy : acc_t(0), v1, coef));
+          grad_below[2 * j] = static_cast<scalar_t>(bn_input_grad(k == 2 ? gy : acc_t(0), v2, coef));
+          grad_below[2 * j + 1] = static_cast<scalar_t>(bn_input_grad(k == 3 ? gy : acc_t(0), v3, coef));
+        }
+        if (s.w % 2 == 1) {  // the last column, which no window covers
+          grad_top[s.w - 1] = static_cast<scalar_t>(bn_input_grad(acc_t(0), static_cast<acc_t>(top[s.w - 1]), coef));
+          grad_below[s.w - 1] = static_cast<scalar_t>(bn_input_grad(acc_t(0), static_cast<acc_t>(below[s.w - 1]), coef));
+        }
+      }
+      for (int64_t e = 2 * s.ho * s.w; e < s.plane(); ++e) {  // the last row when H is odd, likewise
+        gxp[e] = static_cast<scalar_t>(bn_input_grad(acc_t(0), static_cast<acc_t>(xp[e]), coef));
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_max_pool2d_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  const BatchNormPoolForward t = prepare_batch_norm_relu_max_pool2d(input, weight, bias, eps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_relu_max_pool2d_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ForwardArgs<scalar_t, acc_t> args{
+        shape_of(input), input.const_data_ptr<scalar_t>(), t.weight.const_data_ptr<acc_t>(),
+        t.bias.const_data_ptr<acc_t>(), static_cast<acc_t>(eps), t.out.data_ptr<scalar_t>(), t.mean.data_ptr<acc_t>(),
+        t.invstd.data_ptr<acc_t>(), t.argmax.data_ptr<uint8_t>()};
+    at::parallel_for(0, args.s.c, 1, [&](int64_t begin, int64_t end) { forward_channels(args, begin, end); });
+  });
+  return {t.out, t.mean, t.invstd, t.argmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_max_pool2d_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& argmax) {
+  const BatchNormPoolBackward t =
+      prepare_batch_norm_relu_max_pool2d_backward(grad_out, input, weight, bias, mean, invstd, argmax);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_relu_max_pool2d_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardArgs<scalar_t, acc_t> args{
+        shape_of(input), grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+        t.weight.const_data_ptr<acc_t>(), t.bias.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
+        invstd.const_data_ptr<acc_t>(), argmax.const_data_ptr<uint8_t>(), t.grad_input.data_ptr<scalar_t>(),
+        t.grad_weight.data_ptr<acc_t>(), t.grad_bias.data_ptr<acc_t>()};
+    at::parallel_for(0, args.s.c, 1, [&](int64_t begin, int64_t end) { backward_channels(args, begin, end); });
+  });
+  return {t.grad_input, t.grad_weight.to(weight.scalar_type()), t.grad_bias.to(bias.scalar_type())};
+}
+
+}  // namespace
+}  // namespace imaml_ext
+
+TORCH_LIBRARY_IMPL(imaml_ext, CPU, m) {
+  m.impl("batch_norm_relu_max_pool2d", &imaml_ext::batch_norm_relu_max_pool2d_cpu);
+  m.impl("batch_norm_relu_max_pool2d_backward", &imaml_ext::batch_norm_relu_max_pool2d_backward_cpu);
+}
