@@ -214,7 +214,7 @@ def test_bad_inputs_are_rejected_with_clear_errors():
         IMAML(model, lam_damping=float("nan"))
     with pytest.raises(ValueError, match=r"IMAML: cg_iterations must be an integer > 0; got 1.5"):
         IMAML(model, 1, 0.1, 1.0, 1.5)
-    with pytest.raises(ValueError, match=r"forward must be one of 'auto', 'vmap', 'loop', 'stacked', 'im2col', 'channels_last'; got 'fast'"):
+    with pytest.raises(ValueError, match=r"forward must be one of 'auto', 'vmap', 'loop', 'stacked', 'im2col', 'channels_last', 'loop\+fused', 'vmap\+fused', 'stacked\+fused', 'im2col\+fused'; got 'fast'"):
         IMAML(model, forward="fast")
     with pytest.raises(ValueError, match=r"the model outputs 3 classes but ways = 5"):
         IMAML(model, 1, 0.1, 1.0, 2, ways=5).meta_step(sx, sy, qx, qy)
@@ -440,7 +440,7 @@ def test_batched_module_loads_a_single_models_state_into_every_task():
     torch.testing.assert_close(batched(x)[2], model(x[2]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"inputs must be \[T, B, \.\.\.\] with T = 4 tasks; got shape \(3, 3, 1, 28, 28\)"):
         batched(x[:3])
-    with pytest.raises(ValueError, match=r"forward must be one of 'auto', 'vmap', 'loop', 'stacked', 'im2col', 'channels_last'; got 'grouped'"):
+    with pytest.raises(ValueError, match=r"forward must be one of 'auto', 'vmap', 'loop', 'stacked', 'im2col', 'channels_last', 'loop\+fused', 'vmap\+fused', 'stacked\+fused', 'im2col\+fused'; got 'grouped'"):
         BatchedModule(conv4(), 2, forward="grouped")
     with pytest.raises(ValueError, match=r"the number of tasks T must be an integer >= 1; got 0"):
         BatchedModule(conv4(), 0)

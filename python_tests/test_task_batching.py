@@ -74,7 +74,8 @@ def test_meta_batch_sizes(case, meta_batch):
     assert_same_state(sequential, batched)
 
 
-@pytest.mark.parametrize("forward", ["vmap", "stacked", "im2col", "channels_last"])
+@pytest.mark.parametrize("forward", ["vmap", "stacked", "im2col", "channels_last", "loop+fused", "vmap+fused",
+                                     "stacked+fused", "im2col+fused"])
 def test_vmap_and_stacked_forwards_and_chunks_equal_the_loop(forward):
     sequential, _ = both(meta_steps=2, meta_batch=8, inner_steps=2)
     vmapped = build("on", meta_batch=8, inner_steps=2, forward=forward, max_tasks=3)
@@ -107,11 +108,42 @@ def test_auto_forward_on_a_cpu_is_timed_once():
     fastest, says which with the times, and gives the sequential engine's theta."""
     sequential, batched = both(meta_steps=2, meta_batch=4, inner_steps=2)
     info = batched.task_batching
-    assert info.forward.split()[0] in ("loop", "vmap", "stacked") and "timed on the first meta-step" in info.forward
-    assert all(f"{forward} " in info.forward.split("step: ")[1] for forward in ("loop", "vmap", "stacked"))
+    timed = ("loop", "vmap", "stacked", "loop+fused", "stacked+fused")  # the tutorial's module has runs to fuse
+    assert info.forward.split()[0] in timed and "timed on the first meta-step" in info.forward
+    assert all(f"{forward} " in info.forward.split("step: ")[1] for forward in timed)
     # the tutorial's upper calls .item(): it runs per task whichever forward was kept
     assert info.upper_forward.startswith("loop")
     assert relative_difference(theta(sequential), theta(batched)) < TOL
+
+
+def test_fused_forward_runs_the_fused_op_and_leaves_the_module_as_it_was(monkeypatch):
+    from imaml_ext.ops import batch_norm_relu_max_pool as fused_op
+
+    calls = []
+    original = fused_op._BatchNormReLUMaxPool2d.forward
+    monkeypatch.setattr(fused_op._BatchNormReLUMaxPool2d, "forward",
+                        staticmethod(lambda *args: calls.append(args[0].shape) or original(*args)))
+    engine = build("on", meta_batch=4, inner_steps=1, forward="stacked+fused")
+    layers = [type(m) for m in engine.lower.module]
+    run_meta_steps(engine, 1)
+    assert calls and all(shape[1] == 4 * 4 for shape in calls[:1])  # the 4 tasks' 4 channels stacked
+    assert [type(m) for m in engine.lower.module] == layers  # BatchNorm2d, ReLU, MaxPool2d back in place
+
+
+def test_a_fused_forward_on_a_module_with_nothing_to_fuse_says_so(monkeypatch):
+    import dropin_programs
+
+    original = dropin_programs.small_convnet
+
+    def hooked(*args, **kwargs):  # a hook on the ReLU would see a fused run skip it: not fused
+        model = original(*args, **kwargs)
+        model[2].register_forward_hook(lambda *_: None)
+        return model
+
+    monkeypatch.setattr(dropin_programs, "small_convnet", hooked)
+    with pytest.warns(RuntimeWarning, match=r"task batching: forward 'stacked\+fused': the lower's module \(Sequential\) "
+                                            r"has no nn.Sequential run .* to fuse; it runs as 'stacked'"):
+        run_meta_steps(build("on", meta_batch=4, inner_steps=1, forward="stacked+fused"), 1)
 
 
 def test_auto_forward_leaves_out_a_forward_that_fails_and_says_why(monkeypatch):

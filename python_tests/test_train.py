@@ -327,7 +327,8 @@ def test_resume_keeps_the_timed_choices(tmp_path, data_root, monkeypatch):
     # results.json says which forward and HVP ran for every shape
     said = json.loads((out / "results.json").read_text())["timed_choices"]
     assert len(said["forward"]) == len(choices["forward"]) and len(said["hvp"]) == len(choices["hvp"])
-    assert set(said["forward"].values()) <= {"loop", "stacked", "stacked/8", "stacked/4"}
+    assert set(said["forward"].values()) <= {f"{mode}{fused}" for mode in ("loop", "stacked", "stacked/8", "stacked/4")
+                                             for fused in ("", "+fused")}
     assert set(said["hvp"].values()) <= {"reverse", "forward"} and any("3, 5, 1, 28, 28" in k for k in said["hvp"])
     assert train_cli.main(["--evaluate", str(out), "--eval_tasks", "12", "--eval_batch", "5", "--device", "cpu",
                            "--data", data_root, "--no-progress"]) == 0

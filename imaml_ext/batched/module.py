@@ -7,9 +7,10 @@ own task's data (BatchNorm statistics included)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
+from ..ops.batch_norm_relu_max_pool import batch_norm_relu_max_pool2d
 from .timing import device_clock, rng_kept
 
 # Leaf layers whose batching under vmap is known to be right (each task's
@@ -65,6 +67,10 @@ def check_batchable(model: nn.Module) -> None:
 
 # The forwards that run vmap with the stacked rules, and the convolution rule each uses (see _StackedLayers).
 STACKED_FORWARDS = {"stacked": "grouped", "im2col": "im2col", "channels_last": "channels_last"}
+# A forward with this suffix runs the model's BatchNorm2d -> ReLU -> MaxPool2d(2) runs as one fused op
+# (fuse_batch_norm_relu_max_pool). channels_last is left out: the fused kernels read NCHW.
+FUSED = "+fused"
+FUSABLE_FORWARDS = ("loop", "vmap", "stacked", "im2col")
 
 
 class TaskBatchedModule:
@@ -86,10 +92,16 @@ class TaskBatchedModule:
       where TF32 is on), the others grouped as in "stacked";
     - "channels_last": "stacked" with the activations and convolution weights channels-last
       (``[B, H, W, T*C]`` in memory: cuDNN's NHWC kernels for the grouped convolutions);
+    - "loop+fused", "vmap+fused", "stacked+fused", "im2col+fused": the same with each
+      ``nn.Sequential`` run BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2) as one op,
+      ``imaml_ext.ops.batch_norm_relu_max_pool2d`` (see fuse_batch_norm_relu_max_pool; a model
+      with no such run is told so once and runs unfused);
     - "auto": for each input shape (and dtype, grad mode, thread count, autocast, CUDA
       device), the fastest of "loop", "stacked" and "stacked" over chunks of 8 or 4 tasks
-      ("stacked/8", "stacked/4") on a CPU, of "vmap", "stacked", "im2col" and "channels_last" on CUDA
-      ("vmap" elsewhere), by a timed forward and backward of each at the first call of that
+      ("stacked/8", "stacked/4") on a CPU, each also "+fused" when the model has a run to fuse, of
+      "vmap", "stacked", "im2col" and "channels_last" on CUDA (the fused kernels have not run on a
+      GPU yet: pass "stacked+fused" there to try them) and "vmap" elsewhere, by a timed forward and
+      backward of each at the first call of that
       shape (never inside a CUDA-graph capture), kept in
       ``forward_choices``, as ``torch.backends.cudnn.benchmark`` keeps a
       convolution algorithm. Pass the same ``choices`` dict to later instances of
@@ -97,12 +109,15 @@ class TaskBatchedModule:
       call of a shape pays the timing: two to three forwards and backwards of each.
     """
 
-    FORWARDS = ("auto", "vmap", "loop", *STACKED_FORWARDS)
-    # What "auto" times, per device type. CPU: "stacked" ran faster than "vmap" at every shape measured
-    # there, and faster than "im2col" (benchmarks/results/meta_step-im2col-cpu-2cores-2026-11-30.md) and
-    # "channels_last" (meta_step-channels-last-cpu-2cores-2026-11-30.md). CUDA: the loop is 13x slower than
-    # vmap (H200, 2026-11-28); "stacked", "im2col" and "channels_last" are untimed there yet.
-    AUTO = {"cpu": ("loop", "stacked"), "cuda": ("vmap", "stacked", "im2col", "channels_last")}
+    FORWARDS = ("auto", "vmap", "loop", *STACKED_FORWARDS, *(f + FUSED for f in FUSABLE_FORWARDS))
+    # What "auto" times, per device type ("+fused" ones only for a model with a run to fuse). CPU: "stacked"
+    # ran faster than "vmap" at every shape measured there, and faster than "im2col"
+    # (benchmarks/results/meta_step-im2col-cpu-2cores-2026-11-30.md) and "channels_last"
+    # (meta_step-channels-last-cpu-2cores-2026-11-30.md). CUDA: the loop is 13x slower than vmap (H200,
+    # 2026-11-28); "stacked", "im2col" and "channels_last" are untimed there yet, and the fused CUDA
+    # kernels have never run, so no "+fused" forward is chosen there by itself.
+    AUTO = {"cpu": ("loop", "stacked", "loop" + FUSED, "stacked" + FUSED),
+            "cuda": ("vmap", "stacked", "im2col", "channels_last")}
     # On a CPU "auto" also times "stacked" over chunks of this many tasks ("stacked/8"): grouped
     # convolutions on a working set the caches hold (at T = 32 with 75 query images, all tasks
     # stacked make the elementwise layers memory-bound).
@@ -124,6 +139,19 @@ class TaskBatchedModule:
             raise ValueError(f"model ({type(model).__name__}) has no trainable parameters to adapt")
         self.buffer_names = [n for n, _ in model.named_buffers()]
         self.buffers = self.fresh_buffers(num_tasks)
+        self._fused_views: Dict[tuple, Tuple[nn.Module, int]] = {}
+        if forward.endswith(FUSED) and self.fused_model()[1] == 0:
+            warnings.warn(f"forward={forward!r}: {type(model).__name__} has no nn.Sequential run BatchNorm2d "
+                          "(track_running_stats=False) -> ReLU -> MaxPool2d(2) to fuse; it runs as "
+                          f"{forward[:-len(FUSED)]!r}", RuntimeWarning, stacklevel=2)
+
+    def fused_model(self) -> Tuple[nn.Module, int]:
+        """The model with its fusable runs fused (fuse_batch_norm_relu_max_pool), and how many, for the
+        modules' current train / eval flags (kept per set of flags)."""
+        key = tuple(m.training for m in self.model.modules())
+        if key not in self._fused_views:
+            self._fused_views[key] = fuse_batch_norm_relu_max_pool(self.model)
+        return self._fused_views[key]
 
     def theta(self) -> List[Tensor]:
         params = dict(self.model.named_parameters())
@@ -149,16 +177,20 @@ class TaskBatchedModule:
 
     def _forward(self, mode: str, phi: Sequence[Tensor], x: Tensor, buffers: Dict[str, Tensor]) -> Tensor:
         names = self.names
+        fused = mode.endswith(FUSED)
+        mode = mode[:-len(FUSED)] if fused else mode
         if mode.startswith("stacked/"):
             # split, not slices: one cat per tensor in the backward, no zero-filled [T, ...] gradients
             size = int(mode[len("stacked/"):])
             parts = list(zip(*[p.split(size) for p in phi]))
             bufs = {k: b.split(size) for k, b in buffers.items()}
-            return torch.cat([self._forward("stacked", list(parts[i]), xs, {k: b[i] for k, b in bufs.items()})
+            chunk_mode = "stacked" + (FUSED if fused else "")
+            return torch.cat([self._forward(chunk_mode, list(parts[i]), xs, {k: b[i] for k, b in bufs.items()})
                               for i, xs in enumerate(x.split(size))])
+        model = self.fused_model()[0] if fused else self.model
 
         def one_task(params, bufs, inputs):
-            return functional_call(self.model, ({**dict(zip(names, params)), **bufs}), (inputs,))
+            return functional_call(model, ({**dict(zip(names, params)), **bufs}), (inputs,))
 
         if mode == "loop":
             # unbind, not phi[t]: its backward is one stack per tensor, where T selects would
@@ -203,9 +235,12 @@ class TaskBatchedModule:
                     "a CUDA-graph capture; run the step once eagerly first (IMAML.capture's warm-up does) or pass "
                     'forward="vmap", "stacked", "im2col" or "channels_last"'
                 )
-            modes = list(self.AUTO[device])
+            fusable = self.fused_model()[1] > 0
+            modes = [m for m in self.AUTO[device] if fusable or not m.endswith(FUSED)]
             if device == "cpu":
-                modes += [f"stacked/{size}" for size in self.STACKED_CHUNKS if size < x.shape[0]]
+                for size in self.STACKED_CHUNKS:
+                    if size < x.shape[0]:
+                        modes += [f"stacked/{size}", f"stacked/{size}{FUSED}"] if fusable else [f"stacked/{size}"]
             choice = self.forward_choices[key] = self._time_forwards(phi, x, buffers, grad, modes)
         return choice["forward"]
 
@@ -335,6 +370,14 @@ def _max_pool2d_rule(T, dims, x, kernel_size, stride, padding, dilation, ceil_mo
     return out.view(b, T, c, *out.shape[2:]), 1
 
 
+def _batch_norm_relu_max_pool2d_rule(T, dims, x, weight, bias, eps):
+    xs = _stacked(x, dims[0], T)
+    b, _, c = xs.shape[:3]
+    out = batch_norm_relu_max_pool2d(xs.reshape(b, T * c, *xs.shape[3:]), _per_task(weight, dims[1], T),
+                                     _per_task(bias, dims[2], T), eps)
+    return out.view(b, T, c, *out.shape[2:]), 1
+
+
 class _StackedRule(torch.autograd.Function):
     """One of the rules above as the vmap rule of a layer: applied only under vmap (by
     _StackedLayers), where torch.func calls ``vmap`` with the tensors' [T, ...] storage and
@@ -396,6 +439,8 @@ _RULES = {
                                                           "ceil_mode", "return_indices"),
                    (_REQUIRED, _REQUIRED, None, 0, 1, False, False)),
 }
+_RULES["batch_norm_relu_max_pool2d"] = (_batch_norm_relu_max_pool2d_rule, lambda a: True,
+                                        ("input", "weight", "bias", "eps"), (_REQUIRED, None, None, 1e-5))
 _INTERCEPTED = {torch.conv2d: "conv2d", F.conv2d: "conv2d", F.batch_norm: "batch_norm", F.max_pool2d: "max_pool2d"}
 
 
@@ -460,6 +505,98 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+class FusedBatchNormReLUMaxPool2d(nn.Module):
+    """A BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2) run as one op, in the BatchNorm's place
+    and under its parameter names ("weight", "bias"), so that functional_call's names still apply.
+    Under vmap (a TaskBatchedModule's forwards) it runs on the tasks' stacked channels."""
+
+    def __init__(self, batch_norm: nn.BatchNorm2d):
+        super().__init__()
+        self.eps = batch_norm.eps
+        self.weight = batch_norm.weight
+        self.bias = batch_norm.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch._C._functorch.is_batchedtensor(x):
+            return _StackedRule.apply("batch_norm_relu_max_pool2d", x, self.weight, self.bias, self.eps)
+        return batch_norm_relu_max_pool2d(x, self.weight, self.bias, self.eps)
+
+
+def _fusable(batch_norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
+    """Whether the three layers compute exactly batch_norm_relu_max_pool2d (and no hook sees them apart)."""
+    if not (type(batch_norm) is nn.BatchNorm2d and type(relu) is nn.ReLU and type(pool) is nn.MaxPool2d):
+        return False
+    if batch_norm.running_mean is not None or batch_norm.running_var is not None:
+        return False  # running statistics: updated in training, used in eval
+    if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in (batch_norm, relu, pool)):
+        return False
+    return (_pair(pool.kernel_size) == (2, 2) and _pair(pool.stride) == (2, 2) and _pair(pool.padding) == (0, 0)
+            and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode and not pool.return_indices)
+
+
+def _fusable_runs(children: Dict[str, Optional[nn.Module]]) -> List[List[str]]:
+    """The names of each run of a Sequential's children that fuses, in order, none overlapping."""
+    names, runs, i = list(children), [], 0
+    while i + 2 < len(names):
+        run = [children[n] for n in names[i:i + 3]]
+        if all(m is not None for m in run) and _fusable(*run):
+            runs.append(names[i:i + 3])
+            i += 3
+        else:
+            i += 1
+    return runs
+
+
+def _fuse_run(children: Dict[str, Optional[nn.Module]], run: List[str]) -> None:
+    children[run[0]] = FusedBatchNormReLUMaxPool2d(children[run[0]])
+    children[run[1]], children[run[2]] = nn.Identity(), nn.Identity()
+
+
+def fuse_batch_norm_relu_max_pool(model: nn.Module) -> Tuple[nn.Module, int]:
+    """A view of ``model`` in which every ``nn.Sequential`` run BatchNorm2d (``track_running_stats=False``)
+    -> ReLU -> MaxPool2d(2) (stride 2, no padding, no hooks) is one FusedBatchNormReLUMaxPool2d in the
+    BatchNorm's place (ReLU and pooling become Identity), and the number of runs fused. The view shares
+    every layer and parameter with ``model`` (containers on the way to a fused run are shallow copies),
+    so its parameter and buffer names are the model's."""
+    fused_runs = 0
+
+    def fuse(module: nn.Module) -> nn.Module:
+        nonlocal fused_runs
+        children = {name: fuse(child) if child is not None else None for name, child in module._modules.items()}
+        changed = any(children[name] is not child for name, child in module._modules.items())
+        if isinstance(module, nn.Sequential):
+            for run in _fusable_runs(children):
+                _fuse_run(children, run)
+                fused_runs += 1
+                changed = True
+        if not changed:
+            return module
+        view = copy.copy(module)
+        view._modules = type(module._modules)(children)
+        return view
+
+    return fuse(model), fused_runs
+
+
+@contextlib.contextmanager
+def fused_in_place(*models: nn.Module):
+    """Within the block, ``models``' fusable runs (as fuse_batch_norm_relu_max_pool's) are replaced in
+    their Sequentials themselves, for code that calls the model object it holds (the Engine's task
+    batching runs the user's training_step); the original layers are back on exit, even on an error."""
+    swapped = []
+    try:
+        for model in models:
+            for module in list(model.modules()):
+                if isinstance(module, nn.Sequential):
+                    for run in _fusable_runs(module._modules):
+                        swapped.append((module, {n: module._modules[n] for n in run}))
+                        _fuse_run(module._modules, run)
+        yield len(swapped)
+    finally:
+        for module, originals in reversed(swapped):
+            module._modules.update(originals)
 
 
 def check_num_tasks(num_tasks) -> None:
@@ -529,4 +666,5 @@ def task_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(t * b, -1), labels.reshape(-1), reduction="none").view(t, b).mean(1)
 
 
-__all__ = ["TaskBatchedModule", "BatchedModule", "task_cross_entropy", "check_batchable"]
+__all__ = ["TaskBatchedModule", "BatchedModule", "task_cross_entropy", "check_batchable", "FusedBatchNormReLUMaxPool2d",
+           "fuse_batch_norm_relu_max_pool", "fused_in_place"]

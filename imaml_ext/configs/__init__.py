@@ -218,8 +218,10 @@ class EngineConfig:
     task_batching: str = "auto"  # "auto": when the pattern holds; "on": raise the cause when not; "off"
     # "vmap", "loop" over tasks, "stacked" (vmap, tasks' channels side by side), "im2col" (stacked, the
     # convolutions as im2col + batched matrix products), "channels_last" (stacked, channels-last layout),
-    # "auto": the fastest of loop, vmap and stacked on a CPU, of vmap, stacked, im2col and channels_last
-    # on CUDA, timed at the first inner step; vmap elsewhere
+    # "loop+fused", "vmap+fused", "stacked+fused", "im2col+fused" (each BatchNorm2d -> ReLU -> MaxPool2d(2)
+    # run of the module's Sequentials as one fused op), "auto": the fastest of loop, vmap and stacked on a
+    # CPU (and loop+fused, stacked+fused when there is a run to fuse), of vmap, stacked, im2col and
+    # channels_last on CUDA, timed at the first inner step; vmap elsewhere
     task_batching_forward: str = "auto"
     task_batching_max_tasks: Optional[int] = None  # tasks run at once (None: as many as memory allows)
 

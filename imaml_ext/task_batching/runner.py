@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..batched.memory import GraphSizeMeter, available_bytes
-from ..batched.module import STACKED_FORWARDS, _AutocastConvolutions, _StackedLayers
+from ..batched.module import FUSED, STACKED_FORWARDS, _AutocastConvolutions, _StackedLayers, fused_in_place
 from ..batched.timing import device_clock
 from ..logging import get_logger
 from .plan import NotBatchable, TaskBatchingInfo
@@ -94,8 +94,11 @@ class TaskBatcher:
 
     # the share of the free memory a chunk of tasks may plan to take
     memory_fraction = 0.8
-    # what "auto" times, per device type (on CUDA the loop is 13x slower than vmap: H200, 2026-11-28)
+    # what "auto" times, per device type (on CUDA the loop is 13x slower than vmap: H200, 2026-11-28), and
+    # on a CPU also these when the lower's module has a BatchNorm2d -> ReLU -> MaxPool2d(2) run to fuse (the
+    # fused CUDA kernels have not run on a GPU yet: TaskBatchedModule.AUTO)
     AUTO = {"cpu": ("loop", "vmap", "stacked"), "cuda": ("vmap", "stacked", "im2col", "channels_last")}
+    AUTO_FUSED = {"cpu": ("loop" + FUSED, "stacked" + FUSED), "cuda": ()}
 
     def __init__(self, engine, upper, lower, info: TaskBatchingInfo, forward: str, max_tasks: Optional[int]):
         from ..problems.iterative_problem import IterativeProblem, _FastWeightsModule
@@ -113,6 +116,12 @@ class TaskBatcher:
         # task batches, not for large), so the first meta-step times each (_measured_gradients).
         self.device = device
         self.measure = forward == "auto" and device.type in self.AUTO and not self.iterative
+        with fused_in_place(self.target) as runs:
+            self.fusable = runs > 0
+        if forward.endswith(FUSED) and not self.fusable:
+            warnings.warn(f"task batching: forward {forward!r}: the lower's module ({type(self.target).__name__}) has no "
+                          "nn.Sequential run BatchNorm2d (track_running_stats=False) -> ReLU -> MaxPool2d(2) to fuse; "
+                          f"it runs as {forward[:-len(FUSED)]!r}", RuntimeWarning, stacklevel=2)
         if forward == "auto":
             forward = "loop" if device.type == "cpu" else "vmap"
         self.forward = forward
@@ -346,35 +355,43 @@ class TaskBatcher:
         call = _Call(self.target, lambda b: problem._parse_loss(problem.training_step_exec(b)))
         return functional_call(call, dict(zip(self.keys, weights)), (batch,))
 
+    def fusing(self, forward: str):
+        """The lower's module with its BatchNorm -> ReLU -> max-pool runs fused in place for a "+fused" forward."""
+        return fused_in_place(self.target) if forward.endswith(FUSED) else contextlib.nullcontext()
+
     def task_losses(self, problem, phi: Sequence[Tensor], batches: Sequence[Any], forward: str):
         """(losses [n], metrics: a dict per task) of ``problem.training_step`` with the lower's
         weights of each task (phi [n, *shape]) and each task's batch."""
         self.in_task_call = True
         try:
-            if forward == "loop":
-                # unbind: one backward (a stack) for all tasks, where T selects would each fill a [T, ...] zero
-                slices = list(zip(*(p.unbind(0) for p in phi)))
-                outs = [self.call_task(problem, g, slices[g], batch) for g, batch in enumerate(batches)]
-                return torch.stack([loss for loss, _ in outs]), [metrics for _, metrics in outs]
-            call = _Call(self.target, lambda b: problem._parse_loss(problem.training_step_exec(b)))
-            stacked = _stack(batches)
-            # "stacked": convolutions, BatchNorm and max-pooling on the tasks' stacked channels (BatchedModule's
-            # rules); "im2col": the same with the dense convolutions as im2col + batched matrix products;
-            # "channels_last": the same in channels-last layout
-            layers = _StackedLayers(STACKED_FORWARDS[forward]) if forward in STACKED_FORWARDS else contextlib.nullcontext()
-            # training_step's autocast (Config(precision=)) does not reach vmapped convolutions by itself
-            autocast = _AutocastConvolutions() if problem.config.precision in ("bf16", "fp16") else contextlib.nullcontext()
-            with autocast, layers:
-                losses, metrics = vmap(
-                    lambda weights, batch: functional_call(call, weights, (batch,)),
-                    in_dims=(0, _stack_dims(stacked)),
-                    randomness="different",
-                )(dict(zip(self.keys, phi)), stacked)
-            return losses, [{k: v[g] for k, v in metrics.items()} for g in range(len(batches))]
+            with self.fusing(forward):
+                return self._task_losses(problem, phi, batches, forward.removesuffix(FUSED))
         finally:
             self.in_task_call = False
 
-    def task_gradients(self, batches: Sequence[Any]):
+    def _task_losses(self, problem, phi: Sequence[Tensor], batches: Sequence[Any], forward: str):
+        if forward == "loop":
+            # unbind: one backward (a stack) for all tasks, where T selects would each fill a [T, ...] zero
+            slices = list(zip(*(p.unbind(0) for p in phi)))
+            outs = [self.call_task(problem, g, slices[g], batch) for g, batch in enumerate(batches)]
+            return torch.stack([loss for loss, _ in outs]), [metrics for _, metrics in outs]
+        call = _Call(self.target, lambda b: problem._parse_loss(problem.training_step_exec(b)))
+        stacked = _stack(batches)
+        # "stacked": convolutions, BatchNorm and max-pooling on the tasks' stacked channels (BatchedModule's
+        # rules); "im2col": the same with the dense convolutions as im2col + batched matrix products;
+        # "channels_last": the same in channels-last layout
+        layers = _StackedLayers(STACKED_FORWARDS[forward]) if forward in STACKED_FORWARDS else contextlib.nullcontext()
+        # training_step's autocast (Config(precision=)) does not reach vmapped convolutions by itself
+        autocast = _AutocastConvolutions() if problem.config.precision in ("bf16", "fp16") else contextlib.nullcontext()
+        with autocast, layers:
+            losses, metrics = vmap(
+                lambda weights, batch: functional_call(call, weights, (batch,)),
+                in_dims=(0, _stack_dims(stacked)),
+                randomness="different",
+            )(dict(zip(self.keys, phi)), stacked)
+        return losses, [{k: v[g] for k, v in metrics.items()} for g in range(len(batches))]
+
+    def task_gradients(self, batches: Sequence[Any], forward: str = "loop"):
         """(losses [n], metrics per task, gradients [n, *shape]) of the lower's training_step at phi,
         one task at a time: the loop forward's inner step, whose working set is one task's graph
         (a CPU's caches hold it), where one backward over all tasks would keep all n graphs."""
@@ -383,29 +400,33 @@ class TaskBatcher:
         losses, metrics = [], []
         self.in_task_call = True
         try:
-            for g, batch in enumerate(batches):
-                leaves = [p[g].requires_grad_(True) for p in data]
-                loss, extra = self.call_task(self.task_problem(g), g, leaves, batch)
-                task_grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-                for out, grad in zip(grads, task_grads):
-                    if grad is None:
-                        out[g].zero_()
-                    else:
-                        out[g].copy_(grad)
-                losses.append(loss.detach())
-                metrics.append(extra)
+            with self.fusing(forward):
+                self._task_gradients(batches, data, grads, losses, metrics)
         finally:
             self.in_task_call = False
         return torch.stack(losses), metrics, grads
 
+    def _task_gradients(self, batches, data, grads, losses, metrics) -> None:
+        for g, batch in enumerate(batches):
+            leaves = [p[g].requires_grad_(True) for p in data]
+            loss, extra = self.call_task(self.task_problem(g), g, leaves, batch)
+            task_grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            for out, grad in zip(grads, task_grads):
+                if grad is None:
+                    out[g].zero_()
+                else:
+                    out[g].copy_(grad)
+            losses.append(loss.detach())
+            metrics.append(extra)
+
     def _upper_losses(self, batches):
-        if self.upper_forward != "loop":
+        if self.upper_forward.removesuffix(FUSED) != "loop":
             try:
                 return self.task_losses(self.upper, self.phi, batches, self.upper_forward)
             except Exception as error:  # noqa: BLE001 (the loop is the documented path for such steps)
-                self.upper_forward = "loop"
-                self.info.upper_forward = f"loop (its training_step does not vmap: {_first_line(error)})"
-        return self.task_losses(self.upper, self.phi, batches, "loop")
+                self.upper_forward = "loop" + (FUSED if self.upper_forward.endswith(FUSED) else "")
+                self.info.upper_forward = f"{self.upper_forward} (its training_step does not vmap: {_first_line(error)})"
+        return self.task_losses(self.upper, self.phi, batches, self.upper_forward)
 
     # ----- the batched meta-step -----
     def _start(self, n: int) -> List[Tensor]:
@@ -459,8 +480,8 @@ class TaskBatcher:
         return losses, metrics
 
     def _gradients(self, batches: Sequence[Any], forward: str):
-        if forward == "loop":
-            return self.task_gradients(batches)
+        if forward.removesuffix(FUSED) == "loop":
+            return self.task_gradients(batches, forward)
         losses, metrics = self.task_losses(self.lower, self.phi, batches, forward)
         grads = torch.autograd.grad(losses.sum(), self.phi, allow_unused=True)
         return losses, metrics, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.phi)]
@@ -470,7 +491,7 @@ class TaskBatcher:
         and the fastest kept for this program, as cudnn.benchmark keeps a convolution algorithm. A
         forward that raises (e.g. out of memory) is left out, with a warning naming its cause; the
         lower's training_step already ran under vmap (_first_window_checks)."""
-        modes = self.AUTO[self.device.type]
+        modes = self.AUTO[self.device.type] + (self.AUTO_FUSED[self.device.type] if self.fusable else ())
         now = device_clock(self.device)
         seconds, result, refused = {}, {}, {}
         for forward in modes * 2:
