@@ -7,9 +7,9 @@ meta-gradient mean_t (I + H_t / lam)^-1 grad L_query(phi_t) by ``cg_iters`` CG
 iterations, added to theta's .grad. Every variant computes that same
 meta-gradient from the same theta and the same tasks:
 
-- ours_batched (_vmap, _loop, _stacked, _im2col, _channels_last): ``imaml_ext.IMAML.meta_step``
-  over all T tasks at once, forward="auto" (and "vmap", "loop", "stacked", "im2col",
-  "channels_last" forced);
+- ours_batched (_vmap, _loop, _stacked, _im2col, _channels_last, _loop_fused, _stacked_fused,
+  _im2col_fused): ``imaml_ext.IMAML.meta_step`` over all T tasks at once, forward="auto" (and
+  "vmap", "loop", "stacked", "im2col", "channels_last", "loop+fused", ... forced);
 - ours_sequential: the Betty tutorial's recipe on imaml_ext's Betty API (a
   Lower ImplicitProblem with Config(type="cg", proximal_lambda=lam), an Upper
   accumulating T tasks, an Env feeding one task at a time, run by the Engine);
@@ -63,7 +63,8 @@ WAYS, SHOTS, QUERY = 5, 1, 15
 HIDDEN = 64
 INNER_LR, LAM = 0.1, 2.0
 ALL_VARIANTS = ("ours_batched", "ours_batched_vmap", "ours_batched_loop", "ours_batched_stacked",
-                "ours_batched_im2col", "ours_batched_channels_last", "ours_graph",
+                "ours_batched_im2col", "ours_batched_channels_last", "ours_batched_loop_fused",
+                "ours_batched_stacked_fused", "ours_batched_im2col_fused", "ours_graph",
                 "ours_hvp_reverse", "ours_hvp_forward", "ours_tf32_on", "ours_tf32_off",
                 "ours_bf16", "ours_fp16", "ours_sequential", "plain_loop", "plain_vmap")
 CUDA_ONLY = ("ours_graph", "ours_tf32_on", "ours_tf32_off")
@@ -410,7 +411,7 @@ def make_variant(name: str, model: nn.Module, inner_steps: int, cg_iters: int, b
     if name.startswith("ours_tf32_"):
         return OursBatched(model, inner_steps, cg_iters, "auto", tf32=name.endswith("_on"))
     if name.startswith("ours_batched"):
-        forward = name[len("ours_batched_"):] or "auto"
+        forward = name[len("ours_batched_"):].replace("_fused", "+fused") or "auto"
         return OursBatched(model, inner_steps, cg_iters, forward)
     if name == "ours_sequential":
         return OursSequential(model, inner_steps, cg_iters, batch, device)
@@ -743,6 +744,11 @@ VARIANT_NOTES = {
                            "batched matrix product over tasks)",
     "ours_batched_channels_last": 'the same with forward="channels_last" (as "stacked", in channels-last memory '
                                   "layout)",
+    "ours_batched_loop_fused": 'the same with forward="loop+fused" (per-task dense layers, each BatchNorm -> ReLU '
+                               "-> max-pool as one fused op, imaml_ext.ops.batch_norm_relu_max_pool2d)",
+    "ours_batched_stacked_fused": 'the same with forward="stacked+fused" (stacked, the fused op on the stacked '
+                                  "channels)",
+    "ours_batched_im2col_fused": 'the same with forward="im2col+fused"',
     "ours_sequential": "the Betty tutorial on imaml_ext's Engine, Config(type=\"cg\", proximal_lambda=2), "
                        "one task per inner loop, Upper accumulating T tasks",
     "plain_loop": "plain PyTorch, Python loop over tasks, double-backward HVPs, Betty-style torch.cat/torch.dot CG",
@@ -891,8 +897,10 @@ def main(argv=None) -> None:
                 "ways": WAYS, "shots": SHOTS, "query_per_class": QUERY, "hidden": HIDDEN,
                 "inner_lr": INNER_LR, "lam": LAM,
                 "num_params": sum(p.numel() for p in model.parameters()),
-                "auto_forward": ('the fastest of "loop", "stacked" and stacked chunks of tasks, timed per input shape'
-                                 if device.type == "cpu" else 'the faster of "vmap" and "stacked", timed per input shape'),
+                "auto_forward": ('the fastest of "loop", "stacked" and stacked chunks of tasks, each also with BatchNorm, '
+                                 'ReLU and max-pool fused ("+fused"), timed per input shape'
+                                 if device.type == "cpu" else
+                                 'the fastest of "vmap", "stacked", "im2col" and "channels_last", timed per input shape'),
                 "variants": args.variants,
                 "tasks": args.tasks, "inner_steps": args.inner_steps, "cg_iters": args.cg_iters,
                 "repeats": args.repeats,

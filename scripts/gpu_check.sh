@@ -32,7 +32,7 @@ for s in ${selected//,/ }; do
     expanded=${expanded:+$expanded,}$s
 done
 selected=$expanded
-known_stages=" build tests tests_issue17 profile meta_step_issue17 meta_step_20w5s_issue17 compile_probe meta_step_5w1s sweep_tasks sweep_inner floor hvp meta_step_20w5s meta_step_sequential dropin dropin_siblings ops "
+known_stages=" build tests tests_issue17 profile meta_step_issue17 meta_step_20w5s_issue17 compile_probe meta_step_5w1s sweep_tasks sweep_inner floor hvp meta_step_20w5s meta_step_sequential dropin dropin_siblings batch_norm_pool ops "
 for s in ${selected//,/ }; do
     if [[ $known_stages != *" $s "* ]]; then
         echo "GPU_CHECK_STAGES: unknown stage '$s'; the stages are:$known_stages" >&2
@@ -113,19 +113,20 @@ fi
 stage tests 100 "$PY" -m pytest -q -p no:cacheprovider -m cuda python_tests/test_cuda_ops.py \
     python_tests/test_cuda_paths.py python_tests/test_batched.py python_tests/test_data.py python_tests/test_extension.py
 
-# Issue 17: the equality tests of its options on CUDA (stacked, im2col and channels-last forwards, jvp-of-grad HVPs, TF32, in a capture too),
-# the kernel table of the replayed step, and each option timed beside the default.
-stage tests_issue17 30 "$PY" -m pytest -q -p no:cacheprovider -m cuda python_tests/test_forward_choice.py \
-    python_tests/test_hvp_choice.py
+# Issue 17: the equality tests of its options on CUDA (stacked, im2col and channels-last forwards, the fused
+# BatchNorm -> ReLU -> max-pool kernels, jvp-of-grad HVPs, TF32, in a capture too), the kernel table of the
+# replayed step, and each option timed beside the default.
+stage tests_issue17 40 "$PY" -m pytest -q -p no:cacheprovider -m cuda python_tests/test_batch_norm_relu_max_pool.py \
+    python_tests/test_forward_choice.py python_tests/test_hvp_choice.py
 stage profile 110 "$PY" benchmarks/profile_meta_step.py --device cuda --config paper,20w5s --steps 2 --wall-steps 3
 stage meta_step_issue17 150 "$PY" benchmarks/bench_meta_step.py --device cuda --configs 32x16x5,32x5x5 \
-    --variants ours_batched,ours_graph,ours_batched_stacked,ours_batched_im2col,ours_batched_channels_last,ours_hvp_reverse,ours_hvp_forward,ours_tf32_on,ours_tf32_off,ours_bf16,ours_fp16,plain_vmap \
+    --variants ours_batched,ours_graph,ours_batched_stacked,ours_batched_stacked_fused,ours_batched_im2col,ours_batched_im2col_fused,ours_batched_channels_last,ours_hvp_reverse,ours_hvp_forward,ours_tf32_on,ours_tf32_off,ours_bf16,ours_fp16,plain_vmap \
     --repeats 5 --check-tasks 2 --max-seconds 12 --out "benchmarks/results/meta_step-issue17-$card.json"
 stage meta_step_20w5s_issue17 90 "$PY" benchmarks/bench_meta_step.py --device cuda --ways 20 --shots 5 --tasks 16 \
-    --inner-steps 5 --cg-iters 5 --variants ours_batched,ours_graph,ours_batched_stacked,ours_batched_im2col,ours_batched_channels_last,ours_hvp_forward,ours_tf32_on,plain_vmap \
+    --inner-steps 5 --cg-iters 5 --variants ours_batched,ours_graph,ours_batched_stacked,ours_batched_stacked_fused,ours_batched_im2col,ours_batched_channels_last,ours_hvp_forward,ours_tf32_on,plain_vmap \
     --repeats 3 --check-tasks 1 --max-seconds 12 --out "benchmarks/results/meta_step-20w5s-issue17-$card.json"
 # Each mode's row is written as it ends: a compile cut short by the cap keeps the rows before it.
-stage compile_probe 70 "$PY" benchmarks/probe_compile.py --device cuda --tasks 32 --repeats 5
+stage compile_probe 60 "$PY" benchmarks/probe_compile.py --device cuda --tasks 32 --repeats 5
 # Issue 4's grid: ours (eager and CUDA-graph replay) against plain torch.func vmap and the plain per-task loop.
 stage meta_step_5w1s 180 "$PY" benchmarks/bench_meta_step.py --device cuda --tasks 16,32 --inner-steps 5,16 \
     --cg-iters 3,5 --variants ours_batched,ours_graph,ours_bf16,ours_fp16,plain_vmap,plain_loop --repeats 3 --check-tasks 2 \
@@ -149,6 +150,8 @@ stage dropin_siblings 90 "$PY" benchmarks/bench_dropin.py --layout siblings --de
     --repeats 3 $( [ -f "$betty_dir/betty/__init__.py" ] && echo "--betty $betty_dir" )
 # On 2026-11-28 the default grid (T 1,16,32,128, 240 s of torch.compile) did not finish in 120 s:
 # the large T that the bandwidth goal is about, fewer samples, a bounded compile.
+# The fused BatchNorm -> ReLU -> max-pool op alone against ATen's three layers (forward, first and second order).
+stage batch_norm_pool 40 "$PY" benchmarks/bench_batch_norm_pool.py --device cuda --rounds 7
 stage ops 120 "$PY" benchmarks/bench_ops.py --device cuda --tasks 32,128,512 --max-seconds 4 --compile-budget 40
 
 "$PY" benchmarks/report.py --machine "${card%-*-*-*}" >"$logs/report.log" 2>&1 || echo "report.py failed (see report.log)"
