@@ -108,7 +108,10 @@ def _differentiable_backward(grad_out, input, weight, out, mean, invstd, argmax,
     ho, wo = h // 2, w // 2
     device = input.device
     corners = 2 * torch.arange(ho, device=device)[:, None] * w + 2 * torch.arange(wo, device=device)
-    offsets = torch.tensor([0, 1, w, w + 1], device=device)  # of window positions 0..3 from the corner
+    # window position k = 0..3 is (k // 2) rows and k % 2 columns from the corner; built on the device
+    # (no host-to-device copy, which a CUDA-graph capture forbids)
+    positions = torch.arange(4, device=device)
+    offsets = (positions // 2) * w + positions % 2
     indices = corners + offsets[argmax.long()]  # each window's argmax as an index into its [H, W] plane
     grad_pooled = torch.where(out > 0, grad_out, 0)
     grad_relu = torch.ops.aten.max_pool2d_with_indices_backward(grad_pooled, input, [2, 2], [2, 2], [0, 0], [1, 1],
