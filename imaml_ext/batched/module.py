@@ -549,6 +549,11 @@ def _fusable_runs(children: Dict[str, Optional[nn.Module]]) -> List[List[str]]:
     return runs
 
 
+def count_fusable_runs(model: nn.Module) -> int:
+    """How many runs fuse_batch_norm_relu_max_pool would fuse in ``model``, changing nothing."""
+    return sum(len(_fusable_runs(m._modules)) for m in model.modules() if isinstance(m, nn.Sequential))
+
+
 def _fuse_run(children: Dict[str, Optional[nn.Module]], run: List[str]) -> None:
     children[run[0]] = FusedBatchNormReLUMaxPool2d(children[run[0]])
     children[run[1]], children[run[2]] = nn.Identity(), nn.Identity()
@@ -667,4 +672,4 @@ def task_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 __all__ = ["TaskBatchedModule", "BatchedModule", "task_cross_entropy", "check_batchable", "FusedBatchNormReLUMaxPool2d",
-           "fuse_batch_norm_relu_max_pool", "fused_in_place"]
+           "fuse_batch_norm_relu_max_pool", "fused_in_place", "count_fusable_runs"]

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..batched.memory import GraphSizeMeter, available_bytes
-from ..batched.module import FUSED, STACKED_FORWARDS, _AutocastConvolutions, _StackedLayers, fused_in_place
+from ..batched.module import (FUSED, STACKED_FORWARDS, _AutocastConvolutions, _StackedLayers, count_fusable_runs,
+                              fused_in_place)
 from ..batched.timing import device_clock
 from ..logging import get_logger
 from .plan import NotBatchable, TaskBatchingInfo
@@ -116,8 +117,7 @@ class TaskBatcher:
         # task batches, not for large), so the first meta-step times each (_measured_gradients).
         self.device = device
         self.measure = forward == "auto" and device.type in self.AUTO and not self.iterative
-        with fused_in_place(self.target) as runs:
-            self.fusable = runs > 0
+        self.fusable = count_fusable_runs(self.target) > 0
         if forward.endswith(FUSED) and not self.fusable:
             warnings.warn(f"task batching: forward {forward!r}: the lower's module ({type(self.target).__name__}) has no "
                           "nn.Sequential run BatchNorm2d (track_running_stats=False) -> ReLU -> MaxPool2d(2) to fuse; "
