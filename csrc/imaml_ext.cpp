@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -169,6 +170,26 @@ void validate_batch_norm_relu_max_pool2d_backward(
   }
 }
 
+void validate_batch_norm_relu_max_pool2d_double_backward(
+    const at::Tensor& grad_grad_input, const at::Tensor& grad_grad_weight,
+    const at::Tensor& grad_grad_bias, const at::Tensor& grad_out, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& argmax) {
+  constexpr const char* op = "imaml_ext.batch_norm_relu_max_pool2d_double_backward";
+  validate_batch_norm_relu_max_pool2d_backward(grad_out, input, weight, bias, mean, invstd, argmax);
+  TORCH_CHECK_VALUE(grad_grad_input.sizes() == input.sizes() && grad_grad_input.scalar_type() == input.scalar_type() &&
+                        grad_grad_input.device() == input.device() && grad_grad_input.is_contiguous(),
+                    op, ": grad_grad_input must be a contiguous tensor of input's shape ", input.sizes(),
+                    ", dtype and device; got ", describe(grad_grad_input));
+  using Named = std::tuple<const char*, const at::Tensor&, const char*, const at::Tensor&>;
+  for (const auto& [name, t, like_name, like] : {Named{"grad_grad_weight", grad_grad_weight, "weight", weight},
+                                                 Named{"grad_grad_bias", grad_grad_bias, "bias", bias}}) {
+    check_channel_vector(op, name, t, input);
+    TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have ", like_name, "'s dtype (",
+                     like.scalar_type(), "); got ", describe(t));
+  }
+}
+
 BatchNormPoolForward prepare_batch_norm_relu_max_pool2d(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   validate_batch_norm_relu_max_pool2d(input, weight, bias, eps);
@@ -189,6 +210,19 @@ BatchNormPoolBackward prepare_batch_norm_relu_max_pool2d_backward(
   const int64_t c = input.size(1);
   return {at::empty_like(input), at::empty({c}, input.options().dtype(acc)), at::empty({c}, input.options().dtype(acc)),
           weight.to(acc).contiguous(), bias.to(acc).contiguous()};
+}
+
+BatchNormPoolDoubleBackward prepare_batch_norm_relu_max_pool2d_double_backward(
+    const at::Tensor& grad_grad_input, const at::Tensor& grad_grad_weight,
+    const at::Tensor& grad_grad_bias, const at::Tensor& grad_out, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& argmax) {
+  validate_batch_norm_relu_max_pool2d_double_backward(grad_grad_input, grad_grad_weight, grad_grad_bias, grad_out,
+                                                      input, weight, bias, mean, invstd, argmax);
+  const c10::ScalarType acc = accumulation_dtype(input.scalar_type());
+  return {at::empty_like(grad_out), at::empty_like(input), at::empty({input.size(1)}, input.options().dtype(acc)),
+          weight.to(acc).contiguous(), bias.to(acc).contiguous(), grad_grad_weight.to(acc).contiguous(),
+          grad_grad_bias.to(acc).contiguous()};
 }
 
 }  // namespace imaml_ext
@@ -225,4 +259,11 @@ TORCH_LIBRARY(imaml_ext, m) {
   m.def(
       "batch_norm_relu_max_pool2d_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor bias, "
       "Tensor mean, Tensor invstd, Tensor argmax) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The backward's backward: for upstream gradients of (grad_input, grad_weight,
+  // grad_bias), the gradients of grad_out, input (through the statistics too) and
+  // weight; bias's is 0 (it only moves ReLU's mask).
+  m.def(
+      "batch_norm_relu_max_pool2d_double_backward(Tensor grad_grad_input, Tensor grad_grad_weight, "
+      "Tensor grad_grad_bias, Tensor grad_out, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
+      "Tensor invstd, Tensor argmax) -> (Tensor grad_grad_out, Tensor grad_input, Tensor grad_weight)");
 }

@@ -43,6 +43,14 @@ void validate_batch_norm_relu_max_pool2d_backward(
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& argmax);
 
+// The backward's checks, and grad_grad_input of input's shape, dtype and device
+// (contiguous), grad_grad_weight and grad_grad_bias [C] of weight's and bias's dtypes.
+void validate_batch_norm_relu_max_pool2d_double_backward(
+    const at::Tensor& grad_grad_input, const at::Tensor& grad_grad_weight,
+    const at::Tensor& grad_grad_bias, const at::Tensor& grad_out, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& argmax);
+
 // double for a double input, float otherwise.
 c10::ScalarType accumulation_dtype(c10::ScalarType input);
 
@@ -61,5 +69,14 @@ BatchNormPoolBackward prepare_batch_norm_relu_max_pool2d_backward(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& argmax);
+
+struct BatchNormPoolDoubleBackward {
+  at::Tensor grad_grad_out, grad_input, grad_weight, weight, bias, grad_grad_weight, grad_grad_bias;
+};
+BatchNormPoolDoubleBackward prepare_batch_norm_relu_max_pool2d_double_backward(
+    const at::Tensor& grad_grad_input, const at::Tensor& grad_grad_weight,
+    const at::Tensor& grad_grad_bias, const at::Tensor& grad_out, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& argmax);
 
 }  // namespace imaml_ext

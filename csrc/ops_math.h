@@ -302,4 +302,62 @@ C10_HOST_DEVICE inline acc_t pooled_relu_grad(acc_t grad_out, acc_t y) {
   return y > acc_t(0) ? grad_out : acc_t(0);
 }
 
+// The double backward: the gradients, for upstream gradients gg_x, gg_w, gg_b of
+// the backward's outputs (grad_x, grad_w, grad_b), of its inputs grad_out, x and
+// w (b only moves the ReLU mask, whose derivative is 0 almost everywhere). With
+// d the gradient reaching y (nonzero only at an argmax with y > 0), M the
+// channel's count, xhat = (x - mean) * invstd and the channel's sums
+//   sum_d, sum_d_xhat (grad_b, grad_w), sum_gg, sum_gg_xhat, sum_gg_d:
+//   e           = w invstd gg_x + c1 xhat + gg_b - w invstd sum_gg / M,
+//                 c1 = gg_w - w invstd sum_gg_xhat / M   (the gradient reaching d)
+//   grad grad_out = e at the window's argmax where y > 0, else 0
+//   grad w      = invstd K,  K = sum_gg_d - sum_d sum_gg / M - sum_d_xhat sum_gg_xhat / M
+//   grad x      = invstd (u - mean(u) - xhat mean(u xhat)) - w K invstd^2 xhat / M,
+//                 u = c1 d - w invstd (sum_d_xhat / M) gg_x
+// the last through xhat's and invstd's dependence on x (the statistics'). Both e
+// and grad x are affine in (d, gg_x, x) with per-channel coefficients: where
+// d = 0 (all but one element of each window), one multiply-add chain.
+template <typename acc_t>
+struct BnDoubleBackward {
+  acc_t grad_weight;
+  acc_t x_d, x_gg, x_x, x_offset;  // grad x = x_d d + x_gg gg_x + x_x x + x_offset
+  acc_t e_gg, e_x, e_offset;       // e = e_gg gg_x + e_x x + e_offset
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline BnDoubleBackward<acc_t> bn_double_backward_coefficients(
+    acc_t w, acc_t mean, acc_t invstd, acc_t count, acc_t sum_d, acc_t sum_d_xhat, acc_t sum_gg,
+    acc_t sum_gg_xhat, acc_t sum_gg_d, acc_t gg_w, acc_t gg_b) {
+  const acc_t mean_d = sum_d / count, mean_d_xhat = sum_d_xhat / count;
+  const acc_t mean_gg = sum_gg / count, mean_gg_xhat = sum_gg_xhat / count;
+  const acc_t w_invstd = w * invstd;
+  const acc_t k = sum_gg_d - sum_d * mean_gg - sum_d_xhat * mean_gg_xhat;
+  const acc_t c1 = gg_w - w_invstd * mean_gg_xhat;
+  const acc_t c2 = w_invstd * mean_d_xhat;
+  const acc_t mean_u = c1 * mean_d - c2 * mean_gg;
+  const acc_t mean_u_xhat = c1 * mean_d_xhat - c2 * mean_gg_xhat;
+  // grad x = invstd u - invstd mean(u) + beta xhat, xhat = invstd x - invstd mean
+  const acc_t beta = -(invstd * mean_u_xhat + w * k * invstd * invstd / count);
+  BnDoubleBackward<acc_t> r;
+  r.grad_weight = invstd * k;
+  r.x_d = invstd * c1;
+  r.x_gg = -invstd * c2;
+  r.x_x = beta * invstd;
+  r.x_offset = -invstd * mean_u - beta * invstd * mean;
+  r.e_gg = w_invstd;
+  r.e_x = c1 * invstd;
+  r.e_offset = gg_b - w_invstd * mean_gg - c1 * invstd * mean;
+  return r;
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t bn_double_backward_input(acc_t d, acc_t gg, acc_t x, const BnDoubleBackward<acc_t>& k) {
+  return k.x_d * d + (k.x_gg * gg + (k.x_x * x + k.x_offset));
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t bn_double_backward_grad_out(acc_t gg, acc_t x, const BnDoubleBackward<acc_t>& k) {
+  return k.e_gg * gg + (k.e_x * x + k.e_offset);
+}
+
 }  // namespace imaml_ext

@@ -1,8 +1,10 @@
-// CPU kernels of batch_norm_relu_max_pool2d and its backward: one channel per
-// at::parallel_for item, the per-element arithmetic of ops_math.h (which the
-// CUDA kernels call too). Forward: two reads of the channel for its statistics,
-// one for the pooled output. Backward: one read of each window for the
-// channel's sums, one writing the input gradient. The inner loops run over a
+// CPU kernels of batch_norm_relu_max_pool2d, its backward and its double
+// backward: one channel per at::parallel_for item, the per-element arithmetic
+// of ops_math.h (which the CUDA kernels call too). Forward: two reads of the
+// channel for its statistics, one for the pooled output. Backward: one read of
+// each window for the channel's sums, one writing the input gradient. Double
+// backward: one read of the input and its upstream gradient for the channel's
+// five sums, one writing both gradients. The inner loops run over a
 // row of windows without branches, so that the compiler vectorises them
 // (omp simd; the sums' order is then the compiler's, fixed for a build).
 #include <ATen/Dispatch.h>
@@ -68,6 +70,17 @@ struct BackwardArgs {
   scalar_t* grad_x;
   acc_t* grad_weight;
   acc_t* grad_bias;
+};
+
+template <typename scalar_t, typename acc_t>
+struct DoubleBackwardArgs {
+  BackwardArgs<scalar_t, acc_t> b;  // its grad_x, grad_weight, grad_bias unused
+  const scalar_t* grad_grad_x;
+  const acc_t* grad_grad_weight;
+  const acc_t* grad_grad_bias;
+  scalar_t* grad_grad_out;
+  scalar_t* grad_x;
+  acc_t* grad_weight;
 };
 
 // sum over the channel's N planes of f(v).
@@ -182,6 +195,81 @@ IMAML_EXT_CPU_CLONES void backward_channels(const BackwardArgs<scalar_t, acc_t>&
   }
 }
 
+template <typename scalar_t, typename acc_t>
+IMAML_EXT_CPU_CLONES void double_backward_channels(const DoubleBackwardArgs<scalar_t, acc_t>& a, int64_t begin,
+                                                   int64_t end) {
+  const BackwardArgs<scalar_t, acc_t>& b = a.b;
+  const PoolShape& s = b.s;
+  for (int64_t c = begin; c < end; ++c) {
+    const acc_t m = b.mean[c];
+    const acc_t is = b.invstd[c];
+    const acc_t scale = b.weight[c] * is;
+    const acc_t shift = b.bias[c] - m * scale;
+    acc_t sum_gg = 0, sum_gg_xhat = 0, sum_d = 0, sum_d_xhat = 0, sum_gg_d = 0;
+    for (int64_t n = 0; n < s.n; ++n) {
+      const int64_t plane = (n * s.c + c) * s.plane(), pooled = (n * s.c + c) * s.pooled_plane();
+      const scalar_t* xp = b.x + plane;
+      const scalar_t* ggp = a.grad_grad_x + plane;
+#pragma omp simd reduction(+ : sum_gg, sum_gg_xhat)
+      for (int64_t i = 0; i < s.plane(); ++i) {
+        const acc_t gg = ggp[i];
+        sum_gg += gg;
+        sum_gg_xhat += gg * ((static_cast<acc_t>(xp[i]) - m) * is);
+      }
+      // d is nonzero only at a window's argmax with y > 0: one element per window
+      const scalar_t* gp = b.grad_out + pooled;
+      const uint8_t* ap = b.argmax + pooled;
+      for (int64_t i = 0; i < s.ho; ++i) {
+        const scalar_t* top = xp + 2 * i * s.w;
+        const scalar_t* below = top + s.w;
+        const scalar_t* gg_top = ggp + 2 * i * s.w;
+        const scalar_t* gg_below = gg_top + s.w;
+#pragma omp simd reduction(+ : sum_d, sum_d_xhat, sum_gg_d)
+        for (int64_t j = 0; j < s.wo; ++j) {
+          const int32_t k = ap[i * s.wo + j];
+          const acc_t v = window_element<acc_t>(k, top[2 * j], top[2 * j + 1], below[2 * j], below[2 * j + 1]);
+          const acc_t gg = window_element<acc_t>(k, gg_top[2 * j], gg_top[2 * j + 1], gg_below[2 * j],
+                                                 gg_below[2 * j + 1]);
+          const acc_t d = pooled_relu_grad<acc_t>(gp[i * s.wo + j], bn_relu_input(v, scale, shift));
+          sum_d += d;
+          sum_d_xhat += d * ((v - m) * is);
+          sum_gg_d += gg * d;
+        }
+      }
+    }
+    const BnDoubleBackward<acc_t> coef = bn_double_backward_coefficients<acc_t>(
+        b.weight[c], m, is, static_cast<acc_t>(s.count()), sum_d, sum_d_xhat, sum_gg, sum_gg_xhat, sum_gg_d,
+        a.grad_grad_weight[c], a.grad_grad_bias[c]);
+    a.grad_weight[c] = coef.grad_weight;
+    for (int64_t n = 0; n < s.n; ++n) {
+      const int64_t plane = (n * s.c + c) * s.plane(), pooled = (n * s.c + c) * s.pooled_plane();
+      const scalar_t* xp = b.x + plane;
+      const scalar_t* ggp = a.grad_grad_x + plane;
+      scalar_t* gxp = a.grad_x + plane;
+#pragma omp simd
+      for (int64_t i = 0; i < s.plane(); ++i) {  // d = 0 everywhere; the argmax elements are added below
+        gxp[i] = static_cast<scalar_t>(
+            bn_double_backward_input<acc_t>(acc_t(0), ggp[i], static_cast<acc_t>(xp[i]), coef));
+      }
+      const scalar_t* gp = b.grad_out + pooled;
+      const uint8_t* ap = b.argmax + pooled;
+      scalar_t* ggop = a.grad_grad_out + pooled;
+      for (int64_t i = 0; i < s.ho; ++i) {
+        for (int64_t j = 0; j < s.wo; ++j) {
+          const int32_t k = ap[i * s.wo + j];
+          const int64_t e = (2 * i + k / 2) * s.w + 2 * j + k % 2;
+          const acc_t v = xp[e], gg = ggp[e];
+          const acc_t d = pooled_relu_grad<acc_t>(gp[i * s.wo + j], bn_relu_input(v, scale, shift));
+          gxp[e] = static_cast<scalar_t>(bn_double_backward_input<acc_t>(d, gg, v, coef));
+          // the gradient reaching d, where d depends on grad_out (y > 0)
+          ggop[i * s.wo + j] = static_cast<scalar_t>(
+              pooled_relu_grad<acc_t>(bn_double_backward_grad_out<acc_t>(gg, v, coef), bn_relu_input(v, scale, shift)));
+        }
+      }
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_max_pool2d_cpu(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   const BatchNormPoolForward t = prepare_batch_norm_relu_max_pool2d(input, weight, bias, eps);
@@ -213,10 +301,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_max_pool2d_backwa
   return {t.grad_input, t.grad_weight.to(weight.scalar_type()), t.grad_bias.to(bias.scalar_type())};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_max_pool2d_double_backward_cpu(
+    const at::Tensor& grad_grad_input, const at::Tensor& grad_grad_weight, const at::Tensor& grad_grad_bias,
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& argmax) {
+  const BatchNormPoolDoubleBackward t = prepare_batch_norm_relu_max_pool2d_double_backward(
+      grad_grad_input, grad_grad_weight, grad_grad_bias, grad_out, input, weight, bias, mean, invstd, argmax);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_relu_max_pool2d_double_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const DoubleBackwardArgs<scalar_t, acc_t> args{
+        {shape_of(input), grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+         t.weight.const_data_ptr<acc_t>(), t.bias.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
+         invstd.const_data_ptr<acc_t>(), argmax.const_data_ptr<uint8_t>(), nullptr, nullptr, nullptr},
+        grad_grad_input.const_data_ptr<scalar_t>(), t.grad_grad_weight.const_data_ptr<acc_t>(),
+        t.grad_grad_bias.const_data_ptr<acc_t>(), t.grad_grad_out.data_ptr<scalar_t>(),
+        t.grad_input.data_ptr<scalar_t>(), t.grad_weight.data_ptr<acc_t>()};
+    at::parallel_for(0, args.b.s.c, 1, [&](int64_t begin, int64_t end) { double_backward_channels(args, begin, end); });
+  });
+  return {t.grad_grad_out, t.grad_input, t.grad_weight.to(weight.scalar_type())};
+}
+
 }  // namespace
 }  // namespace imaml_ext
 
 TORCH_LIBRARY_IMPL(imaml_ext, CPU, m) {
   m.impl("batch_norm_relu_max_pool2d", &imaml_ext::batch_norm_relu_max_pool2d_cpu);
   m.impl("batch_norm_relu_max_pool2d_backward", &imaml_ext::batch_norm_relu_max_pool2d_backward_cpu);
+  m.impl("batch_norm_relu_max_pool2d_double_backward", &imaml_ext::batch_norm_relu_max_pool2d_double_backward_cpu);
 }

@@ -1,4 +1,5 @@
-// CUDA kernels of batch_norm_relu_max_pool2d: one block per channel, threads
+// CUDA kernels of batch_norm_relu_max_pool2d, its backward and its double
+// backward: one block per channel, threads
 // striding over the channel's N planes (consecutive threads read consecutive
 // elements of a plane). The per-element arithmetic is ops_math.h's, which the
 // CPU kernels call too.
@@ -134,6 +135,68 @@ __global__ void __launch_bounds__(kThreads) batch_norm_relu_max_pool2d_backward_
   }
 }
 
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) batch_norm_relu_max_pool2d_double_backward_kernel(
+    const scalar_t* __restrict__ grad_grad_x, const acc_t* __restrict__ grad_grad_weight,
+    const acc_t* __restrict__ grad_grad_bias, const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
+    const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, const acc_t* __restrict__ mean,
+    const acc_t* __restrict__ invstd, const uint8_t* __restrict__ argmax, scalar_t* __restrict__ grad_grad_out,
+    scalar_t* __restrict__ grad_x, acc_t* __restrict__ grad_weight, PoolDims d) {
+  const int64_t c = blockIdx.x;
+  const Channel ch(d);
+  const acc_t m = mean[c];
+  const acc_t is = invstd[c];
+  const acc_t scale = weight[c] * is;
+  const acc_t shift = bias[c] - m * scale;
+  acc_t sum_gg = 0, sum_gg_xhat = 0;
+  for (int64_t i = threadIdx.x; i < ch.count; i += kThreads) {
+    const int64_t e = ch.at(d, c, i);
+    const acc_t gg = static_cast<acc_t>(grad_grad_x[e]);
+    sum_gg += gg;
+    sum_gg_xhat += gg * ((static_cast<acc_t>(x[e]) - m) * is);
+  }
+  // d is nonzero only at a window's argmax with y > 0: one element per window
+  acc_t sum_d = 0, sum_d_xhat = 0, sum_gg_d = 0;
+  for (int64_t i = threadIdx.x; i < d.n * ch.pooled_plane; i += kThreads) {
+    const int64_t o = ch.pooled_at(d, c, i);
+    const uint8_t k = argmax[o];
+    const int64_t e = ch.window_at(d, o) + (k / 2) * d.w + k % 2;
+    const acc_t v = static_cast<acc_t>(x[e]);
+    const acc_t gy = pooled_relu_grad<acc_t>(static_cast<acc_t>(grad_out[o]), bn_relu_input(v, scale, shift));
+    sum_d += gy;
+    sum_d_xhat += gy * ((v - m) * is);
+    sum_gg_d += gy * static_cast<acc_t>(grad_grad_x[e]);
+  }
+  sum_gg = block_sum_to_all(sum_gg);
+  sum_gg_xhat = block_sum_to_all(sum_gg_xhat);
+  sum_d = block_sum_to_all(sum_d);
+  sum_d_xhat = block_sum_to_all(sum_d_xhat);
+  sum_gg_d = block_sum_to_all(sum_gg_d);
+  const BnDoubleBackward<acc_t> coef = bn_double_backward_coefficients<acc_t>(
+      weight[c], m, is, static_cast<acc_t>(ch.count), sum_d, sum_d_xhat, sum_gg, sum_gg_xhat, sum_gg_d,
+      grad_grad_weight[c], grad_grad_bias[c]);
+  if (threadIdx.x == 0) {
+    grad_weight[c] = coef.grad_weight;
+  }
+  for (int64_t i = threadIdx.x; i < ch.count; i += kThreads) {
+    const int64_t e = ch.at(d, c, i);
+    grad_x[e] = static_cast<scalar_t>(bn_double_backward_input<acc_t>(
+        acc_t(0), static_cast<acc_t>(grad_grad_x[e]), static_cast<acc_t>(x[e]), coef));
+  }
+  __syncthreads();  // the argmax elements below overwrite what other threads of the block wrote above
+  for (int64_t i = threadIdx.x; i < d.n * ch.pooled_plane; i += kThreads) {
+    const int64_t o = ch.pooled_at(d, c, i);
+    const uint8_t k = argmax[o];
+    const int64_t e = ch.window_at(d, o) + (k / 2) * d.w + k % 2;
+    const acc_t v = static_cast<acc_t>(x[e]);
+    const acc_t gg = static_cast<acc_t>(grad_grad_x[e]);
+    const acc_t y = bn_relu_input(v, scale, shift);
+    const acc_t gy = pooled_relu_grad<acc_t>(static_cast<acc_t>(grad_out[o]), y);
+    grad_x[e] = static_cast<scalar_t>(bn_double_backward_input<acc_t>(gy, gg, v, coef));
+    grad_grad_out[o] = static_cast<scalar_t>(pooled_relu_grad<acc_t>(bn_double_backward_grad_out<acc_t>(gg, v, coef), y));
+  }
+}
+
 }  // namespace
 
 template <typename scalar_t, typename acc_t>
@@ -156,13 +219,30 @@ void launch_batch_norm_relu_max_pool2d_backward(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t, typename acc_t>
+void launch_batch_norm_relu_max_pool2d_double_backward(
+    const scalar_t* grad_grad_input, const acc_t* grad_grad_weight, const acc_t* grad_grad_bias,
+    const scalar_t* grad_out, const scalar_t* input, const acc_t* weight, const acc_t* bias, const acc_t* mean,
+    const acc_t* invstd, const uint8_t* argmax, scalar_t* grad_grad_out, scalar_t* grad_input, acc_t* grad_weight,
+    PoolDims dims, cudaStream_t stream) {
+  batch_norm_relu_max_pool2d_double_backward_kernel<scalar_t, acc_t>
+      <<<static_cast<unsigned>(dims.c), kThreads, 0, stream>>>(grad_grad_input, grad_grad_weight, grad_grad_bias,
+                                                                grad_out, input, weight, bias, mean, invstd, argmax,
+                                                                grad_grad_out, grad_input, grad_weight, dims);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 #define IMAML_EXT_INSTANTIATE(scalar_t, acc_t)                                                          \
   template void launch_batch_norm_relu_max_pool2d<scalar_t, acc_t>(                                     \
       const scalar_t*, const acc_t*, const acc_t*, scalar_t*, acc_t*, acc_t*, uint8_t*, PoolDims, acc_t, \
       cudaStream_t);                                                                                    \
   template void launch_batch_norm_relu_max_pool2d_backward<scalar_t, acc_t>(                            \
       const scalar_t*, const scalar_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*,         \
-      const uint8_t*, scalar_t*, acc_t*, acc_t*, PoolDims, cudaStream_t);
+      const uint8_t*, scalar_t*, acc_t*, acc_t*, PoolDims, cudaStream_t);                            \
+  template void launch_batch_norm_relu_max_pool2d_double_backward<scalar_t, acc_t>(                     \
+      const scalar_t*, const acc_t*, const acc_t*, const scalar_t*, const scalar_t*, const acc_t*,       \
+      const acc_t*, const acc_t*, const acc_t*, const uint8_t*, scalar_t*, scalar_t*, acc_t*, PoolDims, \
+      cudaStream_t);
 
 IMAML_EXT_INSTANTIATE(float, float)
 IMAML_EXT_INSTANTIATE(double, double)

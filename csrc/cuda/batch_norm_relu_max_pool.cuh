@@ -25,5 +25,12 @@ void launch_batch_norm_relu_max_pool2d_backward(
     const acc_t* mean, const acc_t* invstd, const uint8_t* argmax, scalar_t* grad_input,
     acc_t* grad_weight, acc_t* grad_bias, PoolDims dims, cudaStream_t stream);
 
+template <typename scalar_t, typename acc_t>
+void launch_batch_norm_relu_max_pool2d_double_backward(
+    const scalar_t* grad_grad_input, const acc_t* grad_grad_weight, const acc_t* grad_grad_bias,
+    const scalar_t* grad_out, const scalar_t* input, const acc_t* weight, const acc_t* bias, const acc_t* mean,
+    const acc_t* invstd, const uint8_t* argmax, scalar_t* grad_grad_out, scalar_t* grad_input, acc_t* grad_weight,
+    PoolDims dims, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace imaml_ext

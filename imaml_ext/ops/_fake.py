@@ -1,7 +1,7 @@
 """Fake (meta) kernels, so torch.compile and FakeTensor tracing see the ops.
 
 The in-place ops (the inner step, CG) return nothing: their fake kernel only has
-to exist. batch_norm_relu_max_pool2d and its backward return new tensors, whose
+to exist. batch_norm_relu_max_pool2d and its backward and double backward return new tensors, whose
 shapes and dtypes the fake kernels give.
 """
 
@@ -40,3 +40,9 @@ def _batch_norm_relu_max_pool2d_fake(input, weight, bias, eps):
 @torch.library.register_fake("imaml_ext::batch_norm_relu_max_pool2d_backward")
 def _batch_norm_relu_max_pool2d_backward_fake(grad_out, input, weight, bias, mean, invstd, argmax):
     return torch.empty_like(input), torch.empty_like(weight), torch.empty_like(bias)
+
+
+@torch.library.register_fake("imaml_ext::batch_norm_relu_max_pool2d_double_backward")
+def _batch_norm_relu_max_pool2d_double_backward_fake(grad_grad_input, grad_grad_weight, grad_grad_bias, grad_out,
+                                                      input, weight, bias, mean, invstd, argmax):
+    return torch.empty_like(grad_out), torch.empty_like(input), torch.empty_like(weight)

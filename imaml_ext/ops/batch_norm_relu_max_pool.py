@@ -1,12 +1,13 @@
 """``batch_norm_relu_max_pool2d``: training-mode BatchNorm, ReLU and a 2x2 max-pool of stride 2 in
 one op (the block of Conv4 after each convolution), differentiable to any order.
 
-The compiled kernels (``torch.ops.imaml_ext``, CPU and CUDA) run the forward and the first-order
-backward, reading the input twice for its statistics and once for the pooled output, where the
-three layers apart write and read back two full-size activations and keep their own saved copies.
-A backward that will itself be differentiated (``create_graph``: iMAML's double-backward HVP, MAML's
-second-order step) runs ATen's max-pool and BatchNorm backward ops instead, whose own derivatives
-ATen has; forward-mode derivatives (``torch.func.jvp``) are written out in ``jvp``.
+The compiled kernels (``torch.ops.imaml_ext``, CPU and CUDA) run the forward, the first-order
+backward and that backward's own backward (the second order of iMAML's double-backward HVPs and of
+MAML's second-order step), each in one or two reads of the input, where the three layers apart
+write and read back full-size activations and ATen's BatchNorm double backward runs some twenty
+full-size elementwise ops. Forward-mode derivatives (``torch.func.jvp``: the forward op's and the
+backward's, for forward-over-reverse HVPs) and third and higher orders are written out in
+``reference``'s differentiable ops.
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ class _BatchNormReLUMaxPool2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _mean, _invstd, _argmax):
         input, weight, bias, out, mean, invstd, argmax = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            return (*_differentiable_backward(grad_out, input, weight, out, mean, invstd, argmax, ctx.eps), None)
-        grads = _backend(input.device).batch_norm_relu_max_pool2d_backward(
-            grad_out.contiguous(), input, weight, bias, mean, invstd, argmax)
+        args = (grad_out.contiguous(), input, weight, bias, mean, invstd, argmax)
+        if torch.is_grad_enabled():  # create_graph: this backward is differentiated again
+            grads = _BatchNormReLUMaxPool2dBackward.apply(*args, ctx.eps)
+        else:
+            grads = _backend(input.device).batch_norm_relu_max_pool2d_backward(*args)
         return (*grads, None)
 
     @staticmethod
@@ -97,28 +99,44 @@ class _BatchNormReLUMaxPool2d(torch.autograd.Function):
         return d_out, None, None, None
 
 
-def _differentiable_backward(grad_out, input, weight, out, mean, invstd, argmax, eps):
-    """The backward under create_graph (a backward that is differentiated again: iMAML's HVPs, MAML's
-    second-order step) as ATen's ops, whose own derivatives, reverse and forward, ATen has: the window's
-    gradient goes to its argmax where the output is > 0 (there ReLU's input is > 0), then training-mode
-    BatchNorm's backward, whose double backward accounts for the statistics' dependence on input. The
-    graph is then the one the three layers apart would build, without ReLU's full-size step."""
-    n, c, h, w = input.shape
-    ho, wo = h // 2, w // 2
-    device = input.device
-    corners = 2 * torch.arange(ho, device=device)[:, None] * w + 2 * torch.arange(wo, device=device)
-    # window position k = 0..3 is (k // 2) rows and k % 2 columns from the corner; built on the device
-    # (no host-to-device copy, which a CUDA-graph capture forbids)
-    positions = torch.arange(4, device=device)
-    offsets = (positions // 2) * w + positions % 2
-    indices = corners + offsets[argmax.long()]  # each window's argmax as an index into its [H, W] plane
-    grad_pooled = torch.where(out > 0, grad_out, 0)
-    grad_relu = torch.ops.aten.max_pool2d_with_indices_backward(grad_pooled, input, [2, 2], [2, 2], [0, 0], [1, 1],
-                                                                 False, indices)
-    acc = mean.dtype
-    grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-        grad_relu, input, weight, None, None, mean.to(acc), invstd.to(acc), True, eps, [True, True, True])
-    return grad_input, grad_weight, grad_bias
+class _BatchNormReLUMaxPool2dBackward(torch.autograd.Function):
+    """The first-order backward as a function of (grad_out, input, weight, bias), differentiable: its
+    backward is the compiled double backward (reverse HVPs, MAML's second order), its jvp forward-mode
+    (forward-over-reverse HVPs). The argmax and ReLU's mask are piecewise constant in the inputs: their
+    derivatives are 0 almost everywhere, as ATen's max-pool and ReLU take them."""
+
+    @staticmethod
+    def forward(grad_out, input, weight, bias, mean, invstd, argmax, eps):
+        return _backend(input.device).batch_norm_relu_max_pool2d_backward(
+            grad_out, input, weight, bias, mean, invstd, argmax)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, input, weight, bias, mean, invstd, argmax, eps = inputs
+        ctx.save_for_backward(grad_out, input, weight, bias, mean, invstd, argmax)
+        ctx.save_for_forward(grad_out, input, weight, bias, mean, invstd, argmax)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
+        grad_out, input, weight, bias, mean, invstd, argmax = ctx.saved_tensors
+        grads = (grad_grad_input.contiguous(), grad_grad_weight, grad_grad_bias)
+        if torch.is_grad_enabled():
+            # a third order: the reference's formulas, with the statistics recomputed from input in
+            # differentiable ops, so that their dependence on input is differentiated too
+            mean, invstd = reference.batch_statistics(input.to(mean.dtype), ctx.eps)
+            result = reference.batch_norm_relu_max_pool2d_double_backward(
+                *grads, grad_out, input, weight, bias, mean, invstd, argmax)
+        else:
+            result = _backend(input.device).batch_norm_relu_max_pool2d_double_backward(
+                *grads, grad_out, input, weight, bias, mean, invstd, argmax)
+        return (*result, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, d_grad_out, d_input, d_weight, _d_bias, _mean, _invstd, _argmax, _eps):
+        grad_out, input, weight, bias, mean, invstd, argmax = ctx.saved_tensors
+        return reference.batch_norm_relu_max_pool2d_backward_jvp(
+            grad_out, input, weight, bias, mean, invstd, argmax, d_grad_out, d_input, d_weight)
 
 
 def batch_norm_relu_max_pool2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

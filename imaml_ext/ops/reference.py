@@ -222,3 +222,80 @@ def batch_norm_relu_max_pool2d_backward(grad_out: Tensor, input: Tensor, weight:
     count = n * h * wd
     grad_input = _channels(scale) * (gy - _channels(sum_gy / count) - xhat * _channels(sum_gy_xhat / count))
     return grad_input.to(input.dtype), sum_gy_xhat.to(weight.dtype), sum_gy.to(bias.dtype)
+
+
+def _pooled_relu_grad(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, argmax: Tensor) -> Tensor:
+    """The gradient reaching y for grad_out (acc dtype, full size): at each window's argmax where y > 0."""
+    h, w = x.shape[2:]
+    one_hot = torch.nn.functional.one_hot(argmax.long(), 4).to(x.dtype)
+    y = x * _channels(scale) + _channels(shift)
+    return unpool_windows(grad_out.to(x.dtype).unsqueeze(-1) * one_hot, h, w) * (y > 0)
+
+
+def batch_norm_relu_max_pool2d_double_backward(grad_grad_input: Tensor, grad_grad_weight: Tensor,
+                                               grad_grad_bias: Tensor, grad_out: Tensor, input: Tensor,
+                                               weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor,
+                                               argmax: Tensor):
+    """The gradients (grad_out, input, weight) of <grad_grad_input, grad_input> + <grad_grad_weight,
+    grad_weight> + <grad_grad_bias, grad_bias>, where (grad_input, grad_weight, grad_bias) =
+    batch_norm_relu_max_pool2d_backward(grad_out, input, ...): the backward's own backward, through the
+    statistics' dependence on input (bias and the argmax only move the masks, whose derivatives are 0).
+    With mean and invstd from batch_statistics it is differentiable again. ops_math.h derives it."""
+    acc = mean.dtype
+    x, w = input.to(acc), weight.to(acc)
+    count = x.numel() // x.shape[1]
+    scale = w * invstd
+    shift = bias.to(acc) - mean * scale
+    d = _pooled_relu_grad(grad_out, x, scale, shift, argmax)
+    gg = grad_grad_input.to(acc)
+    xhat = (x - _channels(mean)) * _channels(invstd)
+    dims = (0, 2, 3)
+    mean_d, mean_d_xhat = d.mean(dims), (d * xhat).mean(dims)
+    mean_gg, mean_gg_xhat = gg.mean(dims), (gg * xhat).mean(dims)
+    k = (gg * d).sum(dims) - count * (mean_d * mean_gg + mean_d_xhat * mean_gg_xhat)
+    c1 = grad_grad_weight.to(acc) - scale * mean_gg_xhat
+    # the gradient reaching d, kept where d can be nonzero (an argmax with y > 0)
+    e = _channels(scale) * gg + _channels(c1) * xhat + _channels(grad_grad_bias.to(acc) - scale * mean_gg)
+    reaches_d = _pooled_relu_grad(torch.ones_like(grad_out, dtype=acc), x, scale, shift, argmax)
+    windows = pool_windows(e * reaches_d)
+    grad_grad_out = windows.gather(-1, argmax.long().unsqueeze(-1)).squeeze(-1)
+    u = _channels(c1) * d - _channels(scale * mean_d_xhat) * gg
+    grad_input = (_channels(invstd) * (u - _channels(u.mean(dims)) - xhat * _channels((u * xhat).mean(dims)))
+                  - _channels(w * k * invstd.square() / count) * xhat)
+    return grad_grad_out.to(grad_out.dtype), grad_input.to(input.dtype), (invstd * k).to(weight.dtype)
+
+
+def batch_norm_relu_max_pool2d_backward_jvp(grad_out: Tensor, input: Tensor, weight: Tensor, bias: Tensor,
+                                            mean: Tensor, invstd: Tensor, argmax: Tensor,
+                                            tangent_grad_out: Optional[Tensor], tangent_input: Optional[Tensor],
+                                            tangent_weight: Optional[Tensor]):
+    """The forward-mode derivative of batch_norm_relu_max_pool2d_backward: the tangents of (grad_input,
+    grad_weight, grad_bias) for tangents of grad_out, input and weight (None: zero; bias's is 0 almost
+    everywhere), through the statistics' dependence on input."""
+    acc = mean.dtype
+    x, w = input.to(acc), weight.to(acc)
+    count = x.numel() // x.shape[1]
+    scale = w * invstd
+    shift = bias.to(acc) - mean * scale
+    dims = (0, 2, 3)
+    d = _pooled_relu_grad(grad_out, x, scale, shift, argmax)
+    xhat = (x - _channels(mean)) * _channels(invstd)
+    mean_d_xhat = (d * xhat).mean(dims)
+    core = d - _channels(d.mean(dims)) - xhat * _channels(mean_d_xhat)  # grad_input = scale * core
+    zero = torch.zeros_like(mean)
+    dd = (_pooled_relu_grad(tangent_grad_out, x, scale, shift, argmax) if tangent_grad_out is not None
+          else torch.zeros_like(x))
+    if tangent_input is not None:
+        dx = tangent_input.to(acc)
+        d_xhat = _channels(invstd) * (dx - _channels(dx.mean(dims)) - xhat * _channels((dx * xhat).mean(dims)))
+        d_invstd = -invstd.square() * (xhat * dx).mean(dims)
+    else:
+        d_xhat, d_invstd = torch.zeros_like(x), zero
+    tangent_grad_bias = dd.sum(dims)
+    tangent_grad_weight = (dd * xhat + d * d_xhat).sum(dims)
+    d_scale = (tangent_weight.to(acc) if tangent_weight is not None else zero) * invstd + w * d_invstd
+    tangent_grad_input = (_channels(d_scale) * core
+                          + _channels(scale) * (dd - _channels(dd.mean(dims)) - d_xhat * _channels(mean_d_xhat)
+                                                - xhat * _channels(tangent_grad_weight / count)))
+    return (tangent_grad_input.to(input.dtype), tangent_grad_weight.to(weight.dtype),
+            tangent_grad_bias.to(bias.dtype))
