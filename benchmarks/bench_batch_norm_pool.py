@@ -103,8 +103,8 @@ def render(result: dict) -> str:
                          f"{t['aten'] / t['fused']:.2f}x | {row['agreement'][name]:.0e} |")
     lines += ["", "Passes: forward (no_grad); first order (forward and backward, an inner step); second order "
               "(forward, create_graph backward of a loss of the output, and its backward: a reverse HVP). The "
-              "fused op's second order runs ATen's max-pool and BatchNorm backward ops, so that ATen's double "
-              "backward applies."]
+              "fused op's second order runs its compiled double backward; ATen's, its BatchNorm, ReLU and "
+              "max-pool double backward."]
     return "\n".join(lines) + "\n"
 
 

@@ -125,11 +125,9 @@ void check_channel_vector(const char* op, const char* name, const at::Tensor& t,
                     input.device(), "); got ", describe(t));
 }
 
-}  // namespace
-
-void validate_batch_norm_relu_max_pool2d(
-    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  constexpr const char* op = "imaml_ext.batch_norm_relu_max_pool2d";
+// The checks of each op that reads these arguments, naming that op.
+void check_batch_norm_pool_input(
+    const char* op, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   const c10::ScalarType dtype = input.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
                    op, ": input must be float32, float64, float16 or bfloat16; got ", describe(input));
@@ -147,12 +145,11 @@ void validate_batch_norm_relu_max_pool2d(
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, op, ": eps must be a finite number > 0; got ", eps);
 }
 
-void validate_batch_norm_relu_max_pool2d_backward(
-    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+void check_batch_norm_pool_backward(
+    const char* op, const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& argmax) {
-  constexpr const char* op = "imaml_ext.batch_norm_relu_max_pool2d_backward";
-  validate_batch_norm_relu_max_pool2d(input, weight, bias, 1.0);
+  check_batch_norm_pool_input(op, input, weight, bias, 1.0);
   const std::vector<int64_t> pooled{input.size(0), input.size(1), input.size(2) / 2, input.size(3) / 2};
   TORCH_CHECK_VALUE(grad_out.sizes() == c10::IntArrayRef(pooled) && grad_out.scalar_type() == input.scalar_type() &&
                         grad_out.device() == input.device() && grad_out.is_contiguous(),
@@ -170,13 +167,28 @@ void validate_batch_norm_relu_max_pool2d_backward(
   }
 }
 
+}  // namespace
+
+void validate_batch_norm_relu_max_pool2d(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_batch_norm_pool_input("imaml_ext.batch_norm_relu_max_pool2d", input, weight, bias, eps);
+}
+
+void validate_batch_norm_relu_max_pool2d_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& argmax) {
+  check_batch_norm_pool_backward("imaml_ext.batch_norm_relu_max_pool2d_backward", grad_out, input, weight, bias,
+                                 mean, invstd, argmax);
+}
+
 void validate_batch_norm_relu_max_pool2d_double_backward(
     const at::Tensor& grad_grad_input, const at::Tensor& grad_grad_weight,
     const at::Tensor& grad_grad_bias, const at::Tensor& grad_out, const at::Tensor& input,
     const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& argmax) {
   constexpr const char* op = "imaml_ext.batch_norm_relu_max_pool2d_double_backward";
-  validate_batch_norm_relu_max_pool2d_backward(grad_out, input, weight, bias, mean, invstd, argmax);
+  check_batch_norm_pool_backward(op, grad_out, input, weight, bias, mean, invstd, argmax);
   TORCH_CHECK_VALUE(grad_grad_input.sizes() == input.sizes() && grad_grad_input.scalar_type() == input.scalar_type() &&
                         grad_grad_input.device() == input.device() && grad_grad_input.is_contiguous(),
                     op, ": grad_grad_input must be a contiguous tensor of input's shape ", input.sizes(),

@@ -154,7 +154,8 @@ def cg_sample_states(device="cpu", dtype=torch.float64, layouts=None):
 
 @dataclasses.dataclass
 class BatchNormPoolSample:
-    """Inputs of batch_norm_relu_max_pool2d, and a gradient for its output."""
+    """Inputs of batch_norm_relu_max_pool2d, a gradient for its output, and upstream gradients of the
+    backward's outputs (input, weight, bias) for the double backward."""
 
     name: str
     input: Tensor
@@ -162,9 +163,20 @@ class BatchNormPoolSample:
     bias: Tensor
     eps: float
     grad_out: Tensor
+    grad_grad_input: Tensor
+    grad_grad_weight: Tensor
+    grad_grad_bias: Tensor
 
     def op_args(self):
         return (self.input, self.weight, self.bias, self.eps)
+
+    def double_backward_args(self, mean, invstd, argmax, weight=None, bias=None):
+        """The double backward's arguments, given the forward's statistics and argmax (weight and bias:
+        the forward's, when not the sample's own, e.g. float32 ones for a bf16 input)."""
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
+        return (self.grad_grad_input, self.grad_grad_weight.to(weight.dtype), self.grad_grad_bias.to(bias.dtype),
+                self.grad_out, self.input, weight, bias, mean, invstd, argmax)
 
 
 # name -> [N, C, H, W]: Conv4's blocks (28x28 Omniglot, 3x3 before the last pool), T = 4 tasks stacked,
@@ -198,4 +210,7 @@ def batch_norm_pool_sample_inputs(device="cpu", dtype=torch.float64):
                 bias=torch.randn(c, dtype=torch.float64).to(dtype=dtype, device=device),
                 eps=float(10 ** torch.empty(()).uniform_(-5, -2)),
                 grad_out=torch.randn(n, c, h // 2, w // 2, dtype=torch.float64).to(dtype=dtype, device=device),
+                grad_grad_input=torch.randn(shape, dtype=torch.float64).to(dtype=dtype, device=device),
+                grad_grad_weight=torch.randn(c, dtype=torch.float64).to(dtype=dtype, device=device),
+                grad_grad_bias=torch.randn(c, dtype=torch.float64).to(dtype=dtype, device=device),
             )

@@ -1,5 +1,6 @@
 """batch_norm_relu_max_pool2d: the compiled CPU kernels against the reference and against ATen's three
-layers in float64 (forward, first-order backward, double backward, forward-over-reverse, jvp), ties
+layers in float64 (forward, first-order backward, double backward, third order, forward-over-reverse,
+jvp), ties
 and NaN, opcheck, reduced precision, every rejected input; then the fused view of a model and the
 "+fused" forwards of TaskBatchedModule and IMAML against the unfused loop."""
 
@@ -30,6 +31,15 @@ def aten_layers(x, weight, bias, eps):
     return F.max_pool2d(F.relu(F.batch_norm(x, None, None, weight, bias, True, 0.1, eps)), 2)
 
 
+def composite_layers(x, weight, bias, eps):
+    """The same in elementwise ops and reductions, which autograd differentiates to any order (ATen's
+    batch_norm stops at the second)."""
+    mean = x.mean((0, 2, 3), keepdim=True)
+    var = (x - mean).square().mean((0, 2, 3), keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps) * weight[:, None, None] + bias[:, None, None]
+    return F.max_pool2d(F.relu(y), 2)
+
+
 def grads_of(f, sample, create_graph=False):
     args = [t.detach().clone().requires_grad_(True) for t in (sample.input, sample.weight, sample.bias)]
     out = f(*args, sample.eps)
@@ -53,6 +63,30 @@ def test_compiled_op_equals_the_reference_and_atens_layers(sample):
         torch.testing.assert_close(got, from_aten, rtol=1e-10, atol=1e-11)
 
 
+def aten_double_backward(sample):
+    """The gradients (grad_out, input, weight) of <grad_grad_*, the first-order gradients> through ATen's
+    three layers, by autograd: what the double backward computes."""
+    grad_out, x, w, b = [t.detach().clone().requires_grad_(True)
+                         for t in (sample.grad_out, sample.input, sample.weight, sample.bias)]
+    first = torch.autograd.grad(aten_layers(x, w, b, sample.eps), (x, w, b), grad_out, create_graph=True)
+    upstream = (sample.grad_grad_input, sample.grad_grad_weight, sample.grad_grad_bias)
+    total = sum((g * u).sum() for g, u in zip(first, upstream))
+    return torch.autograd.grad(total, (grad_out, x, w))
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: s.name)
+def test_compiled_double_backward_equals_the_reference_and_atens_layers(sample):
+    _, mean, invstd, argmax = torch.ops.imaml_ext.batch_norm_relu_max_pool2d(*sample.op_args())
+    args = sample.double_backward_args(mean, invstd, argmax)
+    got = torch.ops.imaml_ext.batch_norm_relu_max_pool2d_double_backward(*args)
+    expected = reference.batch_norm_relu_max_pool2d_double_backward(*args)
+    from_aten = aten_double_backward(sample)
+    for name, g, want, aten in zip(("grad_grad_out", "grad_input", "grad_weight"), got, expected, from_aten):
+        assert g.shape == want.shape and g.dtype == want.dtype, name
+        torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-11, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, aten, rtol=1e-10, atol=1e-11, msg=lambda m: f"{name} against ATen: {m}")
+
+
 def test_first_maximum_wins_and_nan_propagates():
     x = torch.tensor([[[[3.0, 3.0, 1.0, 2.0], [3.0, 0.0, 2.0, 2.0]]]], dtype=f64)  # windows [3,3,3,0], [1,2,2,2]
     one, ten = torch.ones(1, dtype=f64), torch.full((1,), 10.0, dtype=f64)  # bias 10: every y > 0
@@ -67,8 +101,9 @@ def test_first_maximum_wins_and_nan_propagates():
 
 @pytest.mark.parametrize("sample", SAMPLES[:6], ids=lambda s: s.name)
 def test_gradients_of_every_order_equal_atens_layers(sample):
-    """First order (the compiled backward), double backward (the reference's formulas under create_graph)
-    and forward-over-reverse, as iMAML's two HVPs use them, and jvp of the forward."""
+    """First order (the compiled backward), double backward (the compiled one, behind a create_graph
+    backward), forward-over-reverse (the backward's jvp), as iMAML's two HVPs use them, the third order
+    (the reference's double backward, differentiated) and jvp of the forward."""
     fused = ops.batch_norm_relu_max_pool2d
     out, args, first = grads_of(fused, sample)
     out_aten, args_aten, first_aten = grads_of(aten_layers, sample)
@@ -84,6 +119,13 @@ def test_gradients_of_every_order_equal_atens_layers(sample):
         grads = torch.autograd.grad(loss(f)(*leaves), leaves, create_graph=True)
         reverse[name] = torch.autograd.grad(grads, leaves, vectors)
     assert_all_close(reverse["fused"], reverse["aten"])
+    third = {}
+    for name, f in (("fused", fused), ("composite", composite_layers)):
+        leaves = [t.detach().clone().requires_grad_(True) for t in args]
+        grads = torch.autograd.grad(loss(f)(*leaves), leaves, create_graph=True)
+        hvps = torch.autograd.grad(grads, leaves, vectors, create_graph=True)
+        third[name] = torch.autograd.grad(sum((h * h).sum() for h in hvps), leaves)
+    assert_all_close(third["fused"], third["composite"])
     primals = tuple(t.detach() for t in args)
     forward_over_reverse = [jvp(grad(loss(f), argnums=(0, 1, 2)), primals, tuple(vectors))[1]
                             for f in (fused, aten_layers)]
@@ -100,6 +142,12 @@ def test_gradcheck_and_gradgradcheck():
     f = ops.batch_norm_relu_max_pool2d
     assert torch.autograd.gradcheck(f, (x, w, b))
     assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+    def hvp(x, w, b):  # second derivatives, whose gradient is the third order
+        first = torch.autograd.grad((f(x, w, b) ** 2).sum(), (x, w, b), create_graph=True)
+        return torch.autograd.grad(sum(g.sin().sum() for g in first), (x, w, b), create_graph=True)
+
+    assert torch.autograd.gradcheck(hvp, (x, w, b))
     assert torch.autograd.gradcheck(f, (x, w, b), check_forward_ad=True, check_backward_ad=False,
                                     check_undefined_grad=False, check_batched_grad=False)
 
@@ -110,6 +158,8 @@ def test_opcheck(sample):
     out, mean, invstd, argmax = torch.ops.imaml_ext.batch_norm_relu_max_pool2d(*sample.op_args())
     torch.library.opcheck(torch.ops.imaml_ext.batch_norm_relu_max_pool2d_backward,
                           (sample.grad_out, sample.input, sample.weight, sample.bias, mean, invstd, argmax))
+    torch.library.opcheck(torch.ops.imaml_ext.batch_norm_relu_max_pool2d_double_backward,
+                          sample.double_backward_args(mean, invstd, argmax))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -134,6 +184,14 @@ def test_reduced_precision_accumulates_in_float32(dtype):
             invstd.double(), argmax)
         scale = max(w.abs().max().item() for w in want)
         for got, expected in zip(grads, want):
+            torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * scale)
+        args = sample.double_backward_args(mean, invstd, argmax, weight, bias)
+        grads = torch.ops.imaml_ext.batch_norm_relu_max_pool2d_double_backward(*args)
+        assert [g.dtype for g in grads] == [dtype, dtype, torch.float32]
+        want = reference.batch_norm_relu_max_pool2d_double_backward(*[a.double() if a.is_floating_point() else a
+                                                                      for a in args])
+        for got, expected in zip(grads, want):
+            scale = expected.abs().max().item()
             torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * scale)
 
 
@@ -194,6 +252,17 @@ def test_compiled_op_rejects_bad_inputs_itself():
         op.batch_norm_relu_max_pool2d_backward(out, x, one, one, mean, invstd, argmax.long())
     with pytest.raises(TypeError, match=r"_backward: invstd must be the forward's contiguous Double tensor"):
         op.batch_norm_relu_max_pool2d_backward(out, x, one, one, mean, invstd.float(), argmax)
+    double_backward = op.batch_norm_relu_max_pool2d_double_backward
+    with pytest.raises(ValueError, match=r"_double_backward: grad_grad_input must be a contiguous tensor of input's "
+                                         r"shape \[2, 3, 4, 4\], dtype and device; got Tensor\(shape=\[2, 3, 4, 2\]"):
+        double_backward(x[..., :2].contiguous(), one, one, out, x, one, one, mean, invstd, argmax)
+    with pytest.raises(TypeError, match=r"_double_backward: grad_grad_bias must have bias's dtype \(Double\); "
+                                        r"got Tensor\(shape=\[3\], dtype=Float"):
+        double_backward(x, one, one.float(), out, x, one, one, mean, invstd, argmax)
+    with pytest.raises(ValueError, match=r"_double_backward: grad_grad_weight must be a \[C\] tensor with C = 3"):
+        double_backward(x, one[:2], one, out, x, one, one, mean, invstd, argmax)
+    with pytest.raises(ValueError, match=r"_double_backward: argmax must be the forward's contiguous uint8"):
+        double_backward(x, one, one, out, x, one, one, mean, invstd, argmax.long())
 
 
 # ----- the fused view of a model, and the "+fused" forwards -----
@@ -309,6 +378,14 @@ def test_cuda_kernels_equal_the_reference(dtype):
         for got, expected in zip(grads, want):
             torch.testing.assert_close(got.cpu().double(), expected, rtol=tol, atol=tol * scale,
                                        msg=lambda m: f"{sample.name}: {m}")
+        args = sample.double_backward_args(mean, invstd, argmax, weight, bias)
+        grads = torch.ops.imaml_ext.batch_norm_relu_max_pool2d_double_backward(*args)
+        want = reference.batch_norm_relu_max_pool2d_double_backward(
+            *[a.cpu().double() if a.is_floating_point() else a.cpu() for a in args])
+        for got, expected in zip(grads, want):
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(got.cpu().double(), expected, rtol=tol, atol=tol * scale,
+                                       msg=lambda m: f"{sample.name} double backward: {m}")
 
 
 @pytest.mark.cuda
@@ -322,8 +399,14 @@ def test_cuda_kernels_run_on_a_side_stream_and_in_a_graph():
         out = torch.ops.imaml_ext.batch_norm_relu_max_pool2d(*args)[0]
     torch.cuda.current_stream().wait_stream(stream)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out, mean, invstd, argmax = torch.ops.imaml_ext.batch_norm_relu_max_pool2d(*args)
+    double_args = [t.cuda() for t in sample.double_backward_args(mean.cpu(), invstd.cpu(), argmax.cpu())]
+    expected_double = torch.ops.imaml_ext.batch_norm_relu_max_pool2d_double_backward(*double_args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = torch.ops.imaml_ext.batch_norm_relu_max_pool2d(*args)[0]
+        captured_double = torch.ops.imaml_ext.batch_norm_relu_max_pool2d_double_backward(*double_args)
     graph.replay()
     torch.testing.assert_close(captured, expected, rtol=0, atol=0)
+    for got, want in zip(captured_double, expected_double):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
