@@ -222,6 +222,19 @@ C10_HOST_DEVICE inline void cg_finalize_update(
 // argmax is its position 0..3 in row-major order (dh * 2 + dw); the first
 // maximum wins, as in ATen's max_pool2d on ReLU's output.
 
+// A channel's BatchNorm, y = x * scale + shift, from its statistics and affine weights: every
+// kernel computes y this one way, so that a backward finds ReLU's mask where the forward left it.
+template <typename acc_t>
+struct BnAffine {
+  acc_t mean, invstd, scale, shift;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline BnAffine<acc_t> bn_affine(acc_t mean, acc_t invstd, acc_t weight, acc_t bias) {
+  const acc_t scale = weight * invstd;
+  return {mean, invstd, scale, bias - mean * scale};
+}
+
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t bn_relu_input(acc_t x, acc_t scale, acc_t shift) {
   return x * scale + shift;  // the pre-activation y, computed the same way forward and backward

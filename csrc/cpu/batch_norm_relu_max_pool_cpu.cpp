@@ -57,8 +57,9 @@ struct ForwardArgs {
   uint8_t* argmax;
 };
 
+// What the backward and the double backward both read.
 template <typename scalar_t, typename acc_t>
-struct BackwardArgs {
+struct BackwardInputs {
   PoolShape s;
   const scalar_t* grad_out;
   const scalar_t* x;
@@ -67,6 +68,13 @@ struct BackwardArgs {
   const acc_t* mean;
   const acc_t* invstd;
   const uint8_t* argmax;
+
+  BnAffine<acc_t> affine(int64_t c) const { return bn_affine<acc_t>(mean[c], invstd[c], weight[c], bias[c]); }
+};
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  BackwardInputs<scalar_t, acc_t> in;
   scalar_t* grad_x;
   acc_t* grad_weight;
   acc_t* grad_bias;
@@ -74,7 +82,7 @@ struct BackwardArgs {
 
 template <typename scalar_t, typename acc_t>
 struct DoubleBackwardArgs {
-  BackwardArgs<scalar_t, acc_t> b;  // its grad_x, grad_weight, grad_bias unused
+  BackwardInputs<scalar_t, acc_t> in;
   const scalar_t* grad_grad_x;
   const acc_t* grad_grad_weight;
   const acc_t* grad_grad_bias;
@@ -82,6 +90,21 @@ struct DoubleBackwardArgs {
   scalar_t* grad_x;
   acc_t* grad_weight;
 };
+
+template <typename scalar_t, typename acc_t>
+BackwardInputs<scalar_t, acc_t> backward_inputs(const at::Tensor& grad_out, const at::Tensor& input,
+                                                const at::Tensor& weight, const at::Tensor& bias,
+                                                const at::Tensor& mean, const at::Tensor& invstd,
+                                                const at::Tensor& argmax) {
+  return {shape_of(input),
+          grad_out.const_data_ptr<scalar_t>(),
+          input.const_data_ptr<scalar_t>(),
+          weight.const_data_ptr<acc_t>(),
+          bias.const_data_ptr<acc_t>(),
+          mean.const_data_ptr<acc_t>(),
+          invstd.const_data_ptr<acc_t>(),
+          argmax.const_data_ptr<uint8_t>()};
+}
 
 // sum over the channel's N planes of f(v).
 template <typename acc_t, typename scalar_t, typename F>
@@ -109,8 +132,8 @@ IMAML_EXT_CPU_CLONES void forward_channels(const ForwardArgs<scalar_t, acc_t>& a
     const acc_t is = acc_t(1) / std::sqrt(var + a.eps);
     a.mean[c] = m;
     a.invstd[c] = is;
-    const acc_t scale = a.weight[c] * is;
-    const acc_t shift = a.bias[c] - m * scale;
+    const BnAffine<acc_t> bn = bn_affine<acc_t>(m, is, a.weight[c], a.bias[c]);
+    const acc_t scale = bn.scale, shift = bn.shift;
     for (int64_t n = 0; n < s.n; ++n) {
       const scalar_t* xp = a.x + (n * s.c + c) * s.plane();
       scalar_t* op = a.out + (n * s.c + c) * s.pooled_plane();
@@ -133,18 +156,17 @@ IMAML_EXT_CPU_CLONES void forward_channels(const ForwardArgs<scalar_t, acc_t>& a
 
 template <typename scalar_t, typename acc_t>
 IMAML_EXT_CPU_CLONES void backward_channels(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
-  const PoolShape& s = a.s;
+  const BackwardInputs<scalar_t, acc_t>& in = a.in;
+  const PoolShape& s = in.s;
   for (int64_t c = begin; c < end; ++c) {
-    const acc_t m = a.mean[c];
-    const acc_t is = a.invstd[c];
-    const acc_t scale = a.weight[c] * is;
-    const acc_t shift = a.bias[c] - m * scale;
+    const BnAffine<acc_t> bn = in.affine(c);
+    const acc_t m = bn.mean, is = bn.invstd, scale = bn.scale, shift = bn.shift;
     // Only a window's argmax with y > 0 receives a gradient: the sums read one element per window.
     acc_t sum_gy = 0, sum_gy_xhat = 0;
     for (int64_t n = 0; n < s.n; ++n) {
-      const scalar_t* xp = a.x + (n * s.c + c) * s.plane();
-      const scalar_t* gp = a.grad_out + (n * s.c + c) * s.pooled_plane();
-      const uint8_t* ap = a.argmax + (n * s.c + c) * s.pooled_plane();
+      const scalar_t* xp = in.x + (n * s.c + c) * s.plane();
+      const scalar_t* gp = in.grad_out + (n * s.c + c) * s.pooled_plane();
+      const uint8_t* ap = in.argmax + (n * s.c + c) * s.pooled_plane();
       for (int64_t i = 0; i < s.ho; ++i) {
         const scalar_t* top = xp + 2 * i * s.w;
         const scalar_t* below = top + s.w;
@@ -163,10 +185,10 @@ IMAML_EXT_CPU_CLONES void backward_channels(const BackwardArgs<scalar_t, acc_t>&
     const BnInputGrad<acc_t> coef = bn_input_grad_coefficients(
         scale, m, is, sum_gy / static_cast<acc_t>(s.count()), sum_gy_xhat / static_cast<acc_t>(s.count()));
     for (int64_t n = 0; n < s.n; ++n) {
-      const scalar_t* xp = a.x + (n * s.c + c) * s.plane();
+      const scalar_t* xp = in.x + (n * s.c + c) * s.plane();
       scalar_t* gxp = a.grad_x + (n * s.c + c) * s.plane();
-      const scalar_t* gp = a.grad_out + (n * s.c + c) * s.pooled_plane();
-      const uint8_t* ap = a.argmax + (n * s.c + c) * s.pooled_plane();
+      const scalar_t* gp = in.grad_out + (n * s.c + c) * s.pooled_plane();
+      const uint8_t* ap = in.argmax + (n * s.c + c) * s.pooled_plane();
       for (int64_t i = 0; i < s.ho; ++i) {
         const scalar_t* top = xp + 2 * i * s.w;
         const scalar_t* below = top + s.w;
@@ -198,17 +220,15 @@ IMAML_EXT_CPU_CLONES void backward_channels(const BackwardArgs<scalar_t, acc_t>&
 template <typename scalar_t, typename acc_t>
 IMAML_EXT_CPU_CLONES void double_backward_channels(const DoubleBackwardArgs<scalar_t, acc_t>& a, int64_t begin,
                                                    int64_t end) {
-  const BackwardArgs<scalar_t, acc_t>& b = a.b;
-  const PoolShape& s = b.s;
+  const BackwardInputs<scalar_t, acc_t>& in = a.in;
+  const PoolShape& s = in.s;
   for (int64_t c = begin; c < end; ++c) {
-    const acc_t m = b.mean[c];
-    const acc_t is = b.invstd[c];
-    const acc_t scale = b.weight[c] * is;
-    const acc_t shift = b.bias[c] - m * scale;
+    const BnAffine<acc_t> bn = in.affine(c);
+    const acc_t m = bn.mean, is = bn.invstd, scale = bn.scale, shift = bn.shift;
     acc_t sum_gg = 0, sum_gg_xhat = 0, sum_d = 0, sum_d_xhat = 0, sum_gg_d = 0;
     for (int64_t n = 0; n < s.n; ++n) {
       const int64_t plane = (n * s.c + c) * s.plane(), pooled = (n * s.c + c) * s.pooled_plane();
-      const scalar_t* xp = b.x + plane;
+      const scalar_t* xp = in.x + plane;
       const scalar_t* ggp = a.grad_grad_x + plane;
 #pragma omp simd reduction(+ : sum_gg, sum_gg_xhat)
       for (int64_t i = 0; i < s.plane(); ++i) {
@@ -217,8 +237,8 @@ IMAML_EXT_CPU_CLONES void double_backward_channels(const DoubleBackwardArgs<scal
         sum_gg_xhat += gg * ((static_cast<acc_t>(xp[i]) - m) * is);
       }
       // d is nonzero only at a window's argmax with y > 0: one element per window
-      const scalar_t* gp = b.grad_out + pooled;
-      const uint8_t* ap = b.argmax + pooled;
+      const scalar_t* gp = in.grad_out + pooled;
+      const uint8_t* ap = in.argmax + pooled;
       for (int64_t i = 0; i < s.ho; ++i) {
         const scalar_t* top = xp + 2 * i * s.w;
         const scalar_t* below = top + s.w;
@@ -238,12 +258,12 @@ IMAML_EXT_CPU_CLONES void double_backward_channels(const DoubleBackwardArgs<scal
       }
     }
     const BnDoubleBackward<acc_t> coef = bn_double_backward_coefficients<acc_t>(
-        b.weight[c], m, is, static_cast<acc_t>(s.count()), sum_d, sum_d_xhat, sum_gg, sum_gg_xhat, sum_gg_d,
+        in.weight[c], m, is, static_cast<acc_t>(s.count()), sum_d, sum_d_xhat, sum_gg, sum_gg_xhat, sum_gg_d,
         a.grad_grad_weight[c], a.grad_grad_bias[c]);
     a.grad_weight[c] = coef.grad_weight;
     for (int64_t n = 0; n < s.n; ++n) {
       const int64_t plane = (n * s.c + c) * s.plane(), pooled = (n * s.c + c) * s.pooled_plane();
-      const scalar_t* xp = b.x + plane;
+      const scalar_t* xp = in.x + plane;
       const scalar_t* ggp = a.grad_grad_x + plane;
       scalar_t* gxp = a.grad_x + plane;
 #pragma omp simd
@@ -251,8 +271,8 @@ IMAML_EXT_CPU_CLONES void double_backward_channels(const DoubleBackwardArgs<scal
         gxp[i] = static_cast<scalar_t>(
             bn_double_backward_input<acc_t>(acc_t(0), ggp[i], static_cast<acc_t>(xp[i]), coef));
       }
-      const scalar_t* gp = b.grad_out + pooled;
-      const uint8_t* ap = b.argmax + pooled;
+      const scalar_t* gp = in.grad_out + pooled;
+      const uint8_t* ap = in.argmax + pooled;
       scalar_t* ggop = a.grad_grad_out + pooled;
       for (int64_t i = 0; i < s.ho; ++i) {
         for (int64_t j = 0; j < s.wo; ++j) {
@@ -292,11 +312,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_max_pool2d_backwa
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_relu_max_pool2d_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const BackwardArgs<scalar_t, acc_t> args{
-        shape_of(input), grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-        t.weight.const_data_ptr<acc_t>(), t.bias.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
-        invstd.const_data_ptr<acc_t>(), argmax.const_data_ptr<uint8_t>(), t.grad_input.data_ptr<scalar_t>(),
-        t.grad_weight.data_ptr<acc_t>(), t.grad_bias.data_ptr<acc_t>()};
-    at::parallel_for(0, args.s.c, 1, [&](int64_t begin, int64_t end) { backward_channels(args, begin, end); });
+        backward_inputs<scalar_t, acc_t>(grad_out, input, t.weight, t.bias, mean, invstd, argmax),
+        t.grad_input.data_ptr<scalar_t>(), t.grad_weight.data_ptr<acc_t>(), t.grad_bias.data_ptr<acc_t>()};
+    at::parallel_for(0, args.in.s.c, 1, [&](int64_t begin, int64_t end) { backward_channels(args, begin, end); });
   });
   return {t.grad_input, t.grad_weight.to(weight.scalar_type()), t.grad_bias.to(bias.scalar_type())};
 }
@@ -310,13 +328,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_max_pool2d_double
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_relu_max_pool2d_double_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const DoubleBackwardArgs<scalar_t, acc_t> args{
-        {shape_of(input), grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-         t.weight.const_data_ptr<acc_t>(), t.bias.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
-         invstd.const_data_ptr<acc_t>(), argmax.const_data_ptr<uint8_t>(), nullptr, nullptr, nullptr},
+        backward_inputs<scalar_t, acc_t>(grad_out, input, t.weight, t.bias, mean, invstd, argmax),
         grad_grad_input.const_data_ptr<scalar_t>(), t.grad_grad_weight.const_data_ptr<acc_t>(),
         t.grad_grad_bias.const_data_ptr<acc_t>(), t.grad_grad_out.data_ptr<scalar_t>(),
         t.grad_input.data_ptr<scalar_t>(), t.grad_weight.data_ptr<acc_t>()};
-    at::parallel_for(0, args.b.s.c, 1, [&](int64_t begin, int64_t end) { double_backward_channels(args, begin, end); });
+    at::parallel_for(0, args.in.s.c, 1, [&](int64_t begin, int64_t end) { double_backward_channels(args, begin, end); });
   });
   return {t.grad_grad_out, t.grad_input, t.grad_weight.to(weight.scalar_type())};
 }

@@ -52,7 +52,30 @@ struct Channel {
     const int64_t i = r / wo;
     return plane_index * plane + 2 * i * d.w + 2 * (r - i * wo);
   }
+  // Input offset of position k (0..3, row-major) of that window.
+  __device__ int64_t window_element_at(const PoolDims& d, int64_t o, uint8_t k) const {
+    return window_at(d, o) + (k / 2) * d.w + k % 2;
+  }
 };
+
+// The i-th window of channel c (over the N planes): its output offset o, the input offset e of its
+// argmax, that element's value v and pre-activation y, and the gradient gy reaching y there.
+template <typename acc_t>
+struct ArgmaxElement {
+  int64_t o, e;
+  acc_t v, y, gy;
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ ArgmaxElement<acc_t> argmax_element(
+    const Channel& ch, const PoolDims& d, int64_t c, int64_t i, const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ grad_out, const uint8_t* __restrict__ argmax, acc_t scale, acc_t shift) {
+  const int64_t o = ch.pooled_at(d, c, i);
+  const int64_t e = ch.window_element_at(d, o, argmax[o]);
+  const acc_t v = static_cast<acc_t>(x[e]);
+  const acc_t y = bn_relu_input(v, scale, shift);
+  return {o, e, v, y, pooled_relu_grad<acc_t>(static_cast<acc_t>(grad_out[o]), y)};
+}
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) batch_norm_relu_max_pool2d_kernel(
@@ -76,8 +99,8 @@ __global__ void __launch_bounds__(kThreads) batch_norm_relu_max_pool2d_kernel(
     mean[c] = m;
     invstd[c] = is;
   }
-  const acc_t scale = weight[c] * is;
-  const acc_t shift = bias[c] - m * scale;
+  const BnAffine<acc_t> bn = bn_affine<acc_t>(m, is, weight[c], bias[c]);
+  const acc_t scale = bn.scale, shift = bn.shift;
   for (int64_t i = threadIdx.x; i < d.n * ch.pooled_plane; i += kThreads) {
     const int64_t o = ch.pooled_at(d, c, i);
     const scalar_t* p = x + ch.window_at(d, o);
@@ -98,19 +121,14 @@ __global__ void __launch_bounds__(kThreads) batch_norm_relu_max_pool2d_backward_
     acc_t* __restrict__ grad_bias, PoolDims d) {
   const int64_t c = blockIdx.x;
   const Channel ch(d);
-  const acc_t m = mean[c];
-  const acc_t is = invstd[c];
-  const acc_t scale = weight[c] * is;
-  const acc_t shift = bias[c] - m * scale;
+  const BnAffine<acc_t> bn = bn_affine<acc_t>(mean[c], invstd[c], weight[c], bias[c]);
+  const acc_t m = bn.mean, is = bn.invstd, scale = bn.scale, shift = bn.shift;
   // Only a window's argmax with y > 0 receives a gradient: the sums read one element per window.
   acc_t sum_gy = 0, sum_gy_xhat = 0;
   for (int64_t i = threadIdx.x; i < d.n * ch.pooled_plane; i += kThreads) {
-    const int64_t o = ch.pooled_at(d, c, i);
-    const uint8_t k = argmax[o];
-    const acc_t v = static_cast<acc_t>(x[ch.window_at(d, o) + (k / 2) * d.w + k % 2]);
-    const acc_t gy = pooled_relu_grad<acc_t>(static_cast<acc_t>(grad_out[o]), bn_relu_input(v, scale, shift));
-    sum_gy += gy;
-    sum_gy_xhat += gy * ((v - m) * is);
+    const ArgmaxElement<acc_t> a = argmax_element(ch, d, c, i, x, grad_out, argmax, scale, shift);
+    sum_gy += a.gy;
+    sum_gy_xhat += a.gy * ((a.v - m) * is);
   }
   sum_gy = block_sum_to_all(sum_gy);
   sum_gy_xhat = block_sum_to_all(sum_gy_xhat);
@@ -126,12 +144,8 @@ __global__ void __launch_bounds__(kThreads) batch_norm_relu_max_pool2d_backward_
   }
   __syncthreads();  // the argmax elements below overwrite what other threads of the block wrote above
   for (int64_t i = threadIdx.x; i < d.n * ch.pooled_plane; i += kThreads) {
-    const int64_t o = ch.pooled_at(d, c, i);
-    const uint8_t k = argmax[o];
-    const int64_t e = ch.window_at(d, o) + (k / 2) * d.w + k % 2;
-    const acc_t v = static_cast<acc_t>(x[e]);
-    const acc_t gy = pooled_relu_grad<acc_t>(static_cast<acc_t>(grad_out[o]), bn_relu_input(v, scale, shift));
-    grad_x[e] = static_cast<scalar_t>(bn_input_grad(gy, v, coef));
+    const ArgmaxElement<acc_t> a = argmax_element(ch, d, c, i, x, grad_out, argmax, scale, shift);
+    grad_x[a.e] = static_cast<scalar_t>(bn_input_grad(a.gy, a.v, coef));
   }
 }
 
@@ -144,10 +158,8 @@ __global__ void __launch_bounds__(kThreads) batch_norm_relu_max_pool2d_double_ba
     scalar_t* __restrict__ grad_x, acc_t* __restrict__ grad_weight, PoolDims d) {
   const int64_t c = blockIdx.x;
   const Channel ch(d);
-  const acc_t m = mean[c];
-  const acc_t is = invstd[c];
-  const acc_t scale = weight[c] * is;
-  const acc_t shift = bias[c] - m * scale;
+  const BnAffine<acc_t> bn = bn_affine<acc_t>(mean[c], invstd[c], weight[c], bias[c]);
+  const acc_t m = bn.mean, is = bn.invstd, scale = bn.scale, shift = bn.shift;
   acc_t sum_gg = 0, sum_gg_xhat = 0;
   for (int64_t i = threadIdx.x; i < ch.count; i += kThreads) {
     const int64_t e = ch.at(d, c, i);
@@ -158,14 +170,10 @@ __global__ void __launch_bounds__(kThreads) batch_norm_relu_max_pool2d_double_ba
   // d is nonzero only at a window's argmax with y > 0: one element per window
   acc_t sum_d = 0, sum_d_xhat = 0, sum_gg_d = 0;
   for (int64_t i = threadIdx.x; i < d.n * ch.pooled_plane; i += kThreads) {
-    const int64_t o = ch.pooled_at(d, c, i);
-    const uint8_t k = argmax[o];
-    const int64_t e = ch.window_at(d, o) + (k / 2) * d.w + k % 2;
-    const acc_t v = static_cast<acc_t>(x[e]);
-    const acc_t gy = pooled_relu_grad<acc_t>(static_cast<acc_t>(grad_out[o]), bn_relu_input(v, scale, shift));
-    sum_d += gy;
-    sum_d_xhat += gy * ((v - m) * is);
-    sum_gg_d += gy * static_cast<acc_t>(grad_grad_x[e]);
+    const ArgmaxElement<acc_t> a = argmax_element(ch, d, c, i, x, grad_out, argmax, scale, shift);
+    sum_d += a.gy;
+    sum_d_xhat += a.gy * ((a.v - m) * is);
+    sum_gg_d += a.gy * static_cast<acc_t>(grad_grad_x[a.e]);
   }
   sum_gg = block_sum_to_all(sum_gg);
   sum_gg_xhat = block_sum_to_all(sum_gg_xhat);
@@ -185,15 +193,12 @@ __global__ void __launch_bounds__(kThreads) batch_norm_relu_max_pool2d_double_ba
   }
   __syncthreads();  // the argmax elements below overwrite what other threads of the block wrote above
   for (int64_t i = threadIdx.x; i < d.n * ch.pooled_plane; i += kThreads) {
-    const int64_t o = ch.pooled_at(d, c, i);
-    const uint8_t k = argmax[o];
-    const int64_t e = ch.window_at(d, o) + (k / 2) * d.w + k % 2;
-    const acc_t v = static_cast<acc_t>(x[e]);
-    const acc_t gg = static_cast<acc_t>(grad_grad_x[e]);
-    const acc_t y = bn_relu_input(v, scale, shift);
-    const acc_t gy = pooled_relu_grad<acc_t>(static_cast<acc_t>(grad_out[o]), y);
-    grad_x[e] = static_cast<scalar_t>(bn_double_backward_input<acc_t>(gy, gg, v, coef));
-    grad_grad_out[o] = static_cast<scalar_t>(pooled_relu_grad<acc_t>(bn_double_backward_grad_out<acc_t>(gg, v, coef), y));
+    const ArgmaxElement<acc_t> a = argmax_element(ch, d, c, i, x, grad_out, argmax, scale, shift);
+    const acc_t gg = static_cast<acc_t>(grad_grad_x[a.e]);
+    grad_x[a.e] = static_cast<scalar_t>(bn_double_backward_input<acc_t>(a.gy, gg, a.v, coef));
+    // the gradient reaching d, where d depends on grad_out (y > 0)
+    grad_grad_out[a.o] =
+        static_cast<scalar_t>(pooled_relu_grad<acc_t>(bn_double_backward_grad_out<acc_t>(gg, a.v, coef), a.y));
   }
 }
 
