@@ -4,9 +4,12 @@
 // channel for its statistics, one for the pooled output. Backward: one read of
 // each window for the channel's sums, one writing the input gradient. Double
 // backward: one read of the input and its upstream gradient for the channel's
-// five sums, one writing both gradients. The inner loops run over a
-// row of windows without branches, so that the compiler vectorises them
-// (omp simd; the sums' order is then the compiler's, fixed for a build).
+// five sums, one writing both gradients. The sums' and the forward's loops run
+// over a row of windows without branches, so that the compiler vectorises them
+// (omp simd; the sums' order is then the compiler's, fixed for a build). Both
+// backwards write a plane as if no element were an argmax (affine in the input,
+// contiguous, vectorised), then each window's argmax over it, while the plane
+// is still in cache.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -106,6 +109,11 @@ BackwardInputs<scalar_t, acc_t> backward_inputs(const at::Tensor& grad_out, cons
           argmax.const_data_ptr<uint8_t>()};
 }
 
+// The offset in its [H, W] plane of position k (0..3, row-major) of window (i, j).
+inline int64_t window_element_offset(const PoolShape& s, int64_t i, int64_t j, int32_t k) {
+  return (2 * i + k / 2) * s.w + 2 * j + k % 2;
+}
+
 // sum over the channel's N planes of f(v).
 template <typename acc_t, typename scalar_t, typename F>
 inline acc_t channel_sum(const scalar_t* x, const PoolShape& s, int64_t c, F&& f) {
@@ -189,29 +197,18 @@ IMAML_EXT_CPU_CLONES void backward_channels(const BackwardArgs<scalar_t, acc_t>&
       scalar_t* gxp = a.grad_x + (n * s.c + c) * s.plane();
       const scalar_t* gp = in.grad_out + (n * s.c + c) * s.pooled_plane();
       const uint8_t* ap = in.argmax + (n * s.c + c) * s.pooled_plane();
-      for (int64_t i = 0; i < s.ho; ++i) {
-        const scalar_t* top = xp + 2 * i * s.w;
-        const scalar_t* below = top + s.w;
-        scalar_t* grad_top = gxp + 2 * i * s.w;
-        scalar_t* grad_below = grad_top + s.w;
 #pragma omp simd
+      for (int64_t e = 0; e < s.plane(); ++e) {
+        gxp[e] = static_cast<scalar_t>(bn_input_grad(acc_t(0), static_cast<acc_t>(xp[e]), coef));
+      }
+      for (int64_t i = 0; i < s.ho; ++i) {
         for (int64_t j = 0; j < s.wo; ++j) {
           const int32_t k = ap[i * s.wo + j];
-          const acc_t v0 = top[2 * j], v1 = top[2 * j + 1], v2 = below[2 * j], v3 = below[2 * j + 1];
-          const acc_t gy = pooled_relu_grad<acc_t>(gp[i * s.wo + j],
-                                                   bn_relu_input(window_element(k, v0, v1, v2, v3), scale, shift));
-          grad_top[2 * j] = static_cast<scalar_t>(bn_input_grad(k == 0 ? gy : acc_t(0), v0, coef));
-          grad_top[2 * j + 1] = static_cast<scalar_t>(bn_input_grad(k == 1 ? gy : acc_t(0), v1, coef));
-          grad_below[2 * j] = static_cast<scalar_t>(bn_input_grad(k == 2 ? gy : acc_t(0), v2, coef));
-          grad_below[2 * j + 1] = static_cast<scalar_t>(bn_input_grad(k == 3 ? gy : acc_t(0), v3, coef));
+          const int64_t e = window_element_offset(s, i, j, k);
+          const acc_t v = xp[e];
+          const acc_t gy = pooled_relu_grad<acc_t>(gp[i * s.wo + j], bn_relu_input(v, scale, shift));
+          gxp[e] = static_cast<scalar_t>(bn_input_grad(gy, v, coef));
         }
-        if (s.w % 2 == 1) {  // the last column, which no window covers
-          grad_top[s.w - 1] = static_cast<scalar_t>(bn_input_grad(acc_t(0), static_cast<acc_t>(top[s.w - 1]), coef));
-          grad_below[s.w - 1] = static_cast<scalar_t>(bn_input_grad(acc_t(0), static_cast<acc_t>(below[s.w - 1]), coef));
-        }
-      }
-      for (int64_t e = 2 * s.ho * s.w; e < s.plane(); ++e) {  // the last row when H is odd, likewise
-        gxp[e] = static_cast<scalar_t>(bn_input_grad(acc_t(0), static_cast<acc_t>(xp[e]), coef));
       }
     }
   }
@@ -277,7 +274,7 @@ IMAML_EXT_CPU_CLONES void double_backward_channels(const DoubleBackwardArgs<scal
       for (int64_t i = 0; i < s.ho; ++i) {
         for (int64_t j = 0; j < s.wo; ++j) {
           const int32_t k = ap[i * s.wo + j];
-          const int64_t e = (2 * i + k / 2) * s.w + 2 * j + k % 2;
+          const int64_t e = window_element_offset(s, i, j, k);
           const acc_t v = xp[e], gg = ggp[e];
           const acc_t d = pooled_relu_grad<acc_t>(gp[i * s.wo + j], bn_relu_input(v, scale, shift));
           gxp[e] = static_cast<scalar_t>(bn_double_backward_input<acc_t>(d, gg, v, coef));
