@@ -9,8 +9,11 @@ Hessian of task t's support loss at phi_t, two ways that give the same products:
 
 Which is faster depends on the device, the model and the number of CG iterations: "forward"
 builds nothing up front but pays more per product (on a 2-core CPU it made the paper's
-meta-step 3-22 % slower, benchmarks/results/meta_step-issue17-cpu-2cores-2026-11-30.md). ``choose`` times both once per key, as
-``torch.backends.cudnn.benchmark`` times convolution algorithms.
+meta-step 3-22 % slower, benchmarks/results/meta_step-issue17-cpu-2cores-2026-11-30.md; with
+the fused BatchNorm op's compiled double backward, a solve's five "reverse" products were
+predicted at 0.80 s against "forward"'s 2.62 s at T = 16,
+benchmarks/results/meta_step-double-backward-cpu-2cores-2026-11-30.md). ``choose`` times both
+once per key, as ``torch.backends.cudnn.benchmark`` times convolution algorithms.
 """
 
 from __future__ import annotations
