@@ -264,7 +264,7 @@ IMAML_EXT_CPU_CLONES void double_backward_channels(const DoubleBackwardArgs<scal
       const scalar_t* ggp = a.grad_grad_x + plane;
       scalar_t* gxp = a.grad_x + plane;
 #pragma omp simd
-      for (int64_t i = 0; i < s.plane(); ++i) {  // d = 0 everywhere; the argmax elements are added below
+      for (int64_t i = 0; i < s.plane(); ++i) {  // as if d = 0 everywhere; the argmax elements are rewritten below
         gxp[i] = static_cast<scalar_t>(
             bn_double_backward_input<acc_t>(acc_t(0), ggp[i], static_cast<acc_t>(xp[i]), coef));
       }
@@ -276,11 +276,11 @@ IMAML_EXT_CPU_CLONES void double_backward_channels(const DoubleBackwardArgs<scal
           const int32_t k = ap[i * s.wo + j];
           const int64_t e = window_element_offset(s, i, j, k);
           const acc_t v = xp[e], gg = ggp[e];
-          const acc_t d = pooled_relu_grad<acc_t>(gp[i * s.wo + j], bn_relu_input(v, scale, shift));
+          const acc_t y = bn_relu_input(v, scale, shift);
+          const acc_t d = pooled_relu_grad<acc_t>(gp[i * s.wo + j], y);
           gxp[e] = static_cast<scalar_t>(bn_double_backward_input<acc_t>(d, gg, v, coef));
           // the gradient reaching d, where d depends on grad_out (y > 0)
-          ggop[i * s.wo + j] = static_cast<scalar_t>(
-              pooled_relu_grad<acc_t>(bn_double_backward_grad_out<acc_t>(gg, v, coef), bn_relu_input(v, scale, shift)));
+          ggop[i * s.wo + j] = static_cast<scalar_t>(pooled_relu_grad<acc_t>(bn_double_backward_grad_out<acc_t>(gg, v, coef), y));
         }
       }
     }

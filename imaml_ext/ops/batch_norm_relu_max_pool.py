@@ -60,43 +60,24 @@ class _BatchNormReLUMaxPool2d(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, weight, bias, eps = inputs
-        out, mean, invstd, argmax = output
+        _, mean, invstd, argmax = output
         ctx.mark_non_differentiable(mean, invstd, argmax)
-        ctx.save_for_backward(input, weight, bias, out, mean, invstd, argmax)
-        ctx.save_for_forward(input, weight, bias, out, mean, invstd, argmax)
+        ctx.save_for_backward(input, weight, bias, mean, invstd, argmax)
+        ctx.save_for_forward(input, weight, bias, mean, invstd, argmax)
         ctx.eps = eps
 
     @staticmethod
     def backward(ctx, grad_out, _mean, _invstd, _argmax):
-        input, weight, bias, out, mean, invstd, argmax = ctx.saved_tensors
-        args = (grad_out.contiguous(), input, weight, bias, mean, invstd, argmax)
+        args = (grad_out.contiguous(), *ctx.saved_tensors)
         if torch.is_grad_enabled():  # create_graph: this backward is differentiated again
             grads = _BatchNormReLUMaxPool2dBackward.apply(*args, ctx.eps)
         else:
-            grads = _backend(input.device).batch_norm_relu_max_pool2d_backward(*args)
+            grads = _backend(grad_out.device).batch_norm_relu_max_pool2d_backward(*args)
         return (*grads, None)
 
     @staticmethod
     def jvp(ctx, d_input, d_weight, d_bias, _eps):
-        input, weight, bias, _, mean, invstd, argmax = ctx.saved_tensors
-        acc = mean.dtype
-        x = input.to(acc)
-        scale = weight.to(acc) * invstd
-        y = x * scale[:, None, None] + (bias.to(acc) - mean * scale)[:, None, None]
-        xhat = (x - mean[:, None, None]) * invstd[:, None, None]
-        d_y = torch.zeros_like(x)
-        if d_input is not None:
-            dx = d_input.to(acc)
-            d_xhat = invstd[:, None, None] * (dx - dx.mean((0, 2, 3))[:, None, None]
-                                              - xhat * (dx * xhat).mean((0, 2, 3))[:, None, None])
-            d_y = d_y + weight.to(acc)[:, None, None] * d_xhat
-        if d_weight is not None:
-            d_y = d_y + d_weight.to(acc)[:, None, None] * xhat
-        if d_bias is not None:
-            d_y = d_y + d_bias.to(acc)[:, None, None]
-        windows = reference.pool_windows(d_y * (y > 0))
-        d_out = windows.gather(-1, argmax.long().unsqueeze(-1)).squeeze(-1).to(input.dtype)
-        return d_out, None, None, None
+        return reference.batch_norm_relu_max_pool2d_jvp(*ctx.saved_tensors, d_input, d_weight, d_bias), None, None, None
 
 
 class _BatchNormReLUMaxPool2dBackward(torch.autograd.Function):

@@ -202,34 +202,74 @@ def batch_norm_relu_max_pool2d(input: Tensor, weight: Tensor, bias: Tensor, eps:
     return best.to(input.dtype), mean, invstd, argmax
 
 
+class _Normalised:
+    """A channel-wise BatchNorm's pieces in the accumulation dtype (mean's): x, w, scale and shift (y =
+    x * scale + shift), xhat, y, and the element count per channel."""
+
+    def __init__(self, input: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor):
+        acc = mean.dtype
+        self.x, self.w, self.invstd = input.to(acc), weight.to(acc), invstd
+        self.scale = self.w * invstd
+        self.shift = bias.to(acc) - mean * self.scale
+        self.xhat = (self.x - _channels(mean)) * _channels(invstd)
+        self.y = self.x * _channels(self.scale) + _channels(self.shift)
+        self.count = self.x.numel() // self.x.shape[1]
+
+
+_DIMS = (0, 2, 3)
+
+
+def _centred(t: Tensor, xhat: Tensor) -> Tensor:
+    """t - mean(t) - xhat * mean(t * xhat) per channel: BatchNorm's input gradient of t, before the
+    factor weight * invstd (and, with invstd, the tangent of xhat for a tangent t of x)."""
+    return t - _channels(t.mean(_DIMS)) - xhat * _channels((t * xhat).mean(_DIMS))
+
+
+def _argmax_mask(n: _Normalised, argmax: Tensor) -> Tensor:
+    """1 at each window's argmax where y > 0 (where a window's gradient reaches y), else 0; full size."""
+    h, w = n.x.shape[2:]
+    one_hot = torch.nn.functional.one_hot(argmax.long(), 4).to(n.x.dtype)
+    return unpool_windows(one_hot, h, w) * (n.y > 0)
+
+
+def _to_argmax(pooled: Tensor, mask: Tensor) -> Tensor:
+    """A pooled tensor's values at their windows' argmax (where the mask has them), 0 elsewhere; full size."""
+    h, w = mask.shape[2:]
+    return unpool_windows(pooled.to(mask.dtype).unsqueeze(-1).expand(*pooled.shape, 4), h, w) * mask
+
+
+def _at_argmax(t: Tensor, argmax: Tensor) -> Tensor:
+    """Each window's element of a full-size t at the window's argmax; pooled size."""
+    return pool_windows(t).gather(-1, argmax.long().unsqueeze(-1)).squeeze(-1)
+
+
+def batch_norm_relu_max_pool2d_jvp(input: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor,
+                                   argmax: Tensor, tangent_input: Optional[Tensor], tangent_weight: Optional[Tensor],
+                                   tangent_bias: Optional[Tensor]) -> Tensor:
+    """The forward-mode derivative of batch_norm_relu_max_pool2d's out for tangents of input, weight and
+    bias (None: zero), through the statistics' dependence on input; in input's dtype."""
+    n = _Normalised(input, weight, bias, mean, invstd)
+    tangent_y = torch.zeros_like(n.x)
+    if tangent_input is not None:
+        tangent_y = tangent_y + _channels(n.scale) * _centred(tangent_input.to(n.x.dtype), n.xhat)
+    if tangent_weight is not None:
+        tangent_y = tangent_y + _channels(tangent_weight.to(n.x.dtype)) * n.xhat
+    if tangent_bias is not None:
+        tangent_y = tangent_y + _channels(tangent_bias.to(n.x.dtype))
+    return _at_argmax(tangent_y * (n.y > 0), argmax).to(input.dtype)
+
+
 def batch_norm_relu_max_pool2d_backward(grad_out: Tensor, input: Tensor, weight: Tensor, bias: Tensor,
                                         mean: Tensor, invstd: Tensor, argmax: Tensor):
     """The gradients (input, weight, bias) of batch_norm_relu_max_pool2d's out for grad_out: the window's
     gradient goes to its argmax where y > 0; then training-mode BatchNorm's backward. Written in
     differentiable ops: with mean and invstd computed from input (batch_statistics) it is
     differentiable again in every argument, in reverse and forward mode."""
-    acc = mean.dtype
-    x, w = input.to(acc), weight.to(acc)
-    n, c, h, wd = x.shape
-    scale = w * invstd
-    shift = bias.to(acc) - mean * scale
-    y = x * _channels(scale) + _channels(shift)
-    one_hot = torch.nn.functional.one_hot(argmax.long(), 4).to(acc)
-    gy = unpool_windows(grad_out.to(acc).unsqueeze(-1) * one_hot, h, wd) * (y > 0)
-    xhat = (x - _channels(mean)) * _channels(invstd)
-    sum_gy = gy.sum((0, 2, 3))
-    sum_gy_xhat = (gy * xhat).sum((0, 2, 3))
-    count = n * h * wd
-    grad_input = _channels(scale) * (gy - _channels(sum_gy / count) - xhat * _channels(sum_gy_xhat / count))
-    return grad_input.to(input.dtype), sum_gy_xhat.to(weight.dtype), sum_gy.to(bias.dtype)
-
-
-def _pooled_relu_grad(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, argmax: Tensor) -> Tensor:
-    """The gradient reaching y for grad_out (acc dtype, full size): at each window's argmax where y > 0."""
-    h, w = x.shape[2:]
-    one_hot = torch.nn.functional.one_hot(argmax.long(), 4).to(x.dtype)
-    y = x * _channels(scale) + _channels(shift)
-    return unpool_windows(grad_out.to(x.dtype).unsqueeze(-1) * one_hot, h, w) * (y > 0)
+    n = _Normalised(input, weight, bias, mean, invstd)
+    gy = _to_argmax(grad_out, _argmax_mask(n, argmax))
+    grad_input = _channels(n.scale) * _centred(gy, n.xhat)
+    return (grad_input.to(input.dtype), (gy * n.xhat).sum(_DIMS).to(weight.dtype),
+            gy.sum(_DIMS).to(bias.dtype))
 
 
 def batch_norm_relu_max_pool2d_double_backward(grad_grad_input: Tensor, grad_grad_weight: Tensor,
@@ -241,28 +281,21 @@ def batch_norm_relu_max_pool2d_double_backward(grad_grad_input: Tensor, grad_gra
     batch_norm_relu_max_pool2d_backward(grad_out, input, ...): the backward's own backward, through the
     statistics' dependence on input (bias and the argmax only move the masks, whose derivatives are 0).
     With mean and invstd from batch_statistics it is differentiable again. ops_math.h derives it."""
-    acc = mean.dtype
-    x, w = input.to(acc), weight.to(acc)
-    count = x.numel() // x.shape[1]
-    scale = w * invstd
-    shift = bias.to(acc) - mean * scale
-    d = _pooled_relu_grad(grad_out, x, scale, shift, argmax)
-    gg = grad_grad_input.to(acc)
-    xhat = (x - _channels(mean)) * _channels(invstd)
-    dims = (0, 2, 3)
-    mean_d, mean_d_xhat = d.mean(dims), (d * xhat).mean(dims)
-    mean_gg, mean_gg_xhat = gg.mean(dims), (gg * xhat).mean(dims)
-    k = (gg * d).sum(dims) - count * (mean_d * mean_gg + mean_d_xhat * mean_gg_xhat)
-    c1 = grad_grad_weight.to(acc) - scale * mean_gg_xhat
-    # the gradient reaching d, kept where d can be nonzero (an argmax with y > 0)
-    e = _channels(scale) * gg + _channels(c1) * xhat + _channels(grad_grad_bias.to(acc) - scale * mean_gg)
-    reaches_d = _pooled_relu_grad(torch.ones_like(grad_out, dtype=acc), x, scale, shift, argmax)
-    windows = pool_windows(e * reaches_d)
-    grad_grad_out = windows.gather(-1, argmax.long().unsqueeze(-1)).squeeze(-1)
-    u = _channels(c1) * d - _channels(scale * mean_d_xhat) * gg
-    grad_input = (_channels(invstd) * (u - _channels(u.mean(dims)) - xhat * _channels((u * xhat).mean(dims)))
-                  - _channels(w * k * invstd.square() / count) * xhat)
-    return grad_grad_out.to(grad_out.dtype), grad_input.to(input.dtype), (invstd * k).to(weight.dtype)
+    n = _Normalised(input, weight, bias, mean, invstd)
+    mask = _argmax_mask(n, argmax)
+    d = _to_argmax(grad_out, mask)
+    gg = grad_grad_input.to(n.x.dtype)
+    mean_d, mean_d_xhat = d.mean(_DIMS), (d * n.xhat).mean(_DIMS)
+    mean_gg, mean_gg_xhat = gg.mean(_DIMS), (gg * n.xhat).mean(_DIMS)
+    k = (gg * d).sum(_DIMS) - n.count * (mean_d * mean_gg + mean_d_xhat * mean_gg_xhat)
+    c1 = grad_grad_weight.to(n.x.dtype) - n.scale * mean_gg_xhat
+    # the gradient reaching d, where d can be nonzero (an argmax with y > 0)
+    e = _channels(n.scale) * gg + _channels(c1) * n.xhat + _channels(grad_grad_bias.to(n.x.dtype) - n.scale * mean_gg)
+    u = _channels(c1) * d - _channels(n.scale * mean_d_xhat) * gg
+    grad_input = (_channels(invstd) * _centred(u, n.xhat)
+                  - _channels(n.w * k * invstd.square() / n.count) * n.xhat)
+    return (_at_argmax(e * mask, argmax).to(grad_out.dtype), grad_input.to(input.dtype),
+            (invstd * k).to(weight.dtype))
 
 
 def batch_norm_relu_max_pool2d_backward_jvp(grad_out: Tensor, input: Tensor, weight: Tensor, bias: Tensor,
@@ -272,30 +305,24 @@ def batch_norm_relu_max_pool2d_backward_jvp(grad_out: Tensor, input: Tensor, wei
     """The forward-mode derivative of batch_norm_relu_max_pool2d_backward: the tangents of (grad_input,
     grad_weight, grad_bias) for tangents of grad_out, input and weight (None: zero; bias's is 0 almost
     everywhere), through the statistics' dependence on input."""
-    acc = mean.dtype
-    x, w = input.to(acc), weight.to(acc)
-    count = x.numel() // x.shape[1]
-    scale = w * invstd
-    shift = bias.to(acc) - mean * scale
-    dims = (0, 2, 3)
-    d = _pooled_relu_grad(grad_out, x, scale, shift, argmax)
-    xhat = (x - _channels(mean)) * _channels(invstd)
-    mean_d_xhat = (d * xhat).mean(dims)
-    core = d - _channels(d.mean(dims)) - xhat * _channels(mean_d_xhat)  # grad_input = scale * core
+    n = _Normalised(input, weight, bias, mean, invstd)
+    mask = _argmax_mask(n, argmax)
+    d = _to_argmax(grad_out, mask)
+    core = _centred(d, n.xhat)  # grad_input = scale * core
+    mean_d_xhat = (d * n.xhat).mean(_DIMS)
     zero = torch.zeros_like(mean)
-    dd = (_pooled_relu_grad(tangent_grad_out, x, scale, shift, argmax) if tangent_grad_out is not None
-          else torch.zeros_like(x))
+    dd = _to_argmax(tangent_grad_out, mask) if tangent_grad_out is not None else torch.zeros_like(n.x)
     if tangent_input is not None:
-        dx = tangent_input.to(acc)
-        d_xhat = _channels(invstd) * (dx - _channels(dx.mean(dims)) - xhat * _channels((dx * xhat).mean(dims)))
-        d_invstd = -invstd.square() * (xhat * dx).mean(dims)
+        dx = tangent_input.to(n.x.dtype)
+        d_xhat = _channels(invstd) * _centred(dx, n.xhat)
+        d_invstd = -invstd.square() * (n.xhat * dx).mean(_DIMS)
     else:
-        d_xhat, d_invstd = torch.zeros_like(x), zero
-    tangent_grad_bias = dd.sum(dims)
-    tangent_grad_weight = (dd * xhat + d * d_xhat).sum(dims)
-    d_scale = (tangent_weight.to(acc) if tangent_weight is not None else zero) * invstd + w * d_invstd
+        d_xhat, d_invstd = torch.zeros_like(n.x), zero
+    tangent_grad_bias = dd.sum(_DIMS)
+    tangent_grad_weight = (dd * n.xhat + d * d_xhat).sum(_DIMS)
+    d_scale = (tangent_weight.to(n.x.dtype) if tangent_weight is not None else zero) * invstd + n.w * d_invstd
     tangent_grad_input = (_channels(d_scale) * core
-                          + _channels(scale) * (dd - _channels(dd.mean(dims)) - d_xhat * _channels(mean_d_xhat)
-                                                - xhat * _channels(tangent_grad_weight / count)))
+                          + _channels(n.scale) * (dd - _channels(dd.mean(_DIMS)) - d_xhat * _channels(mean_d_xhat)
+                                                  - n.xhat * _channels(tangent_grad_weight / n.count)))
     return (tangent_grad_input.to(input.dtype), tangent_grad_weight.to(weight.dtype),
             tangent_grad_bias.to(bias.dtype))
