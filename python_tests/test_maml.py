@@ -103,7 +103,10 @@ def test_unroll_that_will_not_fit_is_refused_before_running(monkeypatch):
         return real_check(self, step_bytes, device, num_tasks)
 
     monkeypatch.setattr(MAML, "_check_graph_fits", spy)
-    MAML(model, 2, 0.1, check_labels=False).meta_step(*tasks)
+    # one forward for every instance: "auto" times its choice per instance, and two forwards keep
+    # graphs of different sizes, so a later instance could choose one larger than the measured step
+    forward = "loop"
+    MAML(model, 2, 0.1, check_labels=False, forward=forward).meta_step(*tasks)
     step_bytes = seen[-1]
     # the measured first step holds at least the saved activations of one forward and backward
     assert step_bytes > 2 * 2 * 6 * 28 * 28 * 8
@@ -112,12 +115,12 @@ def test_unroll_that_will_not_fit_is_refused_before_running(monkeypatch):
     monkeypatch.setattr(maml_module, "available_bytes", lambda device: int(3 * step_bytes / 0.9))
     with pytest.raises(MemoryError, match=r"unrolling 50 inner steps for T = 2 tasks keeps about .* GiB of graph "
                                           r"\(\d+ MiB per step, measured on the first\), but cpu has .* GiB free"):
-        MAML(model, 50, 0.1).meta_step(*tasks)
+        MAML(model, 50, 0.1, forward=forward).meta_step(*tasks)
     assert all(p.grad is None for p in model.parameters()), "a refused step must not touch theta's grad"
-    MAML(model, 3, 0.1).meta_step(*tasks)  # ...three fit
+    MAML(model, 3, 0.1, forward=forward).meta_step(*tasks)  # ...three fit
     # first order keeps no graph across steps: nothing to refuse
     model.zero_grad(set_to_none=True)
-    MAML(model, 50, 0.1, first_order=True).meta_step(*tasks)
+    MAML(model, 50, 0.1, first_order=True, forward=forward).meta_step(*tasks)
 
 
 def test_bad_maml_arguments():
