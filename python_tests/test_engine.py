@@ -846,9 +846,17 @@ def test_unknown_hypergradient_type():
         ({"proximal_lambda": -2.0}, r"Config\.proximal_lambda must be a finite number > 0\.0"),
     ],
 )
-def test_invalid_config_values(kwargs, match):
+@pytest.mark.parametrize("how", ["constructor", "assignment"])
+def test_invalid_config_values(kwargs, match, how):
+    if how == "constructor":
+        with pytest.raises(ValueError, match=match):
+            Config(**kwargs)
+        return
+    cfg = Config()  # Betty programs set fields after construction: the same check, nothing changed
+    ((name, value),) = kwargs.items()
     with pytest.raises(ValueError, match=match):
-        Config(**kwargs)
+        setattr(cfg, name, value)
+    assert cfg == Config()
 
 
 def test_too_many_positional_config_values():
@@ -877,17 +885,59 @@ def test_too_many_positional_config_values():
         ({"early_stopping_tolerance": 0}, ValueError, r"EngineConfig\.early_stopping_tolerance must be an integer >= 1"),
     ],
 )
-def test_invalid_engine_config(kwargs, exc, match):
+@pytest.mark.parametrize("how", ["constructor", "assignment"])
+def test_invalid_engine_config(kwargs, exc, match, how):
     if kwargs.get("device") == "mps" and torch.backends.mps.is_available():
         pytest.skip("this torch has MPS")
-    with pytest.raises(exc, match=match):
-        EngineConfig(**kwargs)
+    if how == "constructor":
+        with pytest.raises(exc, match=match):
+            EngineConfig(**kwargs)
+        return
+    ecfg = EngineConfig()
+    ((name, value),) = kwargs.items()
+    with pytest.raises(AttributeError if name == "train_iter" else exc, match=match):
+        setattr(ecfg, name, value)
+    assert ecfg == EngineConfig()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_engine_config_without_cuda_is_a_value_error():
     with pytest.raises(ValueError, match=r"EngineConfig\.device: got 'cuda', but this torch sees no CUDA device"):
         EngineConfig(device="cuda")
+    ecfg = EngineConfig(device="cpu")
+    with pytest.raises(ValueError, match=r"EngineConfig\.device: got 'cuda', but this torch sees no CUDA device"):
+        ecfg.device = "cuda"  # was torch's RuntimeError from deep inside the Engine
+    assert ecfg.device == "cpu"
+
+
+def test_config_fields_set_after_construction_are_checked_and_kept_consistent():
+    cfg, ecfg = Config(), EngineConfig()
+    cfg.type, cfg.cg_iterations, cfg.log_step, cfg.unroll_steps = "cg", 3, -1, 2  # Betty's values pass
+    ecfg.train_iters, ecfg.valid_step, ecfg.device = 10, 0, None
+    assert (cfg.type, cfg.cg_iterations, cfg.unroll_steps, ecfg.train_iters) == ("cg", 3, 2, 10)
+    with pytest.raises(ValueError, match=r"Config\.unroll_steps must be an integer >= 1; got 0"):
+        cfg.unroll_steps = 0  # was a ZeroDivisionError at the first step
+    with pytest.raises(ValueError, match=r"Config\.log_step must be an integer >= 1 .* got 0"):
+        cfg.log_step = 0  # logged nothing, silently
+    with pytest.raises(ValueError, match=r"EngineConfig\.train_iters must be an integer >= 1; got 0"):
+        ecfg.train_iters = 0  # ran nothing and exited 0
+    assert (cfg.unroll_steps, cfg.log_step, ecfg.train_iters) == (2, -1, 10)
+    cfg.fp16 = True
+    assert cfg.precision == "fp16"
+    cfg.precision = "bf16"
+    assert cfg.fp16 is False
+    with pytest.raises(ValueError, match=r"Config\.fp16=True contradicts Config\.precision='bf16'"):
+        cfg.fp16 = True
+    assert (cfg.fp16, cfg.precision) == (False, "bf16")
+    with pytest.raises(ValueError, match=r"cg_damping and lam_damping .* need proximal_lambda"):
+        cfg.cg_damping = 1.0
+    cfg.proximal_lambda = 2.0
+    cfg.cg_damping = 1.0
+    with pytest.raises(ValueError, match=r"need proximal_lambda; got cg_damping=1\.0"):
+        cfg.proximal_lambda = None
+    with pytest.raises(AttributeError, match=r"Config: unknown field 'unrol_steps'; valid fields are: type, "):
+        cfg.unrol_steps = 3  # a misspelt field was a new attribute, silently
+    assert copy.deepcopy(cfg) == cfg and cfg.replace(unroll_steps=4).cg_damping == 1.0
 
 
 # --------------------------------------------------------------------------- 9. bad inputs: Engine

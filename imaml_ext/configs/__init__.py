@@ -2,8 +2,10 @@
 
 Same field names and defaults as Betty's GitHub version, so a Betty script's
 configs run unchanged; a misspelt or unknown field is an error that lists the
-valid ones (Betty's dataclasses raise a bare TypeError). Fields added here are
-marked "imaml_ext" below.
+valid ones (Betty's dataclasses raise a bare TypeError). Every field is checked
+when it is set, in the constructor or by a later ``config.field = value``: a bad
+value raises a ValueError naming the field and leaves the config as it was.
+Fields added here are marked "imaml_ext" below.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 from .._device import check_device
 from ..batched.module import TaskBatchedModule
@@ -21,26 +23,6 @@ HYPERGRADIENT_TYPES = ("cg", "darts", "neumann")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOGGER_TYPES = ("none", "tensorboard")
 STRATEGIES = ("default",)
-
-
-def _strict_init(cls):
-    """Wraps the dataclass __init__ so unknown keywords name the valid fields."""
-    init = cls.__init__
-    valid = [f.name for f in fields(cls)]
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        unknown = [k for k in kwargs if k not in valid]
-        if unknown:
-            raise TypeError(
-                f"{cls.__name__}: unknown field {unknown[0]!r}; valid fields are: {', '.join(valid)}"
-            )
-        if len(args) > len(valid):
-            raise TypeError(f"{cls.__name__} takes at most {len(valid)} fields; got {len(args)} positional values")
-        init(self, *args, **kwargs)
-
-    cls.__init__ = __init__
-    return cls
 
 
 def _check_int(owner: str, name: str, value, minimum: int) -> None:
@@ -61,7 +43,101 @@ def _check_choice(owner: str, name: str, value, choices) -> None:
         raise ValueError(f"{owner}.{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-@_strict_init
+# Field checks: each takes (owner, name, value) and raises naming the field, what it expects and what came.
+def _integer(minimum: int):
+    return lambda owner, name, value: _check_int(owner, name, value, minimum)
+
+
+def _number(minimum: float, strict: bool = False):
+    return lambda owner, name, value: _check_float(owner, name, value, minimum, strict)
+
+
+def _one_of(*choices):
+    return lambda owner, name, value: _check_choice(owner, name, value, choices)
+
+
+def _optional(check):
+    return lambda owner, name, value: None if value is None else check(owner, name, value)
+
+
+def _checked(checks: Dict[str, Callable]):
+    """Runs ``checks`` on every assignment of a field, in the constructor and after it (Betty programs set
+    fields on a built config), so a bad value fails where it is set and the old value stays. Unknown
+    keywords and attributes name the valid fields (Betty's dataclasses raise a bare TypeError). After the
+    constructor, the class's ``_after_assign(name, value)`` keeps the fields that depend on each other
+    consistent."""
+
+    def wrap(cls):
+        init = cls.__init__
+        valid = [f.name for f in fields(cls)]
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            unknown = [k for k in kwargs if k not in valid]
+            if unknown:
+                raise TypeError(
+                    f"{cls.__name__}: unknown field {unknown[0]!r}; valid fields are: {', '.join(valid)}"
+                )
+            if len(args) > len(valid):
+                raise TypeError(f"{cls.__name__} takes at most {len(valid)} fields; got {len(args)} positional values")
+            init(self, *args, **kwargs)
+            object.__setattr__(self, "_built", True)
+
+        def __setattr__(self, name, value):
+            if name not in checks and name not in valid and not name.startswith("_"):
+                raise AttributeError(f"{cls.__name__}: unknown field {name!r}; valid fields are: {', '.join(valid)}")
+            if name in checks:
+                checks[name](cls.__name__, name, value)
+            built = self.__dict__.get("_built", False)
+            follow = self._after_assign(name, value) if built else {}
+            object.__setattr__(self, name, value)
+            for other, new in follow.items():
+                object.__setattr__(self, other, new)
+
+        cls.__init__ = __init__
+        cls.__setattr__ = __setattr__
+        return cls
+
+    return wrap
+
+
+def _check_log_step(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value == 0:
+        raise ValueError(f"{owner}.{name} must be an integer >= 1 (log every log_step steps) or < 0 (no logging, "
+                         f"Betty's default -1); got {value!r}")
+
+
+def _check_damping(cg_damping, lam_damping, proximal_lambda) -> None:
+    if (cg_damping or lam_damping) and proximal_lambda is None:
+        raise ValueError(
+            f"Config: cg_damping and lam_damping damp the implicit-MAML system (I + H / lambda) and need "
+            f"proximal_lambda; got cg_damping={cg_damping}, lam_damping={lam_damping} without it"
+        )
+
+
+_CONFIG_CHECKS = {
+    "type": _one_of(*HYPERGRADIENT_TYPES),
+    "unroll_steps": _integer(1),
+    "gradient_accumulation": _integer(1),
+    "precision": _one_of(*PRECISIONS),
+    "initial_dynamic_scale": _number(0.0, strict=True),
+    "scale_factor": _number(1.0, strict=True),
+    "gradient_clipping": _number(0.0),
+    "warmup_steps": _integer(0),
+    "log_step": _check_log_step,
+    "darts_alpha": _number(0.0, strict=True),
+    "neumann_iterations": _integer(0),
+    "neumann_alpha": _number(0.0, strict=True),
+    "cg_iterations": _integer(1),
+    "cg_alpha": _number(0.0, strict=True),
+    "cg_tol": _number(0.0),
+    "proximal_lambda": _optional(_number(0.0, strict=True)),
+    "cg_damping": _number(0.0),
+    "lam_damping": _number(0.0),
+}
+
+
+@_checked(_CONFIG_CHECKS)
 @dataclass
 class Config:
     """Training configuration of one ``Problem``.
@@ -135,38 +211,27 @@ class Config:
     lam_damping: float = 0.0
 
     def __post_init__(self):
-        owner = "Config"
-        _check_choice(owner, "type", self.type, HYPERGRADIENT_TYPES)
-        _check_int(owner, "unroll_steps", self.unroll_steps, 1)
-        _check_int(owner, "gradient_accumulation", self.gradient_accumulation, 1)
-        _check_int(owner, "warmup_steps", self.warmup_steps, 0)
-        if isinstance(self.log_step, bool) or not isinstance(self.log_step, int) or self.log_step == 0:
-            raise ValueError(f"Config.log_step must be an integer >= 1 (log every log_step steps) or < 0 (no logging, "
-                             f"Betty's default -1); got {self.log_step!r}")
+        # Each field was checked as the constructor set it; what is left ties fields together.
         if self.fp16:
             if self.precision not in ("fp32", "fp16"):
                 raise ValueError(f"Config.fp16=True contradicts Config.precision={self.precision!r}")
             self.precision = "fp16"
-        _check_choice(owner, "precision", self.precision, PRECISIONS)
         self.fp16 = self.precision == "fp16"
-        _check_float(owner, "initial_dynamic_scale", self.initial_dynamic_scale, 0.0, strict=True)
-        _check_float(owner, "scale_factor", self.scale_factor, 1.0, strict=True)
-        _check_float(owner, "gradient_clipping", self.gradient_clipping, 0.0)
-        _check_float(owner, "darts_alpha", self.darts_alpha, 0.0, strict=True)
-        _check_int(owner, "neumann_iterations", self.neumann_iterations, 0)
-        _check_float(owner, "neumann_alpha", self.neumann_alpha, 0.0, strict=True)
-        _check_int(owner, "cg_iterations", self.cg_iterations, 1)
-        _check_float(owner, "cg_alpha", self.cg_alpha, 0.0, strict=True)
-        _check_float(owner, "cg_tol", self.cg_tol, 0.0)
-        if self.proximal_lambda is not None:
-            _check_float(owner, "proximal_lambda", self.proximal_lambda, 0.0, strict=True)
-        _check_float(owner, "cg_damping", self.cg_damping, 0.0)
-        _check_float(owner, "lam_damping", self.lam_damping, 0.0)
-        if (self.cg_damping or self.lam_damping) and self.proximal_lambda is None:
-            raise ValueError(
-                f"Config: cg_damping and lam_damping damp the implicit-MAML system (I + H / lambda) and need "
-                f"proximal_lambda; got cg_damping={self.cg_damping}, lam_damping={self.lam_damping} without it"
-            )
+        _check_damping(self.cg_damping, self.lam_damping, self.proximal_lambda)
+
+    def _after_assign(self, name: str, value) -> Dict[str, object]:
+        """Checks ``name = value`` against the other fields; returns the fields that follow it."""
+        if name == "precision":
+            return {"fp16": value == "fp16"}
+        if name == "fp16":
+            if value and self.precision not in ("fp32", "fp16"):
+                raise ValueError(f"Config.fp16=True contradicts Config.precision={self.precision!r}")
+            return {"precision": "fp16" if value else ("fp32" if self.precision == "fp16" else self.precision)}
+        if name in ("cg_damping", "lam_damping", "proximal_lambda"):
+            damping = {"cg_damping": self.cg_damping, "lam_damping": self.lam_damping,
+                       "proximal_lambda": self.proximal_lambda, name: value}
+            _check_damping(**damping)
+        return {}
 
     def replace(self, **changes) -> "Config":
         # precision and its older alias fp16 move together.
@@ -177,7 +242,48 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-@_strict_init
+def _check_device(owner: str, name: str, value) -> None:
+    if value is not None:
+        check_device(value, f"{owner}.{name}")
+
+
+def _check_valid_step(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{owner}.{name} must be an integer (<= 0 turns validation off); got {value!r}")
+
+
+def _refuse_true(why: str):
+    def check(owner: str, name: str, value) -> None:
+        if value:
+            raise ValueError(f"{owner}.{name}={value!r} {why}; use {name}=False")
+    return check
+
+
+def _check_strategy(owner: str, name: str, value) -> None:
+    if value not in STRATEGIES:
+        raise ValueError(f"{owner}.{name} must be one of {', '.join(map(repr, STRATEGIES))}; got {value!r} "
+                         "(data-parallel runs go through torchrun -m imaml_ext.train)")
+
+
+_ENGINE_CHECKS = {
+    "train_iters": _integer(1),
+    "valid_step": _check_valid_step,
+    "logger_type": _one_of(*LOGGER_TYPES),
+    "roll_back": _refuse_true("is not supported by imaml_ext (Betty's warm-start re-run of the lower step after "
+                              "each upper step)"),
+    "strategy": _check_strategy,
+    "distributed": _refuse_true("(Betty 0.1.1's DataParallel over the visible GPUs) is not supported by imaml_ext "
+                                "(data-parallel runs go through torchrun -m imaml_ext.train)"),
+    "early_stopping_mode": _one_of("min", "max"),
+    "early_stopping_tolerance": _integer(1),
+    "device": _check_device,
+    "task_batching": _one_of("auto", "on", "off"),
+    "task_batching_forward": _one_of(*TaskBatchedModule.FORWARDS),
+    "task_batching_max_tasks": _optional(_integer(1)),
+}
+
+
+@_checked(_ENGINE_CHECKS)
 @dataclass
 class EngineConfig:
     """Configuration of the ``Engine``: Betty's fields and defaults.
@@ -225,35 +331,8 @@ class EngineConfig:
     task_batching_forward: str = "auto"
     task_batching_max_tasks: Optional[int] = None  # tasks run at once (None: as many as memory allows)
 
-    def __post_init__(self):
-        owner = "EngineConfig"
-        _check_choice(owner, "task_batching", self.task_batching, ("auto", "on", "off"))
-        _check_choice(owner, "task_batching_forward", self.task_batching_forward, TaskBatchedModule.FORWARDS)
-        if self.task_batching_max_tasks is not None:
-            _check_int(owner, "task_batching_max_tasks", self.task_batching_max_tasks, 1)
-        _check_int(owner, "train_iters", self.train_iters, 1)
-        if self.device is not None:
-            check_device(self.device, "EngineConfig.device")
-        if isinstance(self.valid_step, bool) or not isinstance(self.valid_step, int):
-            raise ValueError(f"EngineConfig.valid_step must be an integer (<= 0 turns validation off); got {self.valid_step!r}")
-        _check_choice(owner, "logger_type", self.logger_type, LOGGER_TYPES)
-        if self.roll_back:
-            raise ValueError(
-                "EngineConfig.roll_back=True is not supported by imaml_ext (Betty's warm-start re-run "
-                "of the lower step after each upper step); use roll_back=False"
-            )
-        if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"EngineConfig.strategy must be one of {', '.join(map(repr, STRATEGIES))}; got {self.strategy!r} "
-                "(data-parallel runs go through torchrun -m imaml_ext.train)"
-            )
-        if self.distributed:
-            raise ValueError(
-                "EngineConfig.distributed=True (Betty 0.1.1's DataParallel over the visible GPUs) is not supported "
-                "by imaml_ext; use distributed=False (data-parallel runs go through torchrun -m imaml_ext.train)"
-            )
-        _check_choice(owner, "early_stopping_mode", self.early_stopping_mode, ("min", "max"))
-        _check_int(owner, "early_stopping_tolerance", self.early_stopping_tolerance, 1)
+    def _after_assign(self, name: str, value) -> Dict[str, object]:
+        return {}
 
 
 __all__ = ["Config", "EngineConfig", "HYPERGRADIENT_TYPES", "PRECISIONS"]
