@@ -570,6 +570,16 @@ def test_nonfinite_task_is_skipped_on_the_device_and_named():
         IMAML(model, nonfinite="drop")
 
 
+def test_a_meta_batch_of_nonfinite_tasks_reports_nan_not_zero():
+    """Every task left out: no loss to report (it was 0.0, a perfect-looking loss), and no update."""
+    model = conv4(hidden=4)
+    sx, sy, qx, qy = random_tasks(3, shots=1, query=2)
+    result = IMAML(model, 2, 0.1, 2.0, 3, nonfinite="skip").meta_step(sx.fill_(float("nan")), sy, qx, qy)
+    assert result.nonfinite.tolist() == [True] * 3
+    assert all(torch.isnan(v) for v in (result.loss, result.accuracy, result.support_loss))
+    assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters())
+
+
 @pytest.mark.parametrize("layer, said", [
     (lambda: torch.nn.Dropout(0.2), "draws a new mask"),
     (lambda: torch.nn.BatchNorm1d(4), "keeps running statistics"),

@@ -482,6 +482,29 @@ def test_nonfinite_task_skipped_and_counted(tmp_path, data_root, monkeypatch, ca
     assert all(torch.isfinite(v).all() for v in checkpoint(out)["model"].values())
 
 
+def strict_json(text: str):
+    def refuse(name):
+        raise AssertionError(f"not strict JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_steps_of_only_nonfinite_tasks_log_null_not_zero_in_strict_json(tmp_path, data_root, capsys):
+    """--base_lr 1e8 makes every task non-finite: the rows logged loss 0.0 and accuracy 0, and
+    metrics.jsonl held bare NaN; results.json's interval over one task was NaN too."""
+    out = tmp_path / "all-bad"
+    assert run(out, "--steps", "4", "--valid_every", "0", "--eval_tasks", "1", "--base_lr", "1e8",
+               "--on_nonfinite", "skip-task", data=data_root) == 0
+    assert "step 2: no loss, all 6 tasks left out (non-finite)" in capsys.readouterr().out
+    rows = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["loss"], r["accuracy"], r["support_loss"], r["nonfinite_tasks"]) for r in rows] == [(None, None, None, 6)] * 2
+    for name in ("config.json", "results.json"):
+        strict_json((out / name).read_text())
+    assert strict_json((out / "results.json").read_text())["test"]["ci95"] is None
+    for line in (out / "invocations.jsonl").read_text().splitlines():
+        strict_json(line)
+    assert (out / "metrics.csv").read_text().splitlines()[1].startswith("train,2,,,,")
+
+
 def _children(pid):
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:

@@ -84,7 +84,9 @@ class IMAML:
     - ``nonfinite``: "propagate" (a NaN in one task reaches theta's gradient, as
       autograd would) or "skip" (tasks whose support or query loss, an HVP, or the
       meta-gradient is not finite are left out of the mean, found by masks on the device, no
-      sync); either way ``MetaStepResult.nonfinite`` names them.
+      sync); either way ``MetaStepResult.nonfinite`` names them. With "skip", a meta-batch
+      whose tasks are all non-finite adds a zero meta-gradient and reports NaN losses and
+      accuracy (there is nothing to average), with ``nonfinite`` all True.
     - ``precision``: "fp32", "bf16" or "fp16", with float32 master weights, phi,
       gradients, CG vectors and scalars. bf16: every forward (inner loop, query loss, the
       support-gradient graph behind the HVPs) under bfloat16 autocast. fp16: the inner
@@ -435,20 +437,24 @@ class IMAML:
                 bad |= ~torch.isfinite(t).flatten(1).all(1)
             task_accuracy = (query_logits.argmax(-1) == query_y).float().mean(1)
             if self.nonfinite == "skip":
-                kept = (~bad).sum().clamp(min=1)
+                kept = (~bad).sum()
 
                 def mean(values: Tensor) -> Tensor:  # over the finite tasks only
-                    return torch.where(bad.view(-1, *[1] * (values.dim() - 1)), 0, values).sum(0) / kept
+                    return torch.where(bad.view(-1, *[1] * (values.dim() - 1)), 0, values).sum(0) / kept.clamp(min=1)
+
+                def reported(values: Tensor) -> Tensor:  # no finite task: no loss to report (NaN), never 0
+                    return torch.where(kept > 0, mean(values), float("nan"))
             else:
                 # CG stops a task with a NaN at its last good iterate; a non-finite task must
                 # still poison the mean, as it would without the solver's guard.
                 def mean(values: Tensor) -> Tensor:
                     return torch.where(bad.view(-1, *[1] * (values.dim() - 1)), float("nan"), values).mean(0)
+                reported = mean
             meta_grads = [mean(xt) for xt in x]
         result = MetaStepResult(
-            loss=mean(query_losses),
-            accuracy=mean(task_accuracy),
-            support_loss=mean(support_losses),
+            loss=reported(query_losses),
+            accuracy=reported(task_accuracy),
+            support_loss=reported(support_losses),
             cg=info,
             nonfinite=bad,
             loss_scale=scale_used,

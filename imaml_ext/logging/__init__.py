@@ -6,7 +6,9 @@ Messages look like Betty's: ``[2026-11-27 12:00:00] [INFO] [Problem "upper"]
 
 from __future__ import annotations
 
+import json
 import logging as _logging
+import math
 import sys
 from typing import Mapping, Optional
 
@@ -58,6 +60,23 @@ def flatten_stats(stats: Mapping) -> dict:
     return out
 
 
+def strict(value):
+    """``value`` with every non-finite float as None: strict JSON (RFC 8259) has no NaN or Infinity,
+    which Python's json writes by default and other readers reject."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def to_json(value, **kwargs) -> str:
+    """``json.dumps`` as strict JSON: non-finite floats as null (a row of tasks all left out has no loss)."""
+    return json.dumps(strict(value), allow_nan=False, **kwargs)
+
+
 class NoneLogger:
     """logger_type="none": stdout only."""
 
@@ -100,4 +119,4 @@ def make_logger(logger_type: str, log_dir: Optional[str] = None):
     raise ValueError(f"logger_type must be 'none' or 'tensorboard'; got {logger_type!r}")
 
 
-__all__ = ["get_logger", "format_stats", "flatten_stats", "NoneLogger", "TensorBoardLogger", "make_logger"]
+__all__ = ["get_logger", "format_stats", "flatten_stats", "strict", "to_json", "NoneLogger", "TensorBoardLogger", "make_logger"]

@@ -4,7 +4,6 @@ the final evaluation of a run (results.json) and --evaluate RUN_FOLDER (evaluati
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -16,6 +15,7 @@ import torch
 
 from ..batched import IMAML
 from ..data import TaskIndices, TaskSampler
+from ..logging import to_json
 from .arguments import ADDED_OPTION_DEFAULTS, build_parser
 from .distributed import Distributed
 from .learner import build_evaluator, build_model, evaluation_lam
@@ -94,7 +94,7 @@ def evaluate_run(args: argparse.Namespace) -> Dict[str, object]:
     results = final_evaluation(run, model, tasks.test, folder, write=False, choices=ckpt.get("timed_choices"))
     results.update(step=ckpt["step"], eval_batch=run.eval_batch, ways=run.ways, shots=run.shots)
     with open(folder.path / "evaluations.jsonl", "a") as f:
-        f.write(json.dumps(results, sort_keys=True) + "\n")
+        f.write(to_json(results, sort_keys=True) + "\n")
     return results
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import random
@@ -16,6 +15,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from ..logging import to_json
 from .arguments import run_config
 from .distributed import Distributed
 from .errors import RunError
@@ -147,7 +147,7 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
         if not main_rank:
             return
         with open(folder.jsonl, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write(to_json(row, sort_keys=True) + "\n")
         if bar is None:  # no progress bar (--no-progress): the rows themselves, one line each
             print(_row_text(row), flush=True)
         if logger is not None:
@@ -198,12 +198,11 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
                 result = imaml.meta_step(*batch)
             with torch.no_grad():
                 zero = torch.zeros((), device=device)
-                stats = torch.stack([
-                    result.loss, result.accuracy, result.support_loss,
-                    result.cg.residual_norm.mean() if result.cg is not None else zero,
-                    result.cg.breakdown.float().mean() if result.cg is not None else zero,
-                    result.nonfinite.float().mean() if result.nonfinite is not None else zero,
-                    zero + float(stop.received is not None),
+                stats = torch.cat([
+                    _kept_share_means(result, zero),
+                    (result.cg.breakdown.float().mean() if result.cg is not None else zero).view(1),
+                    (result.nonfinite.float().mean() if result.nonfinite is not None else zero).view(1),
+                    (zero + float(stop.received is not None)).view(1),
                 ])
                 if result.nonfinite is not None:  # remember the first, on the device
                     here = torch.stack([zero + step + 1, (result.nonfinite.int().argmax() + ddp.rank * per_rank).to(zero.dtype)])
@@ -227,13 +226,16 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
             if step % args.log_every == 0 or step == args.steps:
                 n = window["steps"]
                 loss, acc, support, residual, breakdown, nonfinite = (window["values"] / n).tolist()  # the one host sync per log window
+                bad_tasks = round(nonfinite * n * args.meta_batch_size)
+                # Means over the tasks kept; none kept: NaN (null in metrics.jsonl), never a 0.
+                loss, acc, support, residual = (v / (1 - nonfinite) if bad_tasks < n * args.meta_batch_size
+                                                else math.nan for v in (loss, acc, support, residual))
                 elapsed = time.perf_counter() - window_start
                 row = {"split": "train", "step": step, "loss": loss, "accuracy": acc, "support_loss": support,
                        "cg_residual": residual, "cg_breakdown": breakdown, "lr": optimizer.param_groups[0]["lr"],
                        "tasks_per_s": n * args.meta_batch_size / elapsed}
                 if args.algo != "imaml":  # nothing is solved
                     del row["cg_residual"], row["cg_breakdown"]
-                bad_tasks = round(nonfinite * n * args.meta_batch_size)
                 row["nonfinite_tasks"] = bad_tasks
                 log_row(row)
                 window["values"].zero_()
@@ -308,12 +310,29 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
     return results
 
 
+def _kept_share_means(result, zero: torch.Tensor) -> torch.Tensor:
+    """[query loss, accuracy, support loss, CG residual], each a mean over the step's kept (finite)
+    tasks times their share of the meta-batch: a window's sum of these over its share of kept tasks
+    is the mean over every kept task, and a step whose tasks were all left out adds nothing."""
+    bad = result.nonfinite
+    share = 1 - bad.float().mean() if bad is not None else zero + 1
+    residual = zero
+    if result.cg is not None:
+        norms = result.cg.residual_norm
+        residual = norms.mean() if bad is None else torch.where(bad, 0, norms).sum() / (~bad).sum().clamp(min=1)
+    values = torch.stack([result.loss, result.accuracy, result.support_loss, residual])
+    return torch.where(share > 0, values * share, zero)
+
+
 def _row_text(row: Dict[str, object]) -> str:
     if row["split"] == "validation":
         return (f"step {row['step']}: validation accuracy {100 * row['accuracy']:.2f}% "
                 f"(best {100 * row['best_accuracy']:.2f}%)")
-    text = (f"step {row['step']}: query loss {row['loss']:.4f}, accuracy {100 * row['accuracy']:.2f}%, "
-            f"{row['tasks_per_s']:.1f} tasks/s")
+    if math.isnan(row["loss"]) and row.get("nonfinite_tasks"):
+        text = f"step {row['step']}: no loss, all {row['nonfinite_tasks']} tasks left out (non-finite)"
+    else:
+        text = f"step {row['step']}: query loss {row['loss']:.4f}, accuracy {100 * row['accuracy']:.2f}%"
+    text += f", {row['tasks_per_s']:.1f} tasks/s"
     if "cg_breakdown" in row:
         text += f", CG breakdowns {100 * row['cg_breakdown']:.0f}%"
     return text

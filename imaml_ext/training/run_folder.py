@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import random
 import tempfile
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_write
+from ..logging import strict, to_json
 from .arguments import ADDED_OPTION_DEFAULTS, EVALUATION_KEYS
 from .errors import RunError
 
@@ -58,7 +60,7 @@ class RunFolder:
         return [p.name for p in (self.config, self.checkpoint, self.jsonl, self.results) if p.exists()]
 
     def write_json(self, path: Path, obj) -> None:
-        data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+        data = (to_json(obj, indent=2, sort_keys=True) + "\n").encode()
         atomic_write(path, lambda f: f.write(data))
 
     def write_config(self, config: Dict[str, object], preset: Optional[str] = None) -> None:
@@ -84,13 +86,13 @@ class RunFolder:
         line = {"from_step": start_step, "to_step": step, "seconds": seconds, "device": device,
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         with open(self.invocations, "a") as f:
-            f.write(json.dumps(line, sort_keys=True) + "\n")
+            f.write(to_json(line, sort_keys=True) + "\n")
 
     def read_metrics(self) -> List[Dict[str, object]]:
         return read_json_lines(self.jsonl)
 
     def write_metrics(self, rows: List[Dict[str, object]]) -> None:
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+        text = "".join(to_json(r, sort_keys=True) + "\n" for r in rows).encode()
         atomic_write(self.jsonl, lambda f: f.write(text))
         self.write_csv(rows)
 
@@ -103,7 +105,7 @@ class RunFolder:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(strict(r) for r in rows)  # a NaN (no task kept) as an empty cell, as null in JSON
         data = buffer.getvalue().encode()
         atomic_write(self.csv, lambda f: f.write(data))
 
@@ -123,8 +125,9 @@ class RunFolder:
             part = [r for r in rows if r["split"] == split]
             if part:
                 steps = [r["step"] for r in part]
-                ax_loss.plot(steps, [r["loss"] for r in part], style, label=f"{split} query loss")
-                ax_acc.plot(steps, [100 * r["accuracy"] for r in part], style, label=f"{split} query accuracy")
+                loss, acc = ([math.nan if r[k] is None else r[k] for r in part] for k in ("loss", "accuracy"))
+                ax_loss.plot(steps, loss, style, label=f"{split} query loss")
+                ax_acc.plot(steps, [100 * a for a in acc], style, label=f"{split} query accuracy")
         if baseline is not None:
             ax_acc.axhline(baseline, color="gray", linestyle="--", label="random init, test")
         if test is not None and step is not None:
