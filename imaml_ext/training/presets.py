@@ -15,8 +15,9 @@ wins. The values, and where they come from:
 
 The model is the paper's Conv4 with 64 channels (``--hidden_size 64``). The table is
 meta-test accuracy on 600 test tasks. The authors fine-tune at test time without the
-proximal term (``measure_accuracy.py --lam 0.0``): ``--eval_lam 0`` here; the default
-evaluation adapts as training does (lambda of --lam).
+proximal term (``measure_accuracy.py --lam 0.0``), and so do the Omniglot presets
+(``--eval_lam 0``); without a preset, the final evaluation adapts as training does (lambda of
+--lam). docs/accuracy-protocol.md sets their protocol beside ours.
 
 Mini-ImageNet (``--task mini-imagenet``, docs/mini-imagenet.md): the iMAML paper reports
 5-way 1-shot only, with the network of the prior work it compares against, MAML's: Conv4
@@ -28,7 +29,7 @@ values, so these are choices, not the paper's:
   5-way Omniglot values above;
 - inner learning rate 0.01, 15 query images per class, 4 tasks per meta-step (2 for 5-shot),
   60,000 meta-steps: MAML's Mini-ImageNet values;
-- 600 test tasks, as for Omniglot (and MAML).
+- 600 test tasks, as for Omniglot (and MAML), adapted at test time as in training (lambda 2).
 
 5-way 5-shot is the same with 5 shots and MAML's 5-shot meta-batch; the paper has no 5-shot
 Mini-ImageNet figure.
@@ -41,7 +42,7 @@ from typing import Dict
 _COMMON = {
     "task": "omniglot", "split": "finn", "algo": "imaml", "base_lr": 0.1, "lam": 2.0, "cg_iterations": 5,
     "cg_damping": 1.0, "lam_damping": 10.0, "hidden_size": 64, "meta_lr": 1e-3, "optimizer": "adam",
-    "scheduler": "none", "steps": 20000, "eval_tasks": 600,
+    "scheduler": "none", "steps": 20000, "eval_tasks": 600, "eval_lam": 0.0,
 }
 _FIVE_WAY = {"ways": 5, "inner_steps": 16, "meta_batch_size": 32}
 _TWENTY_WAY = {"ways": 20, "inner_steps": 25, "meta_batch_size": 16}
