@@ -300,6 +300,14 @@ def test_cg_breakdowns_is_zero_before_any_breakdown_and_the_warning_fits_the_con
     message = str(caught[0].message)
     assert lower.cg_breakdowns == 1
     assert "cg_damping=1, lam_damping=10" in message and "larger proximal_lambda (now 0.8)" in message
+    # With damping already on, it advised the same damping; it now says what that damping allows.
+    upper, lower, *_ = prox_setup(Config(type="cg", cg_iterations=3, proximal_lambda=0.8, cg_damping=1.0,
+                                         lam_damping=10.0), c=0.4)
+    with pytest.warns(UserWarning, match="CG broke down") as caught:
+        upper_hypergradient(upper)
+    message = str(caught[0].message)
+    assert "Damping, Config(" not in message and "authors" not in message
+    assert "damping in force (Config(cg_damping=1, lam_damping=10))" in message and "below -21.6" in message
 
 
 def test_declared_proximal_on_a_loss_without_the_term_is_rejected():

@@ -280,7 +280,9 @@ def test_missing_data_names_the_path(tmp_path, capsys):
         (["--lam", "-1"], "--lam must be a finite number > 0; got -1.0"),
         (["--reg", "0"], "--reg must be a finite number > 0; got 0.0"),
         (["--meta_batch_size", "0"], "--meta_batch_size must be >= 1; got 0"),
-        (["--inner_steps", "-2"], "--inner_steps must be >= 0; got -2"),
+        (["--inner_steps", "-2"], "--inner_steps must be >= 1; got -2"),
+        (["--inner_steps", "0"], "--inner_steps must be >= 1; got 0"),  # accepted, where --cg_iterations 0 was not
+        (["--cg_iterations", "0"], "--cg_iterations must be >= 1; got 0"),
         (["--cuda_graph", "--device", "cpu"], "--cuda_graph needs a CUDA --device; got cpu"),
         (["--device", "tpu:0"], "--device"),
         (["--split", "random"], "invalid choice: 'random'"),
@@ -482,6 +484,16 @@ def test_nonfinite_task_skipped_and_counted(tmp_path, data_root, monkeypatch, ca
     assert all(torch.isfinite(v).all() for v in checkpoint(out)["model"].values())
 
 
+def test_cg_breakdown_warning_without_damping_advises_it():
+    from argparse import Namespace
+
+    from imaml_ext.training.loop import _breakdown_message
+
+    message = _breakdown_message(Namespace(cg_damping=0.0, lam_damping=0.0, lam=2.0), 0.75, 1, 10)
+    assert "75% of the tasks of steps 1-10" in message and "below -lam = -2" in message
+    assert "damping (--cg_damping 1 --lam_damping 10" in message
+
+
 def strict_json(text: str):
     def refuse(name):
         raise AssertionError(f"not strict JSON: {name}")
@@ -494,7 +506,11 @@ def test_steps_of_only_nonfinite_tasks_log_null_not_zero_in_strict_json(tmp_path
     out = tmp_path / "all-bad"
     assert run(out, "--steps", "4", "--valid_every", "0", "--eval_tasks", "1", "--base_lr", "1e8",
                "--on_nonfinite", "skip-task", data=data_root) == 0
-    assert "step 2: no loss, all 6 tasks left out (non-finite)" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "step 2: no loss, all 6 tasks left out (non-finite)" in said.out
+    # CG broke down under the default damping, which the warning advised turning on
+    assert "the iMAML authors' values" not in said.err
+    assert "damping in force (--cg_damping 1 --lam_damping 10)" in said.err and "below -24" in said.err
     rows = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["loss"], r["accuracy"], r["support_loss"], r["nonfinite_tasks"]) for r in rows] == [(None, None, None, 6)] * 2
     for name in ("config.json", "results.json"):
@@ -647,6 +663,19 @@ def test_data_errors_name_the_flags(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--data is {str(missing)!r}" in err and "Pass --download to download" in err
     assert "download=True" not in err and "root=" not in err
+
+
+def test_unusable_data_or_cache_folder_is_one_line(tmp_path, data_root, monkeypatch, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert run(tmp_path / "out", "--download", data=str(afile)) == 2  # was a FileExistsError traceback
+    err = capsys.readouterr().err
+    assert err.startswith(f"imaml-train: error: --data is {str(afile)!r}, a file, not a folder") and err.count("\n") == 1
+    monkeypatch.setenv("IMAML_CACHE", str(afile))  # was a FileExistsError traceback
+    assert run(tmp_path / "out", data=data_root) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"imaml-train: error: cannot write the image cache in {str(afile)!r}") and err.count("\n") == 1
+    assert "set IMAML_CACHE to a writable folder" in err and afile.read_text() == "mine"
 
 
 def test_sigint_checkpoints_and_exits_130(tmp_path, data_root, monkeypatch, capsys):

@@ -52,7 +52,13 @@ def cg(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
     if bool(info.breakdown.any()):  # one sync per hypergradient, as the per-step loss.item()
         curr.cg_breakdowns = getattr(curr, "cg_breakdowns", 0) + 1
         if curr.cg_breakdowns == 1:
-            if lam is not None:
+            if lam is not None and (config.cg_damping or config.lam_damping):  # damping is on: more of it
+                remedy = (f"With the damping in force (Config(cg_damping={config.cg_damping:g}, "
+                          f"lam_damping={config.lam_damping:g})) the system breaks down only where the Hessian has an "
+                          f"eigenvalue below {-(1 + config.cg_damping) * (lam + config.lam_damping):g} or a product is "
+                          f"not finite: more damping, a larger proximal_lambda (now {lam}), a smaller inner learning "
+                          f"rate or more inner steps keep it positive definite")
+            elif lam is not None:
                 remedy = (f"Damping, Config(cg_damping=1, lam_damping=10) as the iMAML authors' code, keeps the system "
                           f"positive definite; so do a larger proximal_lambda (now {lam}) or more inner steps")
             else:

@@ -240,8 +240,9 @@ def check_args(args: argparse.Namespace) -> None:
         args.lam = 2.0 * args.reg  # the tutorial's reg * ||phi - theta||^2 has gradient 2 * reg * (phi - theta)
     elif args.lam is None:
         args.lam = 2.0
-    positive_ints = ["ways", "shots", "query", "cg_iterations", "meta_batch_size", "hidden_size", "steps",
-                     "log_every", "valid_tasks", "checkpoint_every"]
+    # --inner_steps 0 would meta-learn with phi = theta, as --cg_iterations 0 with no solve: both refused.
+    positive_ints = ["ways", "shots", "query", "inner_steps", "cg_iterations", "meta_batch_size", "hidden_size",
+                     "steps", "log_every", "valid_tasks", "checkpoint_every"]
     for name in positive_ints:
         value = getattr(args, name)
         if value < 1:
@@ -255,7 +256,7 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             raise RunError(f"--{name} must be a finite number >= 0; got {value}")
-    for name in ("inner_steps", "valid_every", "eval_tasks"):
+    for name in ("valid_every", "eval_tasks"):
         if getattr(args, name) < 0:
             raise RunError(f"--{name} must be >= 0; got {getattr(args, name)}")
     for name in ("base_lr", "lam", "meta_lr"):

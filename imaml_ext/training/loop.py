@@ -254,10 +254,7 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
                     first_bad.fill_(-1)
                 if breakdown > 0.5 and not warned_breakdown:
                     warned_breakdown = True
-                    _warn(bar, f"CG broke down (p'Ap <= 0) on {100 * breakdown:.0f}% of the tasks of steps "
-                               f"{step - n + 1}-{step}: I + H/lam is indefinite there, so those tasks' meta-gradients "
-                               f"stop at the last good CG iterate. Damping (--cg_damping 1 --lam_damping 10, the iMAML "
-                               f"authors' values) or more inner steps keep the system positive definite.")
+                    _warn(bar, _breakdown_message(args, breakdown, step - n + 1, step))
                 window["steps"] = 0
                 window_start = time.perf_counter()
                 if bar is not None:
@@ -308,6 +305,22 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
     folder.plot_curves(rows, baseline=results.get("baseline", {}).get("accuracy"), test=results.get("test"),
                        step=step)
     return results
+
+
+def _breakdown_message(args, share: float, first: int, last: int) -> str:
+    """The CG breakdown warning, with a remedy true for the damping in force."""
+    said = (f"CG broke down (p'Ap <= 0, or a NaN or Inf) on {100 * share:.0f}% of the tasks of steps {first}-{last}, "
+            f"so those tasks' meta-gradients stop at the last good CG iterate. ")
+    c, d = args.cg_damping, args.lam_damping
+    if not c and not d:
+        return said + (f"The system I + H/lam is indefinite where the support loss's Hessian H has an eigenvalue "
+                       f"below -lam = -{args.lam:g}: damping (--cg_damping 1 --lam_damping 10, the iMAML authors' "
+                       f"values, the default without --undamped) or more inner steps keep it positive definite.")
+    return said + (f"With the damping in force (--cg_damping {c:g} --lam_damping {d:g}) the system "
+                   f"(1 + {c:g}) I + H/({args.lam:g} + {d:g}) is indefinite only where H has an eigenvalue below "
+                   f"{-(1 + c) * (args.lam + d):g}, far from the inner minimum, or where the products were not finite: "
+                   f"a smaller --base_lr, more --inner_steps or a larger --cg_damping / --lam_damping keep it "
+                   f"positive definite.")
 
 
 def _kept_share_means(result, zero: torch.Tensor) -> torch.Tensor:
