@@ -6,7 +6,7 @@ adaptation from the random initialisation, wall time and device, beside the pape
 gathers the file into the machine's report.
 
     python benchmarks/reproduce.py                                   # the four Omniglot presets
-    python benchmarks/reproduce.py --presets omniglot-5w1s --time_budget 540 --device cuda
+    python benchmarks/reproduce.py --presets omniglot-5w1s --time_budget 540 -- --device cuda
     python benchmarks/reproduce.py --collect runs/repro-5w1s-cpu     # finished runs, no training
 
 Each preset runs in <runs>/<preset> (default runs/reproduce/<preset>); a run that stopped
@@ -187,10 +187,8 @@ def run_preset(preset: str, folder: Path, train_args: Sequence[str], time_budget
     return subprocess.run(command, cwd=ROOT).returncode
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+def build_parser() -> argparse.ArgumentParser:
+    """This script's own options: those after ``--`` go to imaml-train."""
     p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default=",".join(OMNIGLOT_PRESETS),
@@ -202,6 +200,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="only collect these run folders (finished or not) into the accuracy file; trains nothing")
     p.add_argument("--results", default=str(RESULTS), help="where the accuracy file is written")
     p.add_argument("--machine", default=None, help="the file's machine tag (default: from each run's results)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         if args.collect is not None:

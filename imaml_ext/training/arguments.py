@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from datetime import datetime
 from typing import Dict, Optional, Sequence
 
@@ -26,10 +27,12 @@ window and per validation), ``curves.png``, ``checkpoint.pt`` (written atomicall
 ``results.json`` (meta-test accuracy over ``--eval-tasks`` test tasks with its 95 %
 confidence interval, beside the same adaptation from the random initialisation).
 
-The defaults are the iMAML paper's Omniglot 5-way 1-shot setting (lambda = 2, 16 inner
-steps, 5 CG iterations, meta-batch 32, Adam); ``make demo`` runs a short version.
-``--preset omniglot-5w1s`` (5w5s, 20w1s, 20w5s) sets all of the paper's values for a
-table entry; options given beside it win. ``--time_budget SECONDS`` stops (with a
+The defaults are Omniglot 5-way 1-shot with the paper's optimisation values (lambda = 2, 16
+inner steps, 5 CG iterations, meta-batch 32, Adam) but not its setting: 15 query images per
+class, 10,000 meta-steps, and a test-time adaptation with lambda = --lam. The paper's setting
+for a table entry is --preset omniglot-5w1s (5w5s, 20w1s, 20w5s): query = shots, 20,000
+meta-steps, test-time lambda 0 (docs/accuracy-protocol.md); options given beside it win.
+make demo runs a short version of the defaults. ``--time_budget SECONDS`` stops (with a
 checkpoint) before the time is up: repeat the same command with ``--resume`` to go on.
 
 ``--task mini-imagenet`` reads learn2learn's three mini-imagenet-cache-*.pkl files from
@@ -300,6 +303,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.precision == "fp16" and args.on_nonfinite != "skip-task":
         raise RunError("--precision fp16 leaves out a task whose scaled gradients overflow (as GradScaler skips a "
                        f"step) and lowers the loss scale: it needs --on_nonfinite skip-task; got {args.on_nonfinite}")
+    if args.tf32 == "on" and device.type != "cuda":
+        print(f"imaml-train: note: --tf32 on has no effect on {device.type}: TensorFloat-32 is a mode of NVIDIA GPUs' "
+              f"convolutions and matrix products; the run computes in IEEE float32", file=sys.stderr)
     if args.cuda_graph and device.type != "cuda":
         raise RunError(f"--cuda_graph needs a CUDA --device; got {args.device}")
     if args.out is None:
