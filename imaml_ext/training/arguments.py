@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     _add(p, "preset", default=None, metavar="NAME",
-         help=f"the iMAML paper's setting for one table entry: {', '.join(PRESETS)} (see "
-              f"imaml_ext/training/presets.py for the values and their sources); options given beside it win")
+         help=f"the iMAML paper's setting for one table entry: {', '.join(PRESETS)} (the Mini-ImageNet ones "
+              f"fill in values the paper does not give; imaml_ext/training/presets.py gives each value's source); "
+              f"options given beside it win")
     task = p.add_argument_group("task")
     _add(task, "task", default="omniglot", help=f"data set: {', '.join(TASKS)}")
     _add(task, "ways", type=int, default=5, help="classes per task")
