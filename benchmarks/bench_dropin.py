@@ -144,7 +144,7 @@ def tutorial_engine(library: str, tasks: int, inner_steps: int, device: str, dat
         engine.env.device = torch.device(device)
     else:
         engine.config.task_batching = task_batching
-        engine._task_batcher = None
+        engine.task_batcher = None
         engine.task_batching = engine._plan_task_batching()
         expected = task_batching != "off"
         if engine.task_batching.active != expected:

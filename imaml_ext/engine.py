@@ -29,7 +29,7 @@ class Engine:
 
     _RESERVED = frozenset(
         {"problems", "config", "env", "logger", "device", "leaves", "dependencies", "global_step",
-         "train_iters", "valid_step", "task_batching"}
+         "train_iters", "valid_step", "task_batching", "task_batcher"}
     )
 
     def __init__(
@@ -72,7 +72,7 @@ class Engine:
             problem.initialize(self)
         if self.env is not None:
             self.env.initialize(self)
-        self._task_batcher = None
+        self.task_batcher = None
         self.task_batching = self._plan_task_batching()
 
     def _plan_task_batching(self):
@@ -98,14 +98,14 @@ class Engine:
             batcher, lower = SiblingBatcher, plan.lowers
         else:
             batcher, lower = TaskBatcher, plan.lowers[0]
-        self._task_batcher = batcher(self, plan.upper, lower, info, self.config.task_batching_forward,
+        self.task_batcher = batcher(self, plan.upper, lower, info, self.config.task_batching_forward,
                                      self.config.task_batching_max_tasks)
         return info
 
     def _flush_tasks(self) -> None:
         """Runs recorded tasks whose meta-step is not complete, task by task."""
-        if self._task_batcher is not None:
-            self._task_batcher.flush()
+        if self.task_batcher is not None:
+            self.task_batcher.flush()
 
     # ----- validation of the arguments -----
     def _check_problems(self, problems) -> List[Problem]:
@@ -209,7 +209,7 @@ class Engine:
                         f'dependencies["l2u"] has no chain of parents from "{lower.name}" up to "{upper.name}"'
                     )
                 for path in paths:
-                    upper._add_path([upper] + path)
+                    upper.add_paths([[upper] + path])
         parents_of_someone = {id(u) for uppers in l2u.values() for u in uppers}
         self.leaves = [p for p in self.problems if id(p) not in parents_of_someone]
 

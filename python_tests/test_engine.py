@@ -869,7 +869,6 @@ def test_too_many_positional_config_values():
     [
         ({"train_iter": 5}, TypeError, r"EngineConfig: unknown field 'train_iter'; valid fields are: train_iters, "
                                        r"valid_step, .*early_stopping"),
-        ({"roll_back": True}, ValueError, r"EngineConfig\.roll_back=True is not supported"),
         ({"strategy": "distributed"}, ValueError,
          r"EngineConfig\.strategy must be one of 'default'; got 'distributed'"),
         ({"train_iters": -1}, ValueError, r"EngineConfig\.train_iters must be an integer >= 1; got -1"),

@@ -161,7 +161,9 @@ def test_auto_forward_leaves_out_a_forward_that_fails_and_says_why(monkeypatch):
         batched = build("on", meta_batch=4, inner_steps=2)
         run_meta_steps(batched, 2)
     info = batched.task_batching
-    assert info.forward.split()[0] in ("loop", "vmap") and "left out: stacked: RuntimeError" in info.forward
+    # which survivor wins is the machine's timing (a loaded CPU can pick the fused loop)
+    assert info.forward.split()[0].removesuffix("+fused") in ("loop", "vmap")
+    assert "left out: stacked: RuntimeError" in info.forward
     assert relative_difference(theta(sequential), theta(batched)) < TOL
 
 

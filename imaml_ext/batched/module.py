@@ -65,7 +65,7 @@ def check_batchable(model: nn.Module) -> None:
             )
 
 
-# The forwards that run vmap with the stacked rules, and the convolution rule each uses (see _StackedLayers).
+# The forwards that run vmap with the stacked rules, and the convolution rule each uses (see StackedLayers).
 STACKED_FORWARDS = {"stacked": "grouped", "im2col": "im2col", "channels_last": "channels_last"}
 # A forward with this suffix runs the model's BatchNorm2d -> ReLU -> MaxPool2d(2) runs as one fused op
 # (fuse_batch_norm_relu_max_pool). channels_last is left out: the fused kernels read NCHW.
@@ -200,12 +200,12 @@ class TaskBatchedModule:
             outs = [one_task(list(per_task[t]), {k: b[t] for k, b in bufs.items()}, xt)
                     for t, xt in enumerate(x.unbind(0))]
             return torch.stack(outs)
-        autocast = _AutocastConvolutions.under(x.device.type)
+        autocast = AutocastConvolutions.under(x.device.type)
         if mode in STACKED_FORWARDS:
             conv = STACKED_FORWARDS[mode]
 
             def stacked_task(params, bufs, inputs):
-                with autocast, _StackedLayers(conv):
+                with autocast, StackedLayers(conv):
                     return one_task(params, bufs, inputs)
 
             return vmap(stacked_task, in_dims=(0, 0, 0), randomness="different")(list(phi), buffers, x)
@@ -380,7 +380,7 @@ def _batch_norm_relu_max_pool2d_rule(T, dims, x, weight, bias, eps):
 
 class _StackedRule(torch.autograd.Function):
     """One of the rules above as the vmap rule of a layer: applied only under vmap (by
-    _StackedLayers), where torch.func calls ``vmap`` with the tensors' [T, ...] storage and
+    StackedLayers), where torch.func calls ``vmap`` with the tensors' [T, ...] storage and
     autograd records the ops the rule runs, whose own derivatives (double backward included)
     then apply."""
 
@@ -444,7 +444,7 @@ _RULES["batch_norm_relu_max_pool2d"] = (_batch_norm_relu_max_pool2d_rule, lambda
 _INTERCEPTED = {torch.conv2d: "conv2d", F.conv2d: "conv2d", F.batch_norm: "batch_norm", F.max_pool2d: "max_pool2d"}
 
 
-class _StackedLayers(TorchFunctionMode):
+class StackedLayers(TorchFunctionMode):
     """Inside a vmapped forward: conv2d, batch_norm and max_pool2d on a batched 4-d input (2-d and
     up for batch_norm) go to the stacked rules; everything else to vmap's own. With
     ``conv="im2col"`` a dense 2-d convolution runs as im2col + a batched matrix product (one
@@ -474,7 +474,7 @@ class _StackedLayers(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _AutocastConvolutions(TorchFunctionMode):
+class AutocastConvolutions(TorchFunctionMode):
     """Autocast's cast for convolutions under vmap. torch.func's convolution batching rule runs before
     autocast sees the call, so a vmapped convolution would stay float32 under bf16 / fp16 autocast
     (torch 2.14, CPU; linear and matmul are cast): its floating inputs are cast here to the autocast

@@ -269,8 +269,6 @@ _ENGINE_CHECKS = {
     "train_iters": _integer(1),
     "valid_step": _check_valid_step,
     "logger_type": _one_of(*LOGGER_TYPES),
-    "roll_back": _refuse_true("is not supported by imaml_ext (Betty's warm-start re-run of the lower step after "
-                              "each upper step)"),
     "strategy": _check_strategy,
     "distributed": _refuse_true("(Betty 0.1.1's DataParallel over the visible GPUs) is not supported by imaml_ext "
                                 "(data-parallel runs go through torchrun -m imaml_ext.train)"),
@@ -303,7 +301,8 @@ class EngineConfig:
     logger_type: str = "none"
     log_dir: Optional[str] = None
 
-    # roll back (Betty's warm-start re-run of the lower step): not supported here
+    # roll back (Betty's warm start): each problem with parents caches its state at its inner loop's
+    # start and, after its parents' step, restores it and steps once more with the updated parents
     roll_back: bool = False
 
     # distributed training: one process here; torch.distributed runs go through imaml_ext.train

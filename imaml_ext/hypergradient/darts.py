@@ -20,7 +20,7 @@ def darts(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
             verify_proximal(curr, prev, in_grad, lam)
         return reduce_tasks([lam * v.detach() for v in vector], task_count(curr))
 
-    batch = getattr(curr, "_task_batch", None)
+    batch = getattr(curr, "task_batch", None)
     if batch is not None and batch.running:
         return _darts_per_task(vector, curr, prev, batch)
     params = curr.trainable_parameters()
@@ -34,7 +34,7 @@ def darts(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
         with torch.no_grad():
             for p, v in zip(params, vector):
                 p.data.add_(v.to(p.dtype), alpha=shift)
-        loss = curr._loss_for_hypergradient()
+        loss = curr.loss_for_hypergradient()
         grads = torch.autograd.grad(loss, prev_params, allow_unused=True)
         return [g.detach() for g in zeros_for_none(grads, prev_params)]
 

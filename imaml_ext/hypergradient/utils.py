@@ -16,7 +16,7 @@ def zeros_for_none(grads, like: Sequence[Tensor]) -> List[Tensor]:
 def gradient_with_graph(curr):
     """(params, dL_curr/dparams with create_graph) at curr's current parameters."""
     params = curr.trainable_parameters()
-    loss = curr._loss_for_hypergradient()
+    loss = curr.loss_for_hypergradient()
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     return params, zeros_for_none(grads, params)
 
@@ -51,7 +51,7 @@ def task_count(curr):
     independent task per slice: CG then runs per task), else None."""
     from ..batched.module import BatchedModule
 
-    batch = getattr(curr, "_task_batch", None)
+    batch = getattr(curr, "task_batch", None)
     if batch is not None and batch.running:
         return batch.num_tasks
     return curr.module.num_tasks if isinstance(curr.module, BatchedModule) else None

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..batched.memory import GraphSizeMeter, available_bytes, check_unroll_fits
+from .hooks import call_hook, takes_argument
 from .problem import Problem
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam")
@@ -162,9 +163,13 @@ class IterativeProblem(Problem):
     def parameters(self) -> List[Tensor]:
         return list(self._weights) if self._weights is not None else list(self.module.parameters())
 
+    @property
+    def functional_module(self) -> nn.Module:
+        return self.module.inner if isinstance(self.module, _FastWeightsModule) else self.module
+
     def trainable_parameters(self) -> List[Tensor]:
-        if self._task_batch is not None and self._task_batch.running:
-            return list(self._task_batch.phi)
+        if self.task_batch is not None and self.task_batch.running:
+            return list(self.task_batch.phi)
         if self._weights is not None:
             return list(self._weights)
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -245,9 +250,9 @@ class IterativeProblem(Problem):
         self._opt_state = []
 
     # ----- one local step -----
-    def one_step_descent(self) -> dict:
+    def one_step_descent(self, batch=None) -> dict:
         if not self._unrolls:
-            return super().one_step_descent()
+            return super().one_step_descent(batch)
         if self._weights is None:
             self.start_inner_loop()
         first = self._steps_in_loop == 0
@@ -255,10 +260,10 @@ class IterativeProblem(Problem):
         meter = GraphSizeMeter() if first and create_graph else None
         if meter is not None:
             with meter:
-                stats = self._descend(create_graph)
+                stats = self._descend(create_graph, batch)
             self._check_unroll_fits(meter.bytes)
             return stats
-        return self._descend(create_graph)
+        return self._descend(create_graph, batch)
 
     # the share of the free device memory an unrolled graph may take before it is refused
     memory_fraction = 0.9
@@ -271,24 +276,27 @@ class IterativeProblem(Problem):
                           "use fewer unroll_steps, a smaller batch, Config(first_order=True), or an ImplicitProblem "
                           "(memory flat in steps)", available_bytes(device))
 
-    def _descend(self, create_graph: bool) -> dict:
+    def _descend(self, create_graph: bool, batch=None) -> dict:
         self._steps_in_loop += 1
-        self.cur_batch = self.get_batch()
+        self.cur_batch = self.get_batch() if batch is None else batch
         loss, stats = self.get_loss(self.cur_batch)
         grads = torch.autograd.grad(loss, self._weights, create_graph=create_graph, allow_unused=True)
         grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, self._weights)]
         if not create_graph:
             grads = [g.detach() for g in grads]
         self._grad_sum = grads if self._grad_sum is None else [a + g for a, g in zip(self._grad_sum, grads)]
-        if self._count % self.gas == 0:
+        if not takes_argument(self.grad_callback):
+            self.grad_callback()
+        if self.schedule.accumulation_boundary():
             grads, self._grad_sum = self._grad_sum, None
-            self.grad_callback(grads)
+            if takes_argument(self.grad_callback):
+                self.grad_callback(grads)
             if self.config.gradient_clipping > 0:
                 norm = torch.sqrt(sum((g * g).sum() for g in grads))
                 scale = torch.clamp(self.config.gradient_clipping / (norm + 1e-6), max=1.0)
                 grads = [g * scale for g in grads]
             self._weights = self._update(self._weights, grads)
-            self.param_callback(self._weights)
+            call_hook(self.param_callback, self._weights)
             with torch.no_grad():  # the module shows the current weights (eval, state_dict)
                 for p, w in zip(self._module_params, self._weights):
                     p.copy_(w)
@@ -324,13 +332,28 @@ class IterativeProblem(Problem):
     def step_normal(self, global_step: Optional[int] = None) -> None:
         if not self._unrolls:
             return super().step_normal(global_step)
-        unrolled = self.config.unroll_steps * self.gas
-        will_finish = self._training and (self._count + 1) % unrolled == 0 and self._count + 1 > self.config.warmup_steps
+        will_finish = self.check_ready() and self.schedule.unrolled(self.schedule.count + 1)
         super().step_normal(global_step)
-        if will_finish and self._inner_loop_start:
+        if will_finish and self.schedule.inner_loop_start:
             # The parents have differentiated through this loop: drop its graph.
             self._weights = None
             self._opt_state = []
+
+
+    # ----- roll-back: the unrolled weights and the differentiable optimizer's state too -----
+    def cache_states(self) -> None:
+        super().cache_states()
+        if self._unrolls:
+            weights = None if self._weights is None else [w.detach().clone() for w in self._weights]
+            state = [{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in s.items()} for s in self._opt_state]
+            self._unroll_cache = (weights, state)
+
+    def recover_states(self) -> None:
+        super().recover_states()
+        if self._unrolls:
+            weights, self._opt_state = self._unroll_cache
+            self._weights = None if weights is None else [w.requires_grad_(True) for w in weights]
+            self._grad_sum, self._unroll_cache = None, None
 
 
 __all__ = ["IterativeProblem"]

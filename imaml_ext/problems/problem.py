@@ -5,6 +5,7 @@ stepped after ``unroll_steps * gradient_accumulation`` local steps)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -15,6 +16,8 @@ from torch import Tensor, nn
 from .._device import check_device
 from ..configs import Config
 from ..logging import format_stats, get_logger
+from .hooks import call_hook, takes_argument
+from .schedule import StepSchedule
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,6 +74,9 @@ class Problem:
         device=None,
         extra_config: Optional[dict] = None,
     ):
+        if isinstance(device, dict) and extra_config is None:
+            # Betty 0.2's seventh positional argument is extra_config (0.1.1's is device): a dict is never a device
+            device, extra_config = None, device
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"Problem name must be a Python identifier (it becomes an attribute); got {name!r}")
         if config is None:
@@ -86,6 +92,7 @@ class Problem:
         self.scheduler = scheduler
         self.train_data_loader = train_data_loader
         self.extra_config = extra_config or {}
+        self.cfg = extra_config  # Betty 0.2's name
 
         self._device_arg = device  # None: the Engine's device
         self.device = device
@@ -93,16 +100,12 @@ class Problem:
         self.env = None
         self.cur_batch = None
         self.scaler = None
-        self._count = 0
-        self._global_step = None
+        self.schedule = StepSchedule(config)
         self._parents: List[Problem] = []
         self._children: List[Problem] = []
         self._paths: List[List[Problem]] = []
-        self.ready: List[bool] = []
-        self._inner_loop_start = True
-        self._training = True
         self._data_iterators = None
-        self._task_batch = None  # the Engine's TaskBatcher while it runs this (lower) problem's tasks at once
+        self.task_batch = None  # the Engine's TaskBatcher while it runs this (lower) problem's tasks at once
         self._data_epochs: List[List[int]] = []
         self._loader_origin = "the train_data_loader= argument"
         self._logger = get_logger()
@@ -124,7 +127,36 @@ class Problem:
     @property
     def count(self) -> int:
         """Local steps taken."""
-        return self._count
+        return self.schedule.count
+
+    # Betty's names for the schedule's state, which Betty programs read (``self._global_step``).
+    @property
+    def ready(self) -> List[bool]:
+        return self.schedule.ready
+
+    @ready.setter
+    def ready(self, value: List[bool]) -> None:
+        self.schedule.ready = list(value)
+
+    @property
+    def _count(self) -> int:
+        return self.schedule.count
+
+    @_count.setter
+    def _count(self, value: int) -> None:
+        self.schedule.count = value
+
+    @property
+    def _global_step(self) -> Optional[int]:
+        return self.schedule.global_step
+
+    @property
+    def _training(self) -> bool:
+        return self.schedule.training
+
+    @property
+    def _inner_loop_start(self) -> bool:
+        return self.schedule.inner_loop_start
 
     @property
     def gas(self) -> int:
@@ -137,16 +169,39 @@ class Problem:
     def add_child(self, problem: "Problem") -> None:
         if problem not in self._children:
             self._children.append(problem)
-            self.ready.append(False)
+            self.schedule.reset_ready(len(self._children))
 
-    def _add_path(self, path: List["Problem"]) -> None:
-        self._paths.append(path)
+    def add_paths(self, paths: List[List["Problem"]]) -> None:
+        """Betty's: paths from this problem through lower problems back to it, for the hypergradient."""
+        self._paths.extend(paths)
+
+    @contextlib.contextmanager
+    def using_paths(self, paths: List[List["Problem"]]):
+        """The hypergradient's paths replaced inside the block (the Engine's batched siblings: T paths as one)."""
+        saved, self._paths = self._paths, paths
+        try:
+            yield
+        finally:
+            self._paths = saved
+
+    @contextlib.contextmanager
+    def feeding(self, batch):
+        """``get_batch()`` gives ``batch`` inside the block: a recorded step replayed as it was."""
+        self.get_batch = lambda: batch
+        try:
+            yield
+        finally:
+            del self.get_batch
 
     # ----- set-up -----
     def initialize(self, engine) -> None:
         """Called once by the Engine: device, configure_* hooks, scaler."""
         self.engine = engine
+        self.schedule.config = self.config
+        # Betty: roll-back applies to the problems with parents
+        self.schedule.roll_back = bool(engine.config.roll_back) and bool(self._parents)
         self.device = self._device_arg if self._device_arg is not None else engine.device
+        self.train_data_loader = self._configured("train_data_loader", self.configure_train_data_loader)
         self.module = self._configured("module", self.configure_module)
         if self.module is None:
             raise ValueError(f'problem "{self.name}" has no module: pass module= or override configure_module()')
@@ -155,14 +210,26 @@ class Problem:
         if self.optimizer is None and self.trainable_parameters():
             raise ValueError(f'problem "{self.name}" has no optimizer: pass optimizer= or override configure_optimizer()')
         self.scheduler = self._configured("scheduler", self.configure_scheduler)
-        self.train_data_loader = self._configured("train_data_loader", self.configure_train_data_loader)
         if self.config.precision == "fp16":
             self.scaler = torch.amp.GradScaler(
                 torch.device(self.device).type,
                 init_scale=self.config.initial_dynamic_scale,
                 growth_factor=self.config.scale_factor,
             )
-        self.ready = [False] * len(self._children)
+        self.schedule.reset_ready(len(self._children))
+        # Betty 0.2 starts the loaders here, at set-up (a DataLoader draws its seed from torch's RNG when
+        # it starts), so a seeded program sees Betty's batches
+        if self.train_data_loader is not None:
+            self._start_loaders(self._loaders())
+
+    def _loaders(self) -> tuple:
+        """Betty's rule: only a tuple is several loaders."""
+        loaders = self.train_data_loader
+        return loaders if isinstance(loaders, tuple) else (loaders,)
+
+    def _start_loaders(self, loaders: tuple) -> None:
+        self._data_iterators = [iter(loader) for loader in loaders]
+        self._data_epochs = [[0, 0] for _ in loaders]  # per loader: epochs ended, batches this epoch
 
     _EXPECTED = {
         "module": "a torch.nn.Module",
@@ -240,31 +307,42 @@ class Problem:
         self.on_inner_loop_start()
 
     def grad_callback(self, params: Sequence[Tensor]) -> None:
-        pass
+        """Written with ``params``: called with the complete gradients before clipping, on each
+        accumulation boundary. Written without (Betty 0.2's ``grad_callback(self)``): called after
+        every backward, as Betty 0.2 calls it."""
 
     def param_callback(self, params: Sequence[Tensor]) -> None:
-        pass
+        """After each optimizer step, with the parameters when written with ``params`` (Betty 0.1.1),
+        without them when written without (Betty 0.2)."""
+
+    def epoch_callback(self) -> None:
+        """Betty 0.2's name of ``on_epoch_end``; both are called."""
 
     def parameters(self) -> List[Tensor]:
         return list(self.module.parameters())
 
+    @property
+    def functional_module(self) -> nn.Module:
+        """The module whose parameters ``functional_call`` replaces with a task's weights."""
+        return self.module
+
     def trainable_parameters(self) -> List[Tensor]:
-        if self._task_batch is not None and self._task_batch.running:
-            return list(self._task_batch.phi)  # every task's weights, [T, *shape], for the hypergradient
+        if self.task_batch is not None and self.task_batch.running:
+            return list(self.task_batch.phi)  # every task's weights, [T, *shape], for the hypergradient
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def train(self) -> None:
         """Training mode: local steps count and unroll into the parents; the module in train()."""
-        self._training = True
+        self.schedule.training = True
         self.module.train()
 
     def eval(self) -> None:
         """Evaluation mode: steps neither count nor step the parents; the module in eval()."""
-        self._training = False
+        self.schedule.training = False
         self.module.eval()
 
     def state_dict(self) -> dict:
-        state = {"module": self.module.state_dict(), "count": self._count}
+        state = {"module": self.module.state_dict(), **self.schedule.state_dict()}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
         if self.scheduler is not None:
@@ -275,7 +353,7 @@ class Problem:
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
-        self._count = state.get("count", self._count)
+        self.schedule.load_state_dict(state)
         if self.optimizer is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:
@@ -293,11 +371,10 @@ class Problem:
             raise ValueError(
                 f'problem "{self.name}" has no train_data_loader: pass one (or a tuple of them) or override get_batch()'
             )
-        single = not isinstance(loaders, tuple)  # Betty's rule: only a tuple is several loaders
-        loaders = (loaders,) if single else loaders
+        single = not isinstance(loaders, tuple)
+        loaders = self._loaders()
         if self._data_iterators is None or len(self._data_iterators) != len(loaders):
-            self._data_iterators = [iter(loader) for loader in loaders]
-            self._data_epochs = [[0, 0] for _ in loaders]  # per loader: epochs ended, batches this epoch
+            self._start_loaders(loaders)  # a loader set after set-up
         batches = []
         for i, loader in enumerate(loaders):
             batch = self._next_batch(i, loader, "train_data_loader" if single else f"train_data_loader[{i}]")
@@ -321,6 +398,7 @@ class Problem:
                     ) from None
                 if i == 0:
                     self.on_epoch_end()
+                    self.epoch_callback()
                 counts[0], counts[1] = counts[0] + 1, 0
                 self._data_iterators[i] = iter(loader)
                 continue
@@ -338,7 +416,7 @@ class Problem:
         with self.autocast():
             return self.training_step(batch)
 
-    def _parse_loss(self, out, where: str = "training_step"):
+    def parse_loss(self, out, where: str = "training_step"):
         """(loss tensor, metrics dict) from what training_step returned."""
         if isinstance(out, Tensor):
             loss, metrics = out, {}
@@ -360,22 +438,22 @@ class Problem:
             )
         return loss.reshape(()), metrics
 
-    def _loss_for_hypergradient(self) -> Tensor:
+    def loss_for_hypergradient(self) -> Tensor:
         """This problem's loss on its last batch at its current parameters."""
-        if self._task_batch is not None and self._task_batch.running:
-            return self._task_batch.lower_loss_vector().sum()
+        if self.task_batch is not None and self.task_batch.running:
+            return self.task_batch.lower_loss_vector().sum()
         if self.cur_batch is None:
             raise RuntimeError(f'problem "{self.name}" has taken no step yet, so it has no loss to differentiate')
-        loss, _ = self._parse_loss(self.training_step_exec(self.cur_batch))
+        loss, _ = self.parse_loss(self.training_step_exec(self.cur_batch))
         return loss.float()
 
     def get_loss(self, batch):
-        loss, metrics = self._parse_loss(self.training_step_exec(batch))
+        loss, metrics = self.parse_loss(self.training_step_exec(batch))
         value = loss.item()  # Betty logs every loss; the same sync catches non-finite values
         if not math.isfinite(value):
             raise FloatingPointError(
                 f'problem "{self.name}": training_step returned a non-finite loss ({value}) '
-                f"at local step {self._count} (global step {self._global_step})"
+                f"at local step {self.schedule.count} (global step {self.schedule.global_step})"
             )
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
@@ -434,7 +512,8 @@ class Problem:
         params = self.trainable_parameters()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        self.grad_callback(params)
+        if takes_argument(self.grad_callback):
+            self.grad_callback(params)
         if self.config.gradient_clipping > 0:
             torch.nn.utils.clip_grad_norm_(params, self.config.gradient_clipping)
         if self.scaler is not None:
@@ -443,64 +522,110 @@ class Problem:
         else:
             self.optimizer.step()
 
-    def one_step_descent(self) -> dict:
-        self.cur_batch = self.get_batch()
-        loss, stats = self.get_loss(self.cur_batch)
+    def one_step_descent(self, batch=None) -> dict:
+        """One local step on ``batch`` (default: the next from ``get_batch``): loss, gradient, and on
+        the accumulation boundary the optimizer step."""
+        if batch is None:
+            batch = self.get_batch()
+        self.cur_batch = batch
+        loss, stats = self.get_loss(batch)
         self.backward(loss)
-        if self._count % self.gas == 0:
+        if not takes_argument(self.grad_callback):
+            self.grad_callback()
+        if self.schedule.accumulation_boundary():
             self.optimizer_step()
-            self.param_callback(self.trainable_parameters())
+            call_hook(self.param_callback, self.trainable_parameters())
             self.zero_grad()
         return stats
 
     def check_ready(self) -> bool:
-        return all(self.ready)
+        return self.schedule.all_ready()
 
     def log(self, stats: dict, global_step: Optional[int]) -> None:
-        where = f"[Local Step {self._count}]" if global_step is None else f"[Global Step {global_step}] [Local Step {self._count}]"
+        count = self.schedule.count
+        where = f"[Local Step {count}]" if global_step is None else f"[Global Step {global_step}] [Local Step {count}]"
         self._logger.info(f'[Problem "{self.name}"] {where} {format_stats(stats)}')
         if self.engine is not None:
-            step = self._count if self.config.log_local_step or global_step is None else global_step
+            step = count if self.config.log_local_step or global_step is None else global_step
             self.engine.logger.log(stats, tag=self.name, step=step)
+
+    def begin_local_step(self, global_step: Optional[int]) -> int:
+        """Records the global step, starts an inner loop when one is due (``on_inner_loop_start``,
+        then the roll-back cache) and counts the step; returns the count."""
+        if self.schedule.begin(global_step):
+            self.start_inner_loop()
+            if self.schedule.roll_back:
+                self.cache_states()
+        return self.schedule.advance()
+
+    def step_scheduler(self) -> None:
+        if self.scheduler is None:
+            return
+        with warnings.catch_warnings():
+            # Betty steps the scheduler every local step, also between the
+            # accumulation boundaries where the optimizer does not step.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
+
+    def step_parents(self, global_step: Optional[int]) -> None:
+        """This problem has unrolled: each parent marks it ready and steps."""
+        for parent in self._parents:
+            parent.schedule.mark_ready(parent.children.index(self))
+            parent.step_normal(global_step=global_step)
+        self.schedule.end_inner_loop()
 
     def step_normal(self, global_step: Optional[int] = None) -> None:
         if not self.check_ready():
             return
-        self._global_step = global_step
-        if self._inner_loop_start:
-            self.start_inner_loop()
-            self._inner_loop_start = False
-        if self._training:
-            self._count += 1
+        self.begin_local_step(global_step)
         stats = self.one_step_descent()
-        if self.scheduler is not None:
-            with warnings.catch_warnings():
-                # Betty steps the scheduler every local step, also between the
-                # accumulation boundaries where the optimizer does not step.
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                self.scheduler.step()
-        if self.config.log_step > 0 and self._count % self.config.log_step == 0:
+        if not self.schedule.roll_back:  # with roll-back the scheduler steps after it (step_after_roll_back)
+            self.step_scheduler()
+        if self.schedule.logs():
             self.log(stats, global_step)
-        if (
-            self._training
-            and self._count % (self.config.unroll_steps * self.gas) == 0
-            and self._count > self.config.warmup_steps
-        ):
+        if self.schedule.unrolled():
+            self.step_parents(global_step)
+        self.schedule.reset_ready(len(self._children))
+
+    # ----- roll-back (EngineConfig(roll_back=True)): Betty's warm start -----
+    def cache_states(self) -> None:
+        """Keeps the module's parameters and buffers and the optimizer's state at the inner loop's start."""
+        optimizer = None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict())
+        self.schedule.roll_back_cache = (copy.deepcopy(self.module.state_dict()), optimizer)
+
+    def recover_states(self) -> None:
+        """Restores what ``cache_states`` kept (and forgets it)."""
+        cache, self.schedule.roll_back_cache = self.schedule.roll_back_cache, None
+        if cache is None:
+            raise RuntimeError(f'problem "{self.name}": recover_states() without a cache_states() before it')
+        module, optimizer = cache
+        self.module.load_state_dict(module)
+        if optimizer is not None:
+            self.optimizer.load_state_dict(optimizer)
+
+    def step_after_roll_back(self) -> None:
+        """After the parents' step: back to the inner loop's start, one step on the last batch with
+        the updated parents, the scheduler's step; then the same for the parents (Betty's order)."""
+        if self.check_ready() and self.schedule.training and self.schedule.roll_back:
+            self.recover_states()
+            self.one_step_descent(batch=self.cur_batch)
+            self.step_scheduler()
             for parent in self._parents:
-                parent.ready[parent.children.index(self)] = True
-                parent.step_normal(global_step=global_step)
-            self._inner_loop_start = True
-        self.ready = [False] * len(self._children)
+                parent.schedule.mark_ready(parent.children.index(self))
+                parent.step_after_roll_back()
+        self.schedule.reset_ready(len(self._children))
 
     def step(self, global_step: Optional[int] = None) -> None:
         """One local step (data, loss, gradient, update); then the parents' step
         when this problem has unrolled ``unroll_steps * gradient_accumulation``."""
-        self._global_step = global_step
-        batcher = getattr(self.engine, "_task_batcher", None)
+        self.schedule.global_step = global_step
+        batcher = getattr(self.engine, "task_batcher", None)
         if batcher is not None and batcher.records(self):
             batcher.lower_step(global_step, self)  # recorded; the Engine runs the meta-batch's tasks at once
             return
         self.step_normal(global_step=global_step)
+        if self.schedule.roll_back and self.schedule.unrolled():
+            self.step_after_roll_back()
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(name="{self.name}")'

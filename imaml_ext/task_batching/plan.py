@@ -100,6 +100,17 @@ class Plan:
 
 def find_pattern(engine) -> Plan:
     """The task pattern of the engine's problems, or NotBatchable."""
+    plan = _find_pattern(engine)
+    if engine.config.roll_back:
+        raise NotBatchable(
+            "EngineConfig(roll_back=True): after each upper step the lower goes back to its inner loop's start "
+            "and steps once more (Betty's warm start), which the batched meta-step does not take",
+            pattern=plan.pattern,
+        )
+    return plan
+
+
+def _find_pattern(engine) -> Plan:
     problems = engine.problems
     siblings = _siblings(problems)
     if siblings:
@@ -151,8 +162,9 @@ def _check_siblings(upper, lowers) -> None:
         _check_lower(upper, lower, own_module=True)
     shapes = [(n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in first.module.named_parameters()]
     for lower in lowers[1:]:
-        if lower.config.__dict__ != first.config.__dict__:
-            differ = sorted(k for k in first.config.__dict__ if first.config.__dict__[k] != lower.config.__dict__.get(k))
+        mine, theirs = vars(lower.config), vars(first.config)
+        if mine != theirs:
+            differ = sorted(k for k in theirs if theirs[k] != mine.get(k))
             raise NotBatchable(
                 f'the sibling lower problems "{first.name}" and "{lower.name}" have different Configs '
                 f"({', '.join(differ)}), so they are not one task run T times"

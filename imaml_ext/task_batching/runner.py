@@ -28,10 +28,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..batched.memory import GraphSizeMeter, available_bytes
-from ..batched.module import (FUSED, STACKED_FORWARDS, _AutocastConvolutions, _StackedLayers, count_fusable_runs,
+from ..batched.module import (FUSED, STACKED_FORWARDS, AutocastConvolutions, StackedLayers, count_fusable_runs,
                               fused_in_place)
 from ..batched.timing import device_clock
 from ..logging import get_logger
+from ..problems.hooks import call_hook
 from .plan import NotBatchable, TaskBatchingInfo
 from .sgd import TaskSGD
 
@@ -102,12 +103,11 @@ class TaskBatcher:
     AUTO_FUSED = {"cpu": ("loop" + FUSED, "stacked" + FUSED), "cuda": ()}
 
     def __init__(self, engine, upper, lower, info: TaskBatchingInfo, forward: str, max_tasks: Optional[int]):
-        from ..problems.iterative_problem import IterativeProblem, _FastWeightsModule
+        from ..problems.iterative_problem import IterativeProblem
 
         self.engine, self.upper, self.lower, self.info = engine, upper, lower, info
         self.iterative = isinstance(lower, IterativeProblem)
-        module = lower.module
-        self.target = module.inner if isinstance(module, _FastWeightsModule) else module
+        self.target = lower.functional_module
         self.names = [n for n, p in self.target.named_parameters() if p.requires_grad]
         self.module_params = [p for p in self.target.parameters() if p.requires_grad]
         self.keys = [f"module.{n}" for n in self.names]
@@ -151,7 +151,7 @@ class TaskBatcher:
 
     def lower_loss_vector(self, keep_dtype: bool = False) -> Tensor:
         """Each task's lower loss on its last batch at its current weights: [n], float32 as
-        ``_loss_for_hypergradient`` gives it (or in the loss's own dtype)."""
+        ``loss_for_hypergradient`` gives it (or in the loss's own dtype)."""
         losses, _ = self.task_losses(self.lower, self.phi, self.last_batches, self.forward)
         return losses if keep_dtype else losses.float()
 
@@ -164,7 +164,7 @@ class TaskBatcher:
         """Steps ``problem`` as the sequential engine does, and says so, when this step is not
         recorded: in eval mode, with batching off, or in the rest of an inner loop that a flush
         (a validation inside it) left half run."""
-        if not (problem._training and self.upper._training) or not self.info.active:
+        if not (problem.schedule.training and self.upper.schedule.training) or not self.info.active:
             self.flush()
         elif not self.finishing_loop:
             return False
@@ -173,29 +173,24 @@ class TaskBatcher:
         return True
 
     def _loop_half_run(self) -> bool:
-        return bool(self.lower._count % self.lower.config.unroll_steps)
+        return self.lower.schedule.loop_half_run()
 
     def lower_step(self, global_step: Optional[int], problem=None) -> None:
         lower, upper = self.lower, self.upper
         if self._runs_as_written(lower, global_step):
             return
-        lower._global_step = global_step
         if self.current is None:
             self.current = {"lower": [], "upper": None}
-        lower._count += 1
-        self.current["lower"].append((global_step, lower._count, lower.get_batch()))
-        if lower._count % lower.config.unroll_steps:
+        count = record_step(lower, global_step)
+        self.current["lower"].append((global_step, count, lower.get_batch()))
+        if lower.schedule.loop_half_run():
             return
-        lower._inner_loop_start = True
-        upper._global_step = global_step
-        if upper._inner_loop_start:
-            upper.start_inner_loop()
-            upper._inner_loop_start = False
-        upper._count += 1
-        self.current["upper"] = (global_step, upper._count, upper.get_batch())
+        lower.schedule.end_inner_loop()
+        count = upper.begin_local_step(global_step)
+        self.current["upper"] = (global_step, count, upper.get_batch())
         self.pending.append(self.current)
         self.current = None
-        if upper._count % upper.gas == 0:
+        if upper.schedule.accumulation_boundary():
             self.run_window()
 
     def flush(self) -> None:
@@ -211,18 +206,13 @@ class TaskBatcher:
 
     def _replay(self, tasks: List[dict]) -> None:
         lower, upper = self.lower, self.upper
-        lower._count -= sum(len(t["lower"]) for t in tasks)
-        upper._count -= sum(1 for t in tasks if t["upper"] is not None)
-        try:
-            for task in tasks:
-                if task["upper"] is not None:
-                    upper.get_batch = lambda batch=task["upper"][2]: batch
+        lower.schedule.rewind(sum(len(t["lower"]) for t in tasks))
+        upper.schedule.rewind(sum(1 for t in tasks if t["upper"] is not None))
+        for task in tasks:
+            with upper.feeding(task["upper"][2]) if task["upper"] is not None else contextlib.nullcontext():
                 for global_step, _, batch in task["lower"]:
-                    lower.get_batch = lambda batch=batch: batch
-                    lower.step_normal(global_step=global_step)
-        finally:
-            for problem in (lower, upper):
-                problem.__dict__.pop("get_batch", None)
+                    with lower.feeding(batch):
+                        lower.step_normal(global_step=global_step)
 
     # ----- one window -----
     def run_window(self) -> None:
@@ -352,7 +342,7 @@ class TaskBatcher:
     # ----- running the user's training_step for every task -----
     def call_task(self, problem, g: int, weights: Sequence[Tensor], batch: Any):
         """(loss, metrics) of ``problem.training_step(batch)`` with the lower module holding task g's ``weights``."""
-        call = _Call(self.target, lambda b: problem._parse_loss(problem.training_step_exec(b)))
+        call = _Call(self.target, lambda b: problem.parse_loss(problem.training_step_exec(b)))
         return functional_call(call, dict(zip(self.keys, weights)), (batch,))
 
     def fusing(self, forward: str):
@@ -375,14 +365,14 @@ class TaskBatcher:
             slices = list(zip(*(p.unbind(0) for p in phi)))
             outs = [self.call_task(problem, g, slices[g], batch) for g, batch in enumerate(batches)]
             return torch.stack([loss for loss, _ in outs]), [metrics for _, metrics in outs]
-        call = _Call(self.target, lambda b: problem._parse_loss(problem.training_step_exec(b)))
+        call = _Call(self.target, lambda b: problem.parse_loss(problem.training_step_exec(b)))
         stacked = _stack(batches)
         # "stacked": convolutions, BatchNorm and max-pooling on the tasks' stacked channels (BatchedModule's
         # rules); "im2col": the same with the dense convolutions as im2col + batched matrix products;
         # "channels_last": the same in channels-last layout
-        layers = _StackedLayers(STACKED_FORWARDS[forward]) if forward in STACKED_FORWARDS else contextlib.nullcontext()
+        layers = StackedLayers(STACKED_FORWARDS[forward]) if forward in STACKED_FORWARDS else contextlib.nullcontext()
         # training_step's autocast (Config(precision=)) does not reach vmapped convolutions by itself
-        autocast = _AutocastConvolutions() if problem.config.precision in ("bf16", "fp16") else contextlib.nullcontext()
+        autocast = AutocastConvolutions() if problem.config.precision in ("bf16", "fp16") else contextlib.nullcontext()
         with autocast, layers:
             losses, metrics = vmap(
                 lambda weights, batch: functional_call(call, weights, (batch,)),
@@ -442,7 +432,7 @@ class TaskBatcher:
         lower, upper = self.lower, self.upper
         n = len(tasks)
         self.phi = self._start(n)
-        lower._task_batch = self
+        lower.task_batch = self
         try:
             lower_losses = []
             for k in range(len(tasks[0]["lower"])):
@@ -544,7 +534,7 @@ class TaskBatcher:
         """The lower holds the last task's adapted weights, as after the sequential engine."""
         lower = self.lower
         phi, self.phi = self.phi, None
-        lower._task_batch = None
+        lower.task_batch = None
         lower.cur_batch = tasks[-1]["lower"][-1][2]
         if self.iterative:
             lower.batched_finish(phi)
@@ -562,30 +552,36 @@ class TaskBatcher:
         if lower.config.log_step > 0:
             for task in tasks:
                 for (global_step, count, _), stats in zip(task["lower"], task["lower_stats"]):
-                    if count % lower.config.log_step == 0:
-                        lower._count, saved = count, lower._count
-                        lower.log(stats, global_step)
-                        lower._count = saved
+                    log_as_of(lower, stats, global_step, count)
         self._upper_steps([(*task["upper"], task["upper_stats"]) for task in tasks])
 
     def _upper_steps(self, steps: List[tuple]) -> None:
         """The upper's local steps after its backward: (global step, count, batch, stats) each."""
         upper = self.upper
-        final = upper._count
         for global_step, count, batch, stats in steps:
-            upper._count, upper.cur_batch = count, batch
-            if count % upper.gas == 0:
-                upper.optimizer_step()
-                upper.param_callback(upper.trainable_parameters())
-                upper.zero_grad()
-            if upper.scheduler is not None:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                    upper.scheduler.step()
-            if upper.config.log_step > 0 and count % upper.config.log_step == 0:
-                upper.log(stats, global_step)
-        upper._count = final
-        upper.ready = [False] * len(upper.children)
+            upper.cur_batch = batch
+            with upper.schedule.as_of(count):
+                if upper.schedule.accumulation_boundary():
+                    upper.optimizer_step()
+                    call_hook(upper.param_callback, upper.trainable_parameters())
+                    upper.zero_grad()
+                upper.step_scheduler()
+                if upper.schedule.logs():
+                    upper.log(stats, global_step)
+        upper.schedule.reset_ready(len(upper.children))
+
+
+def record_step(problem, global_step: Optional[int]) -> int:
+    """A lower local step recorded, not run: its global step and count as the sequential engine leaves them."""
+    problem.schedule.global_step = global_step
+    return problem.schedule.advance()
+
+
+def log_as_of(problem, stats: dict, global_step: Optional[int], count: int) -> None:
+    """A recorded local step's log line, written later with the count it had."""
+    if problem.schedule.logs(count):
+        with problem.schedule.as_of(count):
+            problem.log(stats, global_step)
 
 
 def _plain(metrics: Dict[str, Any]) -> Dict[str, Any]:

@@ -23,6 +23,7 @@ reads its own index, which one vmapped function cannot.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -31,7 +32,7 @@ from torch.func import functional_call
 
 from .plan import NotBatchable, TaskBatchingInfo
 from ..batched.module import FUSED, STACKED_FORWARDS
-from .runner import TaskBatcher, _Call, _plain, _structure
+from .runner import TaskBatcher, _Call, _plain, _structure, log_as_of, record_step
 
 
 class SiblingBatcher(TaskBatcher):
@@ -62,22 +63,17 @@ class SiblingBatcher(TaskBatcher):
         upper = self.upper
         if self._runs_as_written(problem, global_step):
             return
-        problem._global_step = global_step
-        problem._count += 1
-        self.window.append((self._slot[id(problem)], global_step, problem._count, problem.get_batch()))
-        if problem._count % problem.config.unroll_steps:
+        count = record_step(problem, global_step)
+        self.window.append((self._slot[id(problem)], global_step, count, problem.get_batch()))
+        if problem.schedule.loop_half_run():
             return
-        problem._inner_loop_start = True
-        upper.ready[upper.children.index(problem)] = True
+        problem.schedule.end_inner_loop()
+        upper.schedule.mark_ready(upper.children.index(problem))
         if not upper.check_ready():
             return
-        upper._global_step = global_step
-        if upper._inner_loop_start:
-            upper.start_inner_loop()
-            upper._inner_loop_start = False
-        upper._count += 1
+        count = upper.begin_local_step(global_step)
         window, self.window = self.window, []
-        self._run_window(window, (global_step, upper._count, upper.get_batch()))
+        self._run_window(window, (global_step, count, upper.get_batch()))
 
     def flush(self) -> None:
         window, self.window = self.window, []
@@ -86,25 +82,20 @@ class SiblingBatcher(TaskBatcher):
         self.finishing_loop = self._loop_half_run()
 
     def _loop_half_run(self) -> bool:
-        return any(s._count % s.config.unroll_steps for s in self.lowers)
+        return any(s.schedule.loop_half_run() for s in self.lowers)
 
     def _replay_window(self, window: List[tuple], upper_step: Optional[tuple]) -> None:
         """The recorded steps, run one by one by the sequential engine."""
         upper = self.upper
         for g, *_ in window:
-            self.lowers[g]._count -= 1
-        upper.ready = [False] * len(upper.children)
+            self.lowers[g].schedule.rewind(1)
+        upper.schedule.reset_ready(len(upper.children))
         if upper_step is not None:
-            upper._count -= 1
-            upper.get_batch = lambda batch=upper_step[2]: batch
-        try:
+            upper.schedule.rewind(1)
+        with upper.feeding(upper_step[2]) if upper_step is not None else contextlib.nullcontext():
             for g, global_step, _, batch in window:
-                lower = self.lowers[g]
-                lower.get_batch = lambda batch=batch: batch
-                lower.step_normal(global_step=global_step)
-        finally:
-            for problem in [upper, *self.lowers]:
-                problem.__dict__.pop("get_batch", None)
+                with self.lowers[g].feeding(batch):
+                    self.lowers[g].step_normal(global_step=global_step)
 
     # ----- one window -----
     def _run_window(self, window: List[tuple], upper_step: tuple) -> None:
@@ -150,8 +141,7 @@ class SiblingBatcher(TaskBatcher):
         self.phi = [torch.stack([params[i].detach() for params in self.sibling_params]).requires_grad_(True)
                     for i in range(len(self.module_params))]
         self.sgd.reset(self.phi)
-        lower._task_batch = self
-        paths = upper._paths
+        lower.task_batch = self
         try:
             lower_losses = []
             for k in range(len(tasks[0]["lower"])):
@@ -169,17 +159,16 @@ class SiblingBatcher(TaskBatcher):
                     f"{count} (global step {global_step}; the batched siblings' meta-step)"
                 )
             # The T paths upper -> sibling -> upper as one, through the stacked weights.
-            upper._paths = [[upper, lower, upper]]
-            upper.backward(loss / upper.gas)
+            with upper.using_paths([[upper, lower, upper]]):
+                upper.backward(loss / upper.gas)
             return {"loss": value, **_plain(metrics)}
         finally:
-            upper._paths = paths
             self._leave_siblings(tasks)
 
     def _upper_loss(self, batch: Any):
         upper = self.upper
         weights = {f"module.{g}.{name}": task for name, p in zip(self.names, self.phi) for g, task in enumerate(p.unbind(0))}
-        call = _Call(self._all, lambda b: upper._parse_loss(upper.training_step_exec(b)))
+        call = _Call(self._all, lambda b: upper.parse_loss(upper.training_step_exec(b)))
         self.in_task_call = True
         try:
             return functional_call(call, weights, (batch,))
@@ -189,13 +178,13 @@ class SiblingBatcher(TaskBatcher):
     def call_task(self, problem, g: int, weights: Sequence[Tensor], batch: Any):
         """Sibling g's own training_step, its module holding ``weights`` (``problem`` is the representative)."""
         sibling = self.lowers[g]
-        call = _Call(self.targets[g], lambda b: sibling._parse_loss(sibling.training_step_exec(b)))
+        call = _Call(self.targets[g], lambda b: sibling.parse_loss(sibling.training_step_exec(b)))
         return functional_call(call, dict(zip(self.keys, weights)), (batch,))
 
     def _leave_siblings(self, tasks: List[dict]) -> None:
         """Each sibling holds its own adapted weights (and momentum), as after the sequential engine."""
         phi, self.phi = self.phi, None
-        self.lower._task_batch = None
+        self.lower.task_batch = None
         momentum = any(group.get("momentum", 0) for group in self.lower.optimizer.param_groups)
         with torch.no_grad():
             for g, (sibling, params) in enumerate(zip(self.lowers, self.sibling_params)):
@@ -214,11 +203,7 @@ class SiblingBatcher(TaskBatcher):
         for g, global_step, count, _ in window:
             stats = tasks[g]["lower_stats"][step_of[g]]
             step_of[g] += 1
-            sibling = self.lowers[g]
-            if count % sibling.config.log_step == 0:
-                sibling._count, saved = count, sibling._count
-                sibling.log(stats, global_step)
-                sibling._count = saved
+            log_as_of(self.lowers[g], stats, global_step, count)
 
 
 __all__ = ["SiblingBatcher"]
