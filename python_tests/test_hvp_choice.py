@@ -231,3 +231,19 @@ def test_timed_choices_survive_a_weights_only_checkpoint_and_are_used_instead_of
     assert_all_close([p.grad for p in again.model.parameters()], first[:len(list(model.parameters()))])
     with pytest.raises(ValueError, match=r"IMAML: choices must be a dict from timed_choices\(\); got \{'forwards': \{\}\}"):
         again.keep_timed_choices({"forwards": {}})
+
+
+def test_forward_hvp_does_not_print_torchs_jit_script_deprecation():
+    """torch scripts its forward-AD decompositions at the first jvp and warned, at every training
+    run, that torch.jit.script is deprecated; a fresh interpreter sees the first jvp."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from imaml_ext.batched.hvp import SupportHVP\n"
+            "hvp = SupportHVP('forward', lambda p, fresh: ((p[0] ** 4).sum(1), {}), [torch.ones(2, 3)])\n"
+            "assert hvp([torch.ones(2, 3)])[0].eq(12).all()\n")
+    proc = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "jit" not in proc.stderr

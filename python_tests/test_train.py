@@ -340,12 +340,39 @@ def test_resume_keeps_the_timed_choices(tmp_path, data_root, monkeypatch):
                          [("stacked", "forward", "on", True), ("loop", "reverse", "off", False),
                           ("im2col", "reverse", "on", True), ("channels_last", "forward", "off", False),
                           ("auto", "auto", "torch", None)])
-def test_forward_hvp_and_tf32_reach_the_learner(forward, hvp, tf32, expected_tf32):
-    args = train_cli.parse_args(["--forward", forward, "--hvp", hvp, "--tf32", tf32])
+def test_forward_hvp_and_tf32_reach_the_learner(forward, hvp, tf32, expected_tf32, monkeypatch):
+    from imaml_ext.training import learner
+
+    args = train_cli.parse_args(["--forward", forward, "--hvp", hvp, "--tf32", tf32, "--device", "cpu"])
     imaml = train_cli.build_imaml(train_cli.build_model(args), args)
-    assert (imaml.forward, imaml.hvp, imaml.tf32) == (forward, hvp, expected_tf32)
-    maml = train_cli.build_imaml(train_cli.build_model(args), train_cli.parse_args(["--algo", "maml", "--tf32", tf32]))
-    assert maml.tf32 is expected_tf32
+    assert (imaml.forward, imaml.hvp, imaml.tf32) == (forward, hvp, None)  # off CUDA there is nothing to set
+    maml_args = train_cli.parse_args(["--algo", "maml", "--tf32", tf32, "--device", "cpu"])
+    assert train_cli.build_imaml(train_cli.build_model(args), maml_args).tf32 is None
+    monkeypatch.setattr(args, "device", "cuda")
+    assert learner._tf32(args) is expected_tf32
+
+
+def test_tf32_on_a_cpu_is_said_once_in_our_words(tmp_path, data_root, capsys):
+    """It was torch-style UserWarnings, one from the training learner and one from the evaluator."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(tmp_path / "tf32", "--tf32", "on", "--steps", "2", "--valid_every", "0", "--eval_tasks", "2",
+                   data=data_root) == 0
+    assert not [w for w in caught if "tf32" in str(w.message).lower()]
+    err = capsys.readouterr().err
+    assert err.count("--tf32 on has no effect on cpu") == 1 and "IEEE float32" in err
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, data_root, capsys):
+    """Output to a file or pipe (as under pytest) gets the rows as lines, not the bar's frames."""
+    pytest.importorskip("tqdm")
+    assert run(tmp_path / "bar", "--progress", "--steps", "2", "--valid_every", "2", "--eval_tasks", "0",
+               data=data_root) == 0
+    said = capsys.readouterr()
+    assert "\r" not in said.err and "meta-train" not in said.err
+    assert "step 2: query loss" in said.out and "step 2: validation accuracy" in said.out
 
 
 def test_stacked_forward_and_forward_hvp_run(tmp_path, data_root):

@@ -109,3 +109,31 @@ def test_tutorial_with_fused_cg_and_declared_proximal_term_learns():
     assert iterations.shape == (4,) and bool(((1 <= iterations) & (iterations <= 3)).all())
     assert loss1 < 0.9 * loss0, f"adapted query loss {loss0:.3f} -> {loss1:.3f}"
     assert acc1 > acc0 + 1, f"adapted accuracy {acc0:.1f} % -> {acc1:.1f} %"
+
+
+def test_learn2learn_is_imported_without_gyms_notice(tmp_path, monkeypatch, capsys):
+    """learn2learn imports gym, which printed its 4-line "Gym has been unmaintained" notice at the
+    top of the tutorial; only that notice goes, anything else printed at the import stays."""
+    import sys
+    from importlib.metadata import version
+
+    notices = pytest.importorskip("gym_notices.notices").notices
+    from imaml_ext.data import l2l
+
+    notice = notices.get(version("gym"))
+    if not notice:
+        pytest.skip(f"gym {version('gym')} prints no notice")
+    fake = tmp_path / "learn2learn"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(f"import sys\nprint({notice!r}, file=sys.stderr)\n"
+                                      "print('something else', file=sys.stderr)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = sys.modules.pop("learn2learn", None)
+    try:
+        module = l2l.import_learn2learn()
+    finally:
+        sys.modules.pop("learn2learn", None)
+        if real is not None:
+            sys.modules["learn2learn"] = real
+    assert pathlib.Path(module.__file__).parent == fake
+    assert capsys.readouterr().err == "something else\n"

@@ -18,6 +18,8 @@ once per key, as ``torch.backends.cudnn.benchmark`` times convolution algorithms
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -33,6 +35,20 @@ HVPS = ("auto", "reverse", "forward")
 # fresh_buffers, the forward runs on a copy of the module's buffers (e.g. running BatchNorm
 # statistics) and changes no state; without, on the module's own.
 Losses = Callable[[List[Tensor], bool], Tuple[Tensor, Dict[str, Tensor]]]
+
+
+def load_jvp_decompositions() -> None:
+    """torch loads its forward-AD decompositions at the first forward-mode product
+    (torch.autograd.forward_ad, under the same condition as here), scripting them with
+    torch.jit.script, which warns at every run that it is deprecated: a warning about torch's own
+    code that no user can act on. Loaded here with only that warning ignored; nothing of ours is
+    scripted."""
+    loaded = "torch._decomp.decompositions_for_jvp" in sys.modules
+    if loaded or os.environ.get("PYTORCH_JIT", "1") != "1" or not __debug__:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 
 class SupportHVP:
@@ -56,6 +72,7 @@ class SupportHVP:
                 self._grads = torch.autograd.grad(losses_at_phi.sum(), self._phi, create_graph=True)
             self.losses = losses_at_phi.detach()
         else:
+            load_jvp_decompositions()
             self._phi = tuple(p.detach() for p in phi)
             self._keep_buffers = keep_buffers
             self._calls = 0

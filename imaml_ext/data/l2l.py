@@ -18,8 +18,11 @@ rotates each class independently.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import random
+import sys
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -80,9 +83,35 @@ class ClassRotation:
         return task_description
 
 
+def import_learn2learn() -> Any:
+    """``import learn2learn``, without the 4-line notice that gym (which learn2learn imports) prints
+    to stderr at its import, that gym is unmaintained: about learn2learn's RL part, which nothing
+    here uses. Anything else printed while importing is printed as it came."""
+    if "learn2learn" in sys.modules:
+        return sys.modules["learn2learn"]
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            import learn2learn
+    finally:
+        sys.stderr.write(_without_gym_notice(printed.getvalue()))
+    return learn2learn
+
+
+def _without_gym_notice(text: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        from gym_notices.notices import notices
+    except ImportError:
+        return text
+    notice = notices.get(version("gym"))
+    return text.replace(notice + "\n", "", 1) if notice else text
+
+
 def _benchmark_transforms(dataset: Any, ways: int, samples: int, exact_l2l: bool) -> List[Any]:
     """The task transforms of learn2learn's omniglot benchmark, in its order."""
-    import learn2learn as l2l
+    l2l = import_learn2learn()
 
     degrees = [0.0, 90.0, 180.0, 270.0]
     rotation = (l2l.vision.transforms.RandomClassRotation(dataset, degrees) if exact_l2l
@@ -124,7 +153,7 @@ def l2l_tasksets(
     ``exact_l2l=True`` reproduces learn2learn 0.2.0's two defects (see the module docstring):
     every split samples from all 1623 classes, and all classes of a task share one rotation.
     """
-    import learn2learn as l2l
+    l2l = import_learn2learn()
     from learn2learn.vision.benchmarks import BenchmarkTasksets
 
     for name, value in (("train_ways", train_ways), ("train_samples", train_samples),

@@ -25,7 +25,10 @@ TF32_OPTION = {"torch": None, "on": True, "off": False}
 
 
 def _tf32(args):
-    """--tf32 as IMAML's tf32 (runs from before the option: torch's settings)."""
+    """--tf32 as IMAML's tf32 (runs from before the option: torch's settings). Off CUDA there is
+    nothing to set: check_args said so once, and no learner says it again."""
+    if torch.device(args.device).type != "cuda":
+        return None
     return TF32_OPTION[getattr(args, "tf32", "torch")]
 
 

@@ -380,8 +380,8 @@ def _warn(bar, message: str) -> None:
 
 
 def _progress(args, start_step: int):
-    if not args.progress:
-        return None
+    if not args.progress or not (sys.stdout.isatty() and sys.stderr.isatty()):
+        return None  # a file or a pipe gets the rows as lines, not a bar's every frame
     try:
         from tqdm.auto import tqdm
     except ImportError:
