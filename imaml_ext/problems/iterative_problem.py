@@ -140,13 +140,17 @@ class IterativeProblem(Problem):
                     raise ValueError(f'problem "{self.name}": {name}({flag}=True) cannot be unrolled here; set {flag}=False')
         self._param_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self._module_params = [p for p in self.module.parameters() if p.requires_grad]
+        self._bind_groups()
+        self.module = _FastWeightsModule(self.module, self)
+
+    def _bind_groups(self) -> None:
+        """Each weight's optimizer param group, whose lr the updates read (a scheduler sets it there)."""
         self._groups = []
         for p in self._module_params:
             group = next((g for g in self.optimizer.param_groups if any(q is p for q in g["params"])), None)
             if group is None:
                 raise ValueError(f'problem "{self.name}": a trainable parameter of its module is not in its optimizer')
             self._groups.append(group)
-        self.module = _FastWeightsModule(self.module, self)
 
     @property
     def second_order(self) -> bool:
@@ -340,6 +344,11 @@ class IterativeProblem(Problem):
             self._opt_state = []
 
 
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self._unrolls and hasattr(self, "_module_params"):
+            self._bind_groups()  # the optimizer's load_state_dict made new param groups
+
     # ----- roll-back: the unrolled weights and the differentiable optimizer's state too -----
     def cache_states(self) -> None:
         super().cache_states()
@@ -351,6 +360,7 @@ class IterativeProblem(Problem):
     def recover_states(self) -> None:
         super().recover_states()
         if self._unrolls:
+            self._bind_groups()  # load_state_dict made new param groups
             weights, self._opt_state = self._unroll_cache
             self._weights = None if weights is None else [w.requires_grad_(True) for w in weights]
             self._grad_sum, self._unroll_cache = None, None

@@ -1,0 +1,141 @@
+"""Betty 0.1.1 and Betty 0.2 programs alike: hooks called as the user wrote them, the
+constructor's seventh argument, one_step_descent(batch), and the loaders started when the
+Engine sets the problems up (docs/betty-compat.md, Part 2). Expected values come from
+Betty's documented calls (betty/problems/problem.py of each version), counted by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from imaml_ext import Config, Engine, EngineConfig, ImplicitProblem
+
+D = 3
+
+
+def regression(name, calls, config=None, **hooks):
+    """A problem on nn.Linear whose hooks append (hook name, arguments) to ``calls``."""
+
+    class Regression(ImplicitProblem):
+        def training_step(self, batch):
+            x, y = batch
+            return ((self.module(x) - y) ** 2).mean()
+
+    for hook, fn in hooks.items():
+        setattr(Regression, hook, fn)
+    module = nn.Linear(D, 1)
+    data = [(torch.randn(4, D), torch.randn(4, 1)) for _ in range(2)]
+    return Regression(name, config or Config(), module, torch.optim.SGD(module.parameters(), lr=0.1), None, data)
+
+
+def run(problem, iters):
+    engine = Engine([problem], EngineConfig(train_iters=iters))
+    engine.run()
+    return engine
+
+
+def test_param_callback_with_or_without_params():
+    calls = []
+
+    def betty_011(self, params):
+        calls.append(("0.1.1", [p.shape for p in params]))
+
+    def betty_02(self):
+        calls.append(("0.2",))
+
+    run(regression("a", calls, param_callback=betty_011), 2)
+    run(regression("b", calls, param_callback=betty_02), 2)
+    assert calls == [("0.1.1", [torch.Size([1, D]), torch.Size([1])])] * 2 + [("0.2",)] * 2
+
+
+def test_grad_callback_without_params_runs_after_every_backward():
+    """Betty 0.2 calls grad_callback() after each backward, also between accumulation boundaries,
+    with the gradient accumulated so far; written with params it is ours: once per boundary."""
+    calls = []
+
+    def betty_02(self):
+        calls.append(("0.2", self.module.weight.grad.clone()))
+
+    def ours(self, params):
+        calls.append(("ours", params[0].grad.clone()))
+
+    run(regression("a", calls, Config(gradient_accumulation=2), grad_callback=betty_02), 4)
+    assert [c[0] for c in calls] == ["0.2"] * 4
+    # the second call of a window holds the sum of two halves, the first one half
+    assert not torch.allclose(calls[0][1], calls[1][1])
+    calls.clear()
+    run(regression("b", calls, Config(gradient_accumulation=2), grad_callback=ours), 4)
+    assert [c[0] for c in calls] == ["ours"] * 2
+
+
+def test_epoch_callback_and_on_epoch_end_both_called():
+    calls = []
+    problem = regression("a", calls, epoch_callback=lambda self: calls.append("epoch_callback"),
+                         on_epoch_end=lambda self: calls.append("on_epoch_end"))
+    run(problem, 5)  # two batches a loader: epochs end before steps 3 and 5
+    assert calls == ["on_epoch_end", "epoch_callback"] * 2
+
+
+def test_seventh_positional_argument_by_type():
+    module = nn.Linear(D, 1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    betty_02 = ImplicitProblem("a", Config(), module, optimizer, None, None, {"width": 3})
+    assert betty_02.cfg == {"width": 3} and betty_02.extra_config == {"width": 3} and betty_02.device is None
+    betty_011 = ImplicitProblem("b", Config(), module, optimizer, None, None, "cpu")
+    assert betty_011.device == torch.device("cpu") and betty_011.cfg is None
+
+
+def test_one_step_descent_takes_a_batch():
+    calls = []
+    problem = regression("a", calls)
+    run(problem, 1)
+    x, y = torch.randn(5, D), torch.randn(5, 1)
+    w = problem.module.weight.detach().clone().double()
+    b = problem.module.bias.detach().clone().double()
+    problem.one_step_descent(batch=(x, y))
+    r = x.double() @ w.T + b - y.double()
+    expected = w - 0.1 * (2.0 / 5) * (r.T @ x.double())
+    torch.testing.assert_close(problem.module.weight.detach().double(), expected, rtol=1e-6, atol=1e-6)
+    assert problem.cur_batch[0] is x
+
+
+def test_loaders_start_at_set_up_as_betty_does():
+    """Betty starts each loader (iter()) when the Engine sets the problems up; a DataLoader's start
+    draws from torch's RNG (its base seed), and its shuffle draws again at the first batch. So
+    what a program draws between set-up and the first step moves the shuffle exactly as on Betty."""
+
+    def dataset():
+        return TensorDataset(torch.arange(12.0).reshape(12, 1).repeat(1, D), torch.zeros(12, 1))
+
+    def program(disturb: bool):
+        torch.manual_seed(0)
+        loader = DataLoader(dataset(), batch_size=4, shuffle=True)
+        seen = []
+
+        class Recorder(ImplicitProblem):
+            def training_step(self, batch):
+                seen.append(batch[0][:, 0].tolist())
+                return ((self.module(batch[0]) - batch[1]) ** 2).mean()
+
+        module = nn.Linear(D, 1)
+        problem = Recorder("a", Config(), module, torch.optim.SGD(module.parameters(), lr=0.0), None, loader)
+        engine = Engine([problem], EngineConfig(train_iters=3))
+        if disturb:
+            torch.rand(10)  # e.g. the program initialises something after building the Engine
+        engine.run()
+        return seen
+
+    def betty(disturb: bool):
+        torch.manual_seed(0)
+        loader = DataLoader(dataset(), batch_size=4, shuffle=True)
+        nn.Linear(D, 1)
+        started = iter(loader)  # the Engine's set-up
+        if disturb:
+            torch.rand(10)
+        return [batch[0][:, 0].tolist() for batch in started]
+
+    for disturb in (False, True):
+        assert program(disturb) == betty(disturb)
+    assert betty(True) != betty(False)  # the draw in between matters, so the test can fail
