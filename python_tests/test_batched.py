@@ -584,16 +584,20 @@ def test_a_meta_batch_of_nonfinite_tasks_reports_nan_not_zero():
     (lambda: torch.nn.Dropout(0.2), "draws a new mask"),
     (lambda: torch.nn.BatchNorm1d(4), "keeps running statistics"),
 ])
-def test_imaml_says_when_a_layer_changes_what_the_meta_gradient_means(layer, said):
+@pytest.mark.parametrize("owner", ["IMAML", "MAML", "BatchedModule"])
+def test_a_layer_that_changes_what_the_meta_gradient_means_is_named_once(layer, said, owner):
     import warnings as _warnings
 
-    from imaml_ext import IMAML
+    import imaml_ext
 
+    build = {"BatchedModule": lambda m: imaml_ext.BatchedModule(m, 2)}.get(owner, getattr(imaml_ext, owner))
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), layer(), torch.nn.Linear(4, 2))
-    with pytest.warns(UserWarning, match=said):
-        IMAML(model)
+    with pytest.warns(UserWarning, match=f"^{owner}: .*{said}") as caught:
+        build(model)  # BatchedModule took both silently; MAML's said "IMAML" and pointed at maml.py
+    ours = [w for w in caught if str(w.message).startswith(f"{owner}: ")]
+    assert len(ours) == 1 and ours[0].filename == __file__
     clean = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, track_running_stats=False),
                                 torch.nn.Dropout(0.0), torch.nn.Linear(4, 2))
     with _warnings.catch_warnings():
         _warnings.simplefilter("error")
-        IMAML(clean)
+        build(clean)

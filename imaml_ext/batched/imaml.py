@@ -16,7 +16,6 @@ indefinite and CG breaks down; damping keeps the system positive definite.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -27,6 +26,7 @@ from .. import ops
 from ..ops import CGInfo
 from . import hvp as support_hvp
 from .module import TaskBatchedModule
+from .stateful import warn_stateful_layers
 from .tf32 import TF32
 
 
@@ -184,7 +184,7 @@ class IMAML:
         self._clean_steps: Optional[Tensor] = None
         self._batched: Optional[TaskBatchedModule] = None
         self._classes: Optional[int] = None
-        _warn_stateful_layers(model)
+        warn_stateful_layers(model, type(self).__name__)
 
     # ----- timed choices -----
     def timed_choices(self) -> dict:
@@ -559,28 +559,6 @@ class CapturedMetaStep:
         return self.result
 
     __call__ = step
-
-
-def _warn_stateful_layers(model: nn.Module) -> None:
-    """Dropout and running BatchNorm statistics change what the meta-gradient means: say so once."""
-    for name, layer in model.named_modules():
-        if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.p > 0:
-            warnings.warn(
-                f"IMAML: layer {name!r} ({type(layer).__name__}, p={layer.p}) draws a new mask in every forward "
-                "(inner steps, the HVPs of the solve and the query loss differ), so CG solves a system of a random "
-                "loss; set p=0 or put the layer in eval() for meta-training",
-                UserWarning, stacklevel=3,
-            )
-            return
-        if isinstance(layer, nn.modules.batchnorm._NormBase) and layer.track_running_stats:
-            warnings.warn(
-                f"IMAML: layer {name!r} ({type(layer).__name__}) keeps running statistics: in training mode each "
-                "task normalises with its own batch and the running buffers (kept per task) never reach theta, so "
-                "an eval() forward of the meta-learned model uses its initial statistics; use "
-                "track_running_stats=False as MAML and iMAML do",
-                UserWarning, stacklevel=3,
-            )
-            return
 
 
 __all__ = ["IMAML", "MetaStepResult", "CapturedMetaStep"]

@@ -19,6 +19,7 @@ from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
 from ..ops.batch_norm_relu_max_pool import batch_norm_relu_max_pool2d
+from .stateful import warn_stateful_layers
 from .timing import device_clock, rng_kept
 
 # Leaf layers whose batching under vmap is known to be right (each task's
@@ -626,6 +627,7 @@ class BatchedModule(nn.Module):
     def __init__(self, model: nn.Module, num_tasks: int, forward: str = "auto"):
         super().__init__()
         self._batched = TaskBatchedModule(model, num_tasks, forward)
+        warn_stateful_layers(model, "BatchedModule")
         self.num_tasks = num_tasks
         self._keys = {n: n.replace(".", "__") for n in self._batched.names}
         for name, phi in zip(self._batched.names, self._batched.expand_theta()):
