@@ -23,6 +23,19 @@ def _umask() -> int:
     return mask
 
 
+def unwritable_cause(folder: Path, error: OSError) -> str:
+    """Why ``folder`` could not be made or written into: a file where a folder should be (mkdir's
+    FileExistsError or NotADirectoryError say it less plainly), else the system's reason."""
+    reason = error.strerror or str(error)
+    for place in (Path(folder), *Path(folder).parents):
+        if place.exists() or place.is_symlink():
+            if not place.is_dir():
+                return f"{str(place)!r} is a file, not a folder"
+            return (f"no file can be written in it ({reason})" if place == Path(folder)
+                    else f"no folder can be made in {str(place)!r} ({reason})")
+    return reason
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same folder, then ``os.replace``, so a reader
     (or a crash half-way) never leaves a half-written file under ``path``.

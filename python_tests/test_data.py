@@ -8,20 +8,25 @@ needs the Omniglot arrays and skips, saying why, when they are not found.
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import imaml_ext.data.cache as cache
 import imaml_ext.data.omniglot as omni
 from imaml_ext.data import (
     ClassRotation,
+    DownloadError,
     NUM_CLASSES,
     OmniglotDataset,
     TaskSampler,
+    download_omniglot,
     find_data_root,
     from_l2l_taskset,
     l2l_tasksets,
@@ -195,10 +200,10 @@ def test_pixels_equal_learn2learn_transform(images, raw_background, data_root):
 
 def test_cache_files_marker_and_reload(images, data_root, cache_dir, monkeypatch):
     names = sorted(p.name for p in cache_dir.iterdir())
-    npy = [n for n in names if n.endswith(".npy")]
-    assert npy == [f"omniglot-v1-28px-{omni.SOURCES['images_background.npz'][:16]}-"
-                   f"{omni.SOURCES['images_evaluation.npz'][:16]}.npy"]
-    assert omni._VERIFIED_MARKER in names
+    arrays = [n for n in names if n.endswith(".npz")]
+    assert arrays == [f"omniglot-v2-28px-{omni.SOURCES['images_background.npz'][:16]}-"
+                      f"{omni.SOURCES['images_evaluation.npz'][:16]}.npz"]
+    assert cache.VERIFIED_MARKER in names
     assert not [n for n in names if n.endswith(".tmp")]
     # A second load reads the cache: neither hashing nor resizing may run.
     monkeypatch.setattr(omni, "_sha256", lambda path: pytest.fail("re-hashed a verified archive"))
@@ -221,13 +226,97 @@ def test_unverified_archives_are_hashed(data_root, tmp_path, monkeypatch):
 def test_damaged_cache_is_rebuilt(data_root, tmp_path, monkeypatch):
     size = 6  # a size of its own, and a fake resize: rebuilding must not cost a real resize
     cached = omni._cache_file(tmp_path, size)
-    cached.write_bytes(b"not an npy file")
-    monkeypatch.setattr(omni, "_resize_archive", lambda path, s: np.full(
-        (omni.NUM_BACKGROUND if "background" in path.name else omni.NUM_EVALUATION, 20, s, s), 51, np.uint8))
-    out = load_omniglot(data_root, image_size=size, cache_dir=tmp_path)
+    cached.write_bytes(b"not an npz file")
+    fake_resize(monkeypatch, 51)
+    with pytest.warns(RuntimeWarning, match=r"image cache .* is damaged \(unreadable: .*\); rebuilding it"):
+        out = load_omniglot(data_root, image_size=size, cache_dir=tmp_path)
     assert out.shape == (NUM_CLASSES, 20, size, size)
     assert torch.allclose(out, torch.full_like(out, 0.8))
-    assert np.load(cached).shape == (NUM_CLASSES, 20, size, size)
+    assert cache.load_array(cached, (NUM_CLASSES, 20, size, size), np.uint8) is not None
+
+
+def fake_resize(monkeypatch, value: int) -> None:
+    """Every image resized to ``value``: a cache rebuilt by these tests costs no real resize."""
+    monkeypatch.setattr(omni, "_resize_archive", lambda path, s: np.full(
+        (omni.NUM_BACKGROUND if "background" in path.name else omni.NUM_EVALUATION, 20, s, s), value, np.uint8))
+
+
+def test_cache_overwritten_in_place_is_detected_and_rebuilt(data_root, tmp_path, monkeypatch):
+    size = 7
+    fake_resize(monkeypatch, 51)
+    load_omniglot(data_root, image_size=size, cache_dir=tmp_path)
+    cached = omni._cache_file(tmp_path, size)
+    raw = bytearray(cached.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 5000] = bytes(5000)  # 5,000 bytes overwritten, same size: was read as pixels
+    cached.write_bytes(bytes(raw))
+    fake_resize(monkeypatch, 102)
+    with pytest.warns(RuntimeWarning, match=r"image cache '.*omniglot-v2-7px-.*\.npz' is damaged") as caught:
+        out = load_omniglot(data_root, image_size=size, cache_dir=tmp_path)
+    assert len([w for w in caught if "image cache" in str(w.message)]) == 1
+    assert torch.allclose(out, torch.full_like(out, 0.6))  # rebuilt from the source, not the damaged bytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(load_omniglot(data_root, image_size=size, cache_dir=tmp_path), out)
+
+
+def test_cache_checks_the_stored_digest_and_the_content(tmp_path):
+    path = tmp_path / "a.npz"
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    cache.save_array(path, arr)
+    assert np.array_equal(cache.load_array(path, (2, 3, 4), np.uint8), arr)
+    np.savez(path, array=arr + 1, sha256=np.array(cache._digest(arr)))  # a valid zip with other pixels
+    with pytest.warns(RuntimeWarning, match=r"its array's sha256 is [0-9a-f]{64}, but [0-9a-f]{64} was stored"):
+        assert cache.load_array(path, (2, 3, 4), np.uint8) is None
+    cache.save_array(path, arr)
+    with pytest.warns(RuntimeWarning, match=r"holds uint8 \[2, 3, 4\] .* expected uint8 \[2, 3, 5\]"):
+        assert cache.load_array(path, (2, 3, 5), np.uint8) is None
+    with pytest.warns(RuntimeWarning, match=r"expected uint8 \[2, 3, 4\] with sha256 0+"):
+        assert cache.load_array(path, (2, 3, 4), np.uint8, digest="0" * 64) is None
+    assert cache.load_array(tmp_path / "absent.npz", (1,), np.uint8) is None
+
+
+def _read_only_folder(tmp_path) -> Path:
+    """A folder no file can be written in, even by root (whom chmod does not stop)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    if not Path("/proc/self").is_dir():
+        pytest.skip("running as root without /proc: no folder here refuses root's writes")
+    return Path("/proc/self")
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "a read-only folder", "a read-only HOME"])
+def test_unwritable_cache_is_one_clear_error(data_root, tmp_path, monkeypatch, where):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    if where == "a read-only HOME":
+        monkeypatch.delenv(cache.CACHE_ENV, raising=False)
+        monkeypatch.setenv("HOME", str(_read_only_folder(tmp_path)))
+    else:
+        folder = {"a file": afile, "under a file": afile / "cache", "a read-only folder": _read_only_folder(tmp_path)}
+        monkeypatch.setenv(cache.CACHE_ENV, str(folder[where]))
+    cause = {"a file": f"{str(afile)!r} is a file, not a folder", "under a file": f"{str(afile)!r} is a file",
+             "a read-only folder": "no file can be written in it", "a read-only HOME": "no folder can be made in"}
+    # Was a PermissionError, FileExistsError or NotADirectoryError traceback from deep inside a write.
+    with pytest.raises(cache.CacheError, match=r"^cannot write the image cache in '.*': " + re.escape(cause[where])
+                       + r".*; set IMAML_CACHE to a writable folder"):
+        load_omniglot(data_root, image_size=5)
+    assert afile.read_text() == "mine"
+
+
+def test_data_or_download_folder_that_is_a_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for download in (False, True):  # with download=True: was mkdir's FileExistsError
+        with pytest.raises(ValueError, match=r"^root= is '.*afile', a file, not a folder: pass the folder"):
+            load_omniglot(afile, download=download)
+    with pytest.raises(DownloadError, match=r"^cannot download into '.*afile': '.*afile' is a file, not a folder; "
+                                            r"pass root=<folder> with a writable folder"):
+        download_omniglot(afile)
+    assert afile.read_text() == "mine"
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
@@ -448,6 +537,16 @@ def test_sampler_on_cuda():
 
 
 # --------------------------------------------------------------------------- Omniglot samplers
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_named_before_loading(monkeypatch):
+    monkeypatch.setattr(omni, "load_omniglot", lambda *a, **k: pytest.fail("loaded the images first"))
+    no_cuda = r"got 'cuda', but this torch sees no CUDA device"  # was torch's RuntimeError from a Generator
+    with pytest.raises(ValueError, match=r"^omniglot_tasks\(device=\.\.\.\): " + no_cuda):
+        omniglot_tasks(5, 1, 1, device="cuda")
+    with pytest.raises(ValueError, match=r"^TaskSampler\(device=\.\.\.\): " + no_cuda):
+        TaskSampler(synthetic_images(), None, 5, 1, 1, device="cuda")
 
 
 def test_omniglot_tasks_real_data(images):

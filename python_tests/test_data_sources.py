@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+import imaml_ext.data.cache as cache
 import imaml_ext.data.download as dl
 import imaml_ext.data.omniglot as omni
 from imaml_ext.data import (
@@ -162,7 +163,7 @@ def test_folder_layout_equals_npz(official, npz_gray105, npz_images28, npz_cache
 
     names = _files(own_cache)
     assert not [n for n in names if n.endswith(".tmp")]
-    assert omni._VERIFIED_MARKER in names
+    assert cache.VERIFIED_MARKER in names
     for which in SETS:
         assert omni._decoded_cache_file(own_cache, which).name in names
     # The resized cache is named by content: the very file the .npz path writes.
@@ -478,7 +479,7 @@ def test_bad_official_folder(official, tmp_path, own_cache, damage):
         load_omniglot(root)
     assert str(root / "images_background") in str(err.value)  # names the folder
     # Nothing cached from bad data.
-    assert not own_cache.exists() or not [p for p in own_cache.iterdir() if p.suffix in (".npy", ".json", ".tmp")]
+    assert not own_cache.exists() or not [p for p in own_cache.iterdir() if p.suffix in (".npz", ".npy", ".json", ".tmp")]
 
 
 def test_zip_with_images_outside_its_top_folder(tmp_path):

@@ -12,6 +12,7 @@ Typical use::
     support_x, support_y, query_x, query_y = tasks.train.sample(32)   # 32 tasks at once
 """
 
+from .cache import CacheError
 from .download import OFFICIAL_MD5, OFFICIAL_URL, DownloadError, download_omniglot, option_spelling
 from .l2l import ClassRotation, OmniglotDataset, from_l2l_taskset, l2l_tasksets, split_task
 from .mini_imagenet import (
@@ -41,6 +42,7 @@ from .omniglot import (
 from .sampler import TaskBatch, TaskIndices, TaskSampler
 
 __all__ = [
+    "CacheError",
     "ClassRotation",
     "DownloadError",
     "NUM_CLASSES",

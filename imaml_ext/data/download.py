@@ -13,6 +13,7 @@ import http.client
 import os
 import re
 import socket
+import tempfile
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Optional, Union
 
-from .._io import atomic_write
+from .._io import atomic_write, unwritable_cause
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -162,8 +163,8 @@ def download_omniglot(
     Raises:
         ValueError: ``md5s`` lacks a name or a 32-digit hex value, or a downloaded file's md5
             differs (the message names the URL, the expected and the actual md5).
-        DownloadError: (an ``OSError``) the network or server failed; the message says where to
-            put the files by hand.
+        DownloadError: (an ``OSError``) the network or server failed (the message says where to
+            put the files by hand), or ``dest`` cannot be made or written.
     """
     if not isinstance(progress, bool):
         raise TypeError(f"download_omniglot: progress must be a bool; got {type(progress).__name__} {progress!r}")
@@ -176,7 +177,13 @@ def download_omniglot(
                 f"download_omniglot: md5s must map {name!r} to a 32-digit hex md5; got {value!r}"
             )
     dest = Path(dest).expanduser()
-    dest.mkdir(parents=True, exist_ok=True)
+    try:  # the folder first: a file in its place, no permission or a read-only disk is no network error
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=dest):
+            pass
+    except OSError as error:
+        raise DownloadError(f"cannot download into {str(dest)!r}: {unwritable_cause(dest, error)}; pass "
+                            f"{spelled('root')} with a writable folder, or set IMAML_DATA to one") from None
     for name in ZIP_NAMES:
         target = dest / name
         expected = md5s[name].lower()

@@ -18,14 +18,14 @@ with strokes equal to 1, the same whichever layout it came from.
 Pixel values match learn2learn's ``omniglot`` benchmark exactly: it opens each PNG as a PIL
 ``"L"`` image (0 or 255), applies ``transforms.Resize(28, interpolation=LANCZOS)``, then
 ``ToTensor()`` (``uint8 / 255`` in float32) and ``1 - x``. The resized ``uint8`` images are
-cached on disk, since resizing 32,460 images takes seconds, and so are the decoded PNGs.
+cached on disk, since resizing 32,460 images takes seconds, and so are the decoded PNGs, each
+checked on every read (:mod:`imaml_ext.data.cache`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import random
 import re
@@ -38,8 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import cache as _cache
 from . import download as _download
-from .._io import atomic_write
+from .cache import CACHE_ENV, default_cache_dir  # noqa: F401  (this module's names since the start)
+from .cache import sha256_file as _sha256
+from .._device import check_device
 from .sampler import DeviceLike, TaskSampler
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -72,14 +75,9 @@ PIXEL_SHA256: Dict[str, str] = {
 }
 
 DATA_ENV = "IMAML_DATA"
-CACHE_ENV = "IMAML_CACHE"
 
 PROTOCOLS = ("l2l", "finn")
 SPLITS = ("train", "validation", "test")
-
-# Bump when the cached array's meaning changes, so stale caches are never read.
-_CACHE_FORMAT = 1
-_VERIFIED_MARKER = "omniglot-verified.json"
 
 _LAYOUTS = (
     "images_background.npz and images_evaluation.npz, or images_background and images_evaluation "
@@ -159,6 +157,9 @@ def _locate(root: Optional[PathLike]) -> _Source:
     given = _given_root(root)
     if given is not None:
         how, path = given
+        if path.is_file():  # else a download would try to make a folder there
+            raise ValueError(f"{how} is {str(path)!r}, a file, not a folder: pass the folder that holds the "
+                             f"Omniglot data (or its parent)")
         found = _source_in(path)
         if found is None:
             raise FileNotFoundError(
@@ -195,37 +196,7 @@ def find_data_root(root: Optional[PathLike] = None) -> Path:
     return _locate(root).folder.resolve()
 
 
-# --------------------------------------------------------------------------- cache
-
-
-def default_cache_dir() -> Path:
-    """``$IMAML_CACHE`` if set, else ``~/.cache/imaml_ext``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "imaml_ext"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _read_marker(cache_dir: Optional[Path]) -> Dict[str, Dict[str, object]]:
-    path = cache_dir / _VERIFIED_MARKER if cache_dir is not None else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        marker = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # a damaged marker only costs a re-check
-    return marker if isinstance(marker, dict) else {}
-
-
-def _write_marker(cache_dir: Path, marker: Dict[str, Dict[str, object]]) -> None:
-    data = json.dumps(marker, indent=1, sort_keys=True).encode()
-    atomic_write(cache_dir / _VERIFIED_MARKER, lambda f: f.write(data))
+# --------------------------------------------------------------------------- verifying the .npz layout
 
 
 def _verify_sources(folder: Path, cache_dir: Optional[Path]) -> None:
@@ -234,7 +205,7 @@ def _verify_sources(folder: Path, cache_dir: Optional[Path]) -> None:
     With a cache, a file already verified (same resolved path, size and mtime) is not hashed
     again: the marker file in the cache remembers it.
     """
-    marker = _read_marker(cache_dir)
+    marker = _cache.read_marker(cache_dir)
     changed = False
     for name, expected in SOURCES.items():
         path = (folder / name).resolve()
@@ -252,31 +223,26 @@ def _verify_sources(folder: Path, cache_dir: Optional[Path]) -> None:
         changed = True
 
     if changed and cache_dir is not None:
-        _write_marker(cache_dir, marker)
+        _cache.write_marker(cache_dir, marker)
+
+
+# --------------------------------------------------------------------------- what the cache holds
 
 
 def _cache_file(cache_dir: Path, image_size: int) -> Path:
     # The .npz digests name the content, not the layout: every layout is checked to hold these
     # very pixels before its resized images are written or read, so all share one cache file.
     digests = "-".join(SOURCES[name][:16] for name in sorted(SOURCES))
-    return cache_dir / f"omniglot-v{_CACHE_FORMAT}-{image_size}px-{digests}.npy"
+    return cache_dir / f"omniglot-v{_cache.FORMAT}-{image_size}px-{digests}.npz"
 
 
 def _read_resized_cache(cache_dir: Path, image_size: int) -> Optional[np.ndarray]:
-    cached = _cache_file(cache_dir, image_size)
-    if not cached.is_file():
-        return None
-    try:
-        arr = np.load(cached)
-    except (OSError, ValueError):
-        return None  # unreadable cache: the caller rebuilds it
-    if arr.shape == (NUM_CLASSES, NUM_DRAWERS, image_size, image_size) and arr.dtype == np.uint8:
-        return arr
-    return None
+    return _cache.load_array(_cache_file(cache_dir, image_size), (NUM_CLASSES, NUM_DRAWERS, image_size, image_size),
+                            np.uint8)
 
 
 def _decoded_cache_file(cache_dir: Path, which: str) -> Path:
-    return cache_dir / f"omniglot-v{_CACHE_FORMAT}-{SOURCE_SIZE}px-{which}-{PIXEL_SHA256[which][:16]}.npy"
+    return cache_dir / f"omniglot-v{_cache.FORMAT}-{SOURCE_SIZE}px-{which}-{PIXEL_SHA256[which][:16]}.npz"
 
 
 def _pixel_digest(paper: np.ndarray) -> str:
@@ -286,19 +252,10 @@ def _pixel_digest(paper: np.ndarray) -> str:
 def _read_decoded_cache(cache_dir: Path, which: str) -> Optional[np.ndarray]:
     """One set's decoded PNGs (stored bit-packed: 45 MB for both, not 358), checked against
     :data:`PIXEL_SHA256` on every read (a fraction of a second), ``None`` if absent or bad."""
-    path = _decoded_cache_file(cache_dir, which)
-    if not path.is_file():
-        return None
-    try:
-        packed = np.load(path)
-    except (OSError, ValueError):
-        return None
     shape = (_SET_CLASSES[which], NUM_DRAWERS, SOURCE_SIZE, SOURCE_SIZE)
-    if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != -(-int(np.prod(shape)) // 8):
-        return None
-    if hashlib.sha256(packed.tobytes()).hexdigest() != PIXEL_SHA256[which]:
-        return None
-    return np.unpackbits(packed, count=int(np.prod(shape))).view(np.bool_).reshape(shape)
+    count = int(np.prod(shape))
+    packed = _cache.load_array(_decoded_cache_file(cache_dir, which), (-(-count // 8),), np.uint8, PIXEL_SHA256[which])
+    return None if packed is None else np.unpackbits(packed, count=count).view(np.bool_).reshape(shape)
 
 
 # --------------------------------------------------------------------------- the official layout
@@ -427,7 +384,7 @@ def _read_official_set(path: Path, which: str) -> np.ndarray:
 def _official_paper(src: _Source, cache_dir: Optional[Path], stamps: Optional[Dict[str, Dict[str, object]]]) -> np.ndarray:
     """All 1623 characters of an official-layout source as bool paper, each set checked against
     :data:`PIXEL_SHA256`; sets already verified (marker) come from the decoded cache."""
-    marker = _read_marker(cache_dir)
+    marker = _cache.read_marker(cache_dir)
     parts = []
     for which, path in zip(SETS, src.parts):
         key = str(path.resolve())
@@ -443,10 +400,9 @@ def _official_paper(src: _Source, cache_dir: Optional[Path], stamps: Optional[Di
                     f"not the official Omniglot images ({which})."
                 )
             if cache_dir is not None:
-                packed = np.packbits(paper)
-                atomic_write(_decoded_cache_file(cache_dir, which), lambda f: np.save(f, packed))
+                _cache.save_array(_decoded_cache_file(cache_dir, which), np.packbits(paper))
                 marker[key] = stamps[which]
-                _write_marker(cache_dir, marker)
+                _cache.write_marker(cache_dir, marker)
         parts.append(paper)
     return np.concatenate(parts, axis=0)
 
@@ -454,7 +410,7 @@ def _official_paper(src: _Source, cache_dir: Optional[Path], stamps: Optional[Di
 def _load_official_uint8(src: _Source, image_size: int, cache_dir: Optional[Path]) -> np.ndarray:
     stamps = {which: _official_stamp(path, which) for which, path in zip(SETS, src.parts)} if cache_dir else None
     if cache_dir is not None and image_size != SOURCE_SIZE:
-        marker = _read_marker(cache_dir)
+        marker = _cache.read_marker(cache_dir)
         if all(marker.get(str(path.resolve())) == stamps[which] for which, path in zip(SETS, src.parts)):
             cached = _read_resized_cache(cache_dir, image_size)
             if cached is not None:
@@ -466,7 +422,7 @@ def _load_official_uint8(src: _Source, image_size: int, cache_dir: Optional[Path
             return cached
     arr = _resize(paper, image_size)
     if cache_dir is not None and image_size != SOURCE_SIZE:
-        atomic_write(_cache_file(cache_dir, image_size), lambda f: np.save(f, arr))
+        _cache.save_array(_cache_file(cache_dir, image_size), arr)
     return arr
 
 
@@ -521,7 +477,7 @@ def _load_uint8(folder: Path, image_size: int, cache_dir: Optional[Path]) -> np.
     if arr.shape[0] != NUM_CLASSES:
         raise ValueError(f"Omniglot archives in {str(folder)!r} hold {arr.shape[0]} characters, expected {NUM_CLASSES}")
     if cache_dir is not None:
-        atomic_write(_cache_file(cache_dir, image_size), lambda f: np.save(f, arr))
+        _cache.save_array(_cache_file(cache_dir, image_size), arr)
     return arr
 
 
@@ -550,7 +506,8 @@ def load_omniglot(
         root: the data folder (see :func:`find_data_root`).
         image_size: side of the returned images; 105 returns the originals.
         cache: keep the resized images (uint8), the decoded PNGs of the official layout and
-            the checksum marker in ``cache_dir``.
+            the checksum marker in ``cache_dir``. Each cached array is stored with its sha256
+            and checked on every read; a damaged one is rebuilt, with a warning naming it.
         cache_dir: defaults to :func:`default_cache_dir`.
         download: when no data are found, download the official zips (checked by md5) into
             ``root``, else ``$IMAML_DATA``, else :func:`default_download_dir`, and read them.
@@ -559,8 +516,11 @@ def load_omniglot(
 
     Raises:
         FileNotFoundError: no data found (and ``download`` is False).
-        ValueError: data found but not Omniglot's (checksum, shapes, missing or extra images).
-        imaml_ext.data.DownloadError: the download failed (an ``OSError``).
+        ValueError: data found but not Omniglot's (checksum, shapes, missing or extra images), or
+            ``root`` is a file.
+        imaml_ext.data.DownloadError: the download failed (an ``OSError``), or its folder cannot
+            be written.
+        imaml_ext.data.CacheError: ``cache_dir`` cannot be made or written (an ``OSError``).
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= SOURCE_SIZE:
         raise ValueError(f"load_omniglot: image_size must be an int in [1, {SOURCE_SIZE}]; got {image_size!r}")
@@ -579,6 +539,8 @@ def load_omniglot(
         if src is None:  # download_omniglot returned, so both zips are there
             raise FileNotFoundError(f"load_omniglot: downloaded into {str(dest)!r} but found no data there")
     cdir = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) if cache else None
+    if cdir is not None:
+        _cache.make_cache_dir(cdir)
     if src.layout == "npz":
         _verify_sources(src.folder, cdir)
         gray = _load_uint8(src.folder, image_size, cdir)
@@ -658,6 +620,8 @@ def omniglot_tasks(
     generator. ``download`` is passed to :func:`load_omniglot` (fetch the official zips when no
     data are found).
     """
+    if device is not None:  # before the seconds of loading, not torch's error after
+        check_device(device, "omniglot_tasks(device=...)")
     if images is None:
         images = load_omniglot(root, image_size=image_size, download=download)
     if seed is None:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._device import check_device
+
 DeviceLike = Union[str, torch.device, None]
 
 
@@ -128,7 +130,7 @@ class TaskSampler:
             raise TypeError(f"TaskSampler: rotations must be a bool; got {type(rotations).__name__} {rotations!r}")
         self.rotations = rotations
 
-        self.device = torch.device(device) if device is not None else images.device
+        self.device = check_device(device, "TaskSampler(device=...)") if device is not None else images.device
         if generator is not None:
             if seed is not None:
                 raise ValueError("TaskSampler: pass seed or generator, not both")

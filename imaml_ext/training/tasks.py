@@ -9,6 +9,7 @@ from typing import Tuple, Union
 import torch
 
 from ..data import (
+    CacheError,
     DownloadError,
     MiniImagenetTasks,
     OmniglotTasks,
@@ -33,7 +34,8 @@ def load_images(args) -> torch.Tensor:
     try:
         with option_spelling(root="--data <folder>", download="--download"):  # the flags, in its messages
             return load_omniglot(args.data, download=args.download)
-    except (FileNotFoundError, ValueError, DownloadError) as error:  # missing or damaged data: the message names it
+    # Missing or damaged data, or a folder that cannot be written: the message names it and what to do.
+    except (FileNotFoundError, ValueError, DownloadError, CacheError) as error:
         raise RunError(str(error)) from None
 
 
