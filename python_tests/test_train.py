@@ -16,6 +16,7 @@ import torch
 
 from imaml_ext import train as train_cli
 from imaml_ext.data import find_data_root
+from imaml_ext.training.arguments import IMAML_ONLY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,10 +38,21 @@ def data_root():
 
 
 def run(out, *extra, data=None):
-    argv = [*TINY, "--out", str(out), *extra]
+    tiny = TINY if "maml" not in extra and "fomaml" not in extra else maml_args(TINY)
+    argv = [*tiny, "--out", str(out), *extra]
     if data is not None:
         argv += ["--data", data]
     return train_cli.main(argv)
+
+
+def maml_args(argv):
+    """argv without iMAML's options, which --algo maml / fomaml refuses."""
+    out, skip = [], False
+    for arg in argv:
+        if not skip and arg.lstrip("-") not in IMAML_ONLY:
+            out.append(arg)
+        skip = not skip and arg.lstrip("-") in IMAML_ONLY
+    return out
 
 
 def checkpoint(out):
@@ -419,7 +431,31 @@ def test_maml_algorithms_train_and_evaluate(tmp_path, data_root, algo):
     assert "cg_residual" not in rows[0] and 0 <= rows[0]["accuracy"] <= 1
     results = json.loads((out / "results.json").read_text())
     assert results["test"]["tasks"] == 12
-    assert json.loads((out / "config.json").read_text())["algo"] == algo
+    config = json.loads((out / "config.json").read_text())
+    assert config["algo"] == algo and not set(config) & set(IMAML_ONLY)  # it recorded them, unread
+
+
+@pytest.mark.parametrize("option", [["--cg_iterations", "3"], ["--undamped"], ["--hvp", "forward"],
+                                    ["--cg_damping", "1"], ["--lam_damping", "10"], ["--lam", "1"], ["--reg", "1"]])
+def test_maml_refuses_imaml_options_given(option, capsys):
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--algo", "fomaml", *option])
+    err = capsys.readouterr().err
+    assert f"--{option[0][2:]} is an option of --algo imaml (its proximal term and CG solve); --algo fomaml" in err
+    # a preset's values are not given: they apply to iMAML only
+    assert train_cli.parse_args(["--algo", "maml", "--preset", "omniglot-5w1s"]).algo == "maml"
+
+
+def test_maml_checkpoint_that_recorded_imaml_options_resumes(tmp_path, data_root):
+    out = tmp_path / "old-maml"
+    assert run(out, "--algo", "maml", "--steps", "4", "--stop_after", "2", "--valid_every", "0", "--eval_tasks", "0",
+               data=data_root) == 0
+    state = checkpoint(out)
+    state["config"].update(lam=2.0, reg=None, cg_iterations=5, cg_damping=1.0, lam_damping=10.0)
+    torch.save(state, out / "checkpoint.pt")
+    assert run(out, "--algo", "maml", "--steps", "4", "--valid_every", "0", "--eval_tasks", "0", "--resume",
+               data=data_root) == 0
+    assert not set(json.loads((out / "config.json").read_text())) & set(IMAML_ONLY)
 
 
 def test_maml_run_differs_from_imaml_run(tmp_path, data_root):
@@ -746,6 +782,30 @@ def test_curves_mark_the_final_meta_test_accuracy(tmp_path, data_root, monkeypat
     assert run(out, "--steps", "2", data=data_root) == 0
     test = json.loads((out / "results.json").read_text())["test"]
     assert marks == [([2], [test["accuracy"]], f"meta-test, 12 tasks: {test['accuracy']:.2f} ± {test['ci95']:.2f} %")]
+
+
+def test_help_is_plain_text_and_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "``" not in text and ":class:" not in text  # RST markup
+    assert "(both IEEE float32) (default: torch)" in text  # --tf32's help said "by default" and so no default
+    # --data: every place imaml_ext.data searches, in its order (it named $IMAML_DATA, ./data, ../shared/data)
+    said = text[text.index("--data DATA"):text.index("--download download")]
+    places = ["$IMAML_DATA", "./data", "../shared/data", "the checkout's ../shared/data", "CACHE/data",
+              "$IMAML_CACHE or ~/.cache/imaml_ext"]
+    assert [said.index(p) for p in places] == sorted(said.index(p) for p in places)
+
+
+def test_without_matplotlib_the_missing_curves_are_said_once(tmp_path, data_root, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = tmp_path / "no-plot"
+    assert run(out, "--steps", "2", "--valid_every", "0", "--eval_tasks", "2", data=data_root) == 0
+    assert not (out / "curves.png").exists()
+    err = capsys.readouterr().err
+    assert err.count("curves.png was not written: it needs matplotlib") == 1 and "pip install matplotlib" in err
 
 
 def test_defaults_are_the_authors_damping_and_undamped_is_one_flag():

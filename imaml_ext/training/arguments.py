@@ -18,26 +18,27 @@ from ..data import NUM_DRAWERS, PROTOCOLS, split_classes
 from .errors import RunError
 from .presets import PRESETS
 
-DESCRIPTION = """Train implicit MAML on Omniglot or Mini-ImageNet: ``python -m imaml_ext.train`` (or ``imaml-train``).
+DESCRIPTION = """Train implicit MAML on Omniglot or Mini-ImageNet: python -m imaml_ext.train (or imaml-train).
 
-Every task of a meta-batch runs at once (:class:`imaml_ext.IMAML`). The run folder
-(``--out``) gets ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per log
-window and per validation), ``curves.png``, ``checkpoint.pt`` (written atomically every
-``--checkpoint-every`` steps and at the end; ``--resume`` continues bit for bit) and
-``results.json`` (meta-test accuracy over ``--eval-tasks`` test tasks with its 95 %
-confidence interval, beside the same adaptation from the random initialisation).
+Every task of a meta-batch runs at once (imaml_ext.IMAML). The run folder (--out) gets
+config.json, metrics.jsonl and metrics.csv (one row per log window and per validation),
+curves.png, checkpoint.pt and the one before it, checkpoint.prev.pt (written atomically every
+--checkpoint_every steps and at the end; --resume continues bit for bit), invocations.jsonl
+(each invocation's steps and seconds) and results.json (meta-test accuracy over --eval_tasks
+test tasks with its 95 % confidence interval, beside the same adaptation from the random
+initialisation); --evaluate RUN_FOLDER appends to RUN_FOLDER/evaluations.jsonl.
 
 The defaults are Omniglot 5-way 1-shot with the paper's optimisation values (lambda = 2, 16
 inner steps, 5 CG iterations, meta-batch 32, Adam) but not its setting: 15 query images per
 class, 10,000 meta-steps, and a test-time adaptation with lambda = --lam. The paper's setting
 for a table entry is --preset omniglot-5w1s (5w5s, 20w1s, 20w5s): query = shots, 20,000
 meta-steps, test-time lambda 0 (docs/accuracy-protocol.md); options given beside it win.
-make demo runs a short version of the defaults. ``--time_budget SECONDS`` stops (with a
-checkpoint) before the time is up: repeat the same command with ``--resume`` to go on.
+make demo runs a short version of the defaults. --time_budget SECONDS stops (with a
+checkpoint) before the time is up: repeat the same command with --resume to go on.
 
-``--task mini-imagenet`` reads learn2learn's three mini-imagenet-cache-*.pkl files from
-``--data DIR`` (in DIR/mini-imagenet/ or DIR; never downloaded) with a restricted unpickler;
-``--preset mini-imagenet-5w1s`` (5w5s) and ``--model resnet12``: see docs/mini-imagenet.md.
+--task mini-imagenet reads learn2learn's three mini-imagenet-cache-*.pkl files from
+--data DIR (in DIR/mini-imagenet/ or DIR; never downloaded) with a restricted unpickler;
+--preset mini-imagenet-5w1s (5w5s) and --model resnet12: see docs/mini-imagenet.md.
 """
 
 TASKS = ("omniglot", "mini-imagenet")
@@ -58,6 +59,9 @@ EVALUATION_KEYS = ("eval_tasks", "eval_batch", "baseline", "eval_lam")
 EVALUATE_OPTIONS = ("evaluate", *EVALUATION_KEYS, "device", "data", "download", "progress")
 # The iMAML authors' damping of the CG system, the command line's default (--undamped: 0 and 0).
 AUTHORS_DAMPING = {"cg_damping": 1.0, "lam_damping": 10.0}
+# --algo imaml's alone (its proximal term and CG solve): refused beside --algo maml / fomaml when given,
+# and not in a MAML run's configuration (which older checkpoints recorded: compared without them).
+IMAML_ONLY = ("lam", "reg", "cg_iterations", "cg_damping", "lam_damping", "undamped", "hvp")
 _UNSET = object()
 
 
@@ -74,7 +78,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         if isinstance(action, argparse.BooleanOptionalAction) and "default" not in text:
             return f"{text} (default: {'on' if action.default else 'off'})"
-        if ("default" in text or not action.option_strings or action.nargs == 0
+        if ("default:" in text.lower() or not action.option_strings or action.nargs == 0
                 or action.default in (None, argparse.SUPPRESS)):
             return text
         return f"{text} (default: %(default)s)"
@@ -113,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
               "(learn2learn's); Mini-ImageNet's is its three files'")
     _add(task, "split_seed", type=int, default=0, help="seed of the l2l class shuffle")
     _add(task, "data", default=None,
-         help="data folder: Omniglot's, or the one holding mini-imagenet/ (default: $IMAML_DATA, ./data, "
-              "../shared/data)")
+         help="data folder: Omniglot's, or the one holding mini-imagenet/ (default: $IMAML_DATA if set; else the "
+              "first that holds the data of ./data, ../shared/data, the checkout's ../shared/data and CACHE/data, "
+              "where --download puts Omniglot; CACHE is $IMAML_CACHE or ~/.cache/imaml_ext)")
     _add(task, "download", action="store_true",
          help="download the official Omniglot zips if no data are found (Mini-ImageNet is never downloaded)")
 
@@ -207,12 +212,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     try:
         if args.preset is not None:
             args = parser.parse_args(argv, apply_preset(parser, args))
+        # Only what was given counts: every action's value starts unset, not at its default.
+        given = parser.parse_args(argv, argparse.Namespace(**{a.dest: _UNSET for a in parser._actions}))
+        given = sorted(k for k, v in vars(given).items() if v is not _UNSET)
         if args.evaluate is not None:
-            # Only what was given counts: every action's value starts unset, not at its default.
-            given = parser.parse_args(argv, argparse.Namespace(**{a.dest: _UNSET for a in parser._actions}))
-            args.given = sorted(k for k, v in vars(given).items() if v is not _UNSET)
+            args.given = given
             check_evaluate_args(args)
         else:
+            check_algo_options(args, given)
             check_args(args)
     except RunError as error:
         parser.error(str(error))
@@ -230,6 +237,16 @@ def check_evaluate_args(args: argparse.Namespace) -> None:
         raise RunError(f"--eval_batch must be >= 1; got {args.eval_batch}")
     check_eval_lam(args)
     args.device = _device_arg(args.device)
+
+
+def check_algo_options(args: argparse.Namespace, given: Sequence[str]) -> None:
+    if args.algo == "imaml":
+        return
+    extra = [k for k in IMAML_ONLY if k in given]
+    if extra:
+        raise RunError(f"--{extra[0]} is an option of --algo imaml (its proximal term and CG solve); --algo "
+                       f"{args.algo} adapts by plain SGD through the unrolled inner loop and solves nothing: leave it "
+                       f"out")
 
 
 def check_eval_lam(args: argparse.Namespace) -> None:
@@ -327,7 +344,14 @@ def _device_arg(name: Optional[str]) -> str:
 
 def run_config(args: argparse.Namespace) -> Dict[str, object]:
     """What determines the run's numbers (compared on --resume)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_KEYS}
+    return without_unread_options({k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_KEYS})
+
+
+def without_unread_options(config: Dict[str, object]) -> Dict[str, object]:
+    """``config`` without the options its --algo never reads: a MAML run's has none of IMAML_ONLY."""
+    if config.get("algo", "imaml") == "imaml":
+        return config
+    return {k: v for k, v in config.items() if k not in IMAML_ONLY}
 
 
 

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 
 from .._io import atomic_write
 from ..logging import strict, to_json
-from .arguments import ADDED_OPTION_DEFAULTS, EVALUATION_KEYS
+from .arguments import ADDED_OPTION_DEFAULTS, EVALUATION_KEYS, without_unread_options
 from .errors import RunError
 
 CHECKPOINT_FORMAT = 1
@@ -118,7 +119,9 @@ class RunFolder:
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
-        except ImportError:
+        except ImportError as error:  # an optional extra: say so, once per invocation (one call each)
+            print(f"note: {self.plot} was not written: it needs matplotlib ({error}); pip install matplotlib "
+                  f"(or the imaml_ext[train] extra) for the curves", file=sys.stderr)
             return False
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
         for split, style in (("train", "-"), ("validation", "o-")):
@@ -221,8 +224,8 @@ def refuse_other_config(folder: RunFolder, what: str, saved: Dict[str, object], 
                         preset: Optional[str] = None) -> None:
     """--resume: refuses a run whose ``saved`` configuration (``what``: its checkpoint or config.json)
     differs from ``config`` in anything but --steps and the evaluation options, naming each value."""
-    # Runs from before an option existed ran with its default.
-    saved = {**ADDED_OPTION_DEFAULTS, **saved}
+    # Runs from before an option existed ran with its default; MAML runs recorded iMAML's options once.
+    saved = without_unread_options({**ADDED_OPTION_DEFAULTS, **saved})
     differ = [k for k in sorted(set(saved) | set(config))
               if saved.get(k) != config.get(k) and k not in (*EVALUATION_KEYS, "steps")]
     if not differ:
