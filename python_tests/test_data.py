@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import imaml_ext.data.cache as cache
+import imaml_ext.data.locate as locate
 import imaml_ext.data.omniglot as omni
 from imaml_ext.data import (
     ClassRotation,
@@ -132,7 +133,7 @@ def test_find_data_root_not_found_names_every_place(tmp_path, monkeypatch):
     work = tmp_path / "a" / "work"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
-    monkeypatch.setattr(omni, "_repo_root", lambda: tmp_path / "elsewhere" / "repo")
+    monkeypatch.setattr(locate, "_repo_root", lambda: tmp_path / "elsewhere" / "repo")
     with pytest.raises(FileNotFoundError) as err:
         find_data_root()
     msg = str(err.value)

@@ -25,6 +25,8 @@ import torch
 
 import imaml_ext.data.cache as cache
 import imaml_ext.data.download as dl
+import imaml_ext.data.locate as locate
+import imaml_ext.data.official as official_layout
 import imaml_ext.data.omniglot as omni
 from imaml_ext.data import (
     DownloadError,
@@ -110,7 +112,7 @@ def official(tmp_path_factory, npz_root, npz_paper):
     zips.mkdir()
     md5s = {}
     for which, alphabets in _alphabets(npz_root).items():
-        first = omni._FIRST_ID[which]
+        first = official_layout._FIRST_ID[which]
         with zipfile.ZipFile(zips / f"{which}.zip", "w", zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
             for alphabet, lo, hi in alphabets:
                 for cid in range(lo, hi + 1):
@@ -170,7 +172,7 @@ def test_folder_layout_equals_npz(official, npz_gray105, npz_images28, npz_cache
     assert omni._cache_file(own_cache, 28).name in names and omni._cache_file(own_cache, 28).name in _files(npz_cache)
 
     # Verified and cached: neither decoding nor resizing runs again.
-    monkeypatch.setattr(omni, "_decode_set", lambda *a: pytest.fail("decoded PNGs despite the cache"))
+    monkeypatch.setattr(official_layout, "_decode_set", lambda *a: pytest.fail("decoded PNGs despite the cache"))
     monkeypatch.setattr(omni, "_resize", lambda paper, s: pytest.fail("resized despite the cache")
                         if s != 105 else np.where(paper, np.uint8(255), np.uint8(0)))
     assert torch.equal(load_omniglot(root), npz_images28)
@@ -191,7 +193,7 @@ def test_zip_layout_equals_npz_and_shares_the_resized_cache(official, npz_gray10
     monkeypatch.setattr(omni, "_resize", lambda paper, s: resized.append(s) or real_resize(paper, s))
     assert torch.equal(load_omniglot(root), npz_images28)
     assert resized == []
-    monkeypatch.setattr(omni, "_decode_set", lambda *a: pytest.fail("decoded PNGs despite the cache"))
+    monkeypatch.setattr(official_layout, "_decode_set", lambda *a: pytest.fail("decoded PNGs despite the cache"))
     assert np.array_equal(omni._load_official_uint8(src, 105, own_cache), npz_gray105)
 
 
@@ -226,7 +228,7 @@ def test_download_file_url_into_default_dir(official, npz_gray105, npz_images28,
     work = tmp_path / "a" / "work"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
-    monkeypatch.setattr(omni, "_repo_root", lambda: tmp_path / "elsewhere" / "repo")
+    monkeypatch.setattr(locate, "_repo_root", lambda: tmp_path / "elsewhere" / "repo")
     with pytest.raises(FileNotFoundError, match=r"Pass root=<folder> or set IMAML_DATA=.*pass download=True to"):
         load_omniglot()
     assert not own_cache.exists()
@@ -247,7 +249,7 @@ def test_download_file_url_into_default_dir(official, npz_gray105, npz_images28,
     assert dest.parent.resolve() in default_search_paths()
     assert find_data_root() == dest.resolve()
     # The zips' pixels were checked and cached while loading: the 105 px images equal the npz's.
-    monkeypatch.setattr(omni, "_decode_set", lambda *a: pytest.fail("decoded PNGs despite the cache"))
+    monkeypatch.setattr(official_layout, "_decode_set", lambda *a: pytest.fail("decoded PNGs despite the cache"))
     assert np.array_equal(omni._load_official_uint8(omni._locate(None), 105, own_cache), npz_gray105)
 
 

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from . import download as _download
-from .omniglot import DATA_ENV, SPLITS, PathLike, _given_root, default_search_paths
+from .locate import DATA_ENV, PathLike, _given_root, default_search_paths
+from .omniglot import SPLITS
 from .sampler import DeviceLike, TaskBatch, TaskIndices, TaskSampler
 
 IMAGE_SHAPE = (84, 84, 3)

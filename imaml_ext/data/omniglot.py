@@ -1,4 +1,6 @@
-"""Omniglot: finding the data, reading it, resizing it as learn2learn does, caching, class splits.
+"""Omniglot: reading it, resizing it as learn2learn does, class splits and samplers. Finding the
+data is :mod:`imaml_ext.data.locate`, decoding the official layout :mod:`imaml_ext.data.official`,
+the on-disk cache :mod:`imaml_ext.data.cache`.
 
 A data folder holds Omniglot in one of these layouts (see :func:`find_data_root`):
 
@@ -25,14 +27,9 @@ checked on every read (:mod:`imaml_ext.data.cache`).
 from __future__ import annotations
 
 import hashlib
-import io
-import os
 import random
-import re
-import zipfile
-import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -40,160 +37,38 @@ from torch import Tensor
 
 from . import cache as _cache
 from . import download as _download
-from .cache import CACHE_ENV, default_cache_dir  # noqa: F401  (this module's names since the start)
+from .cache import CACHE_ENV, default_cache_dir  # noqa: F401  (CACHE_ENV: this module's name since the start)
 from .cache import sha256_file as _sha256
 from .._device import check_device
+from .locate import (  # noqa: F401  (DATA_ENV, default_search_paths, find_data_root: this module's names)
+    DATA_ENV,
+    SETS,
+    SOURCES,
+    PathLike,
+    _detect,
+    _given_root,
+    _locate,
+    _Source,
+    default_download_dir,
+    default_search_paths,
+    find_data_root,
+)
+from .official import (  # noqa: F401  (NUM_BACKGROUND, NUM_EVALUATION: this module's names)
+    _SET_CLASSES,
+    NUM_BACKGROUND,
+    NUM_DRAWERS,
+    NUM_EVALUATION,
+    PIXEL_SHA256,
+    SOURCE_SIZE,
+    _official_stamp,
+    _read_official_set,
+)
 from .sampler import DeviceLike, TaskSampler
 
-PathLike = Union[str, "os.PathLike[str]"]
-
-NUM_BACKGROUND = 964
-NUM_EVALUATION = 659
 NUM_CLASSES = NUM_BACKGROUND + NUM_EVALUATION  # 1623
-NUM_DRAWERS = 20
-SOURCE_SIZE = 105
-
-#: The two archives and their sha256 (from the data's README).
-SOURCES: Dict[str, str] = {
-    "images_background.npz": "8bf84167413cd00beacdce3fe582f780ab538d8dbef043a6d688f2527bbce199",
-    "images_evaluation.npz": "0b84c7ffd94c4841c0040e529c86a82eaaccb986d8eadad5673f7991b7475276",
-}
-
-#: The two sets of the official layout (folder names, and zip names without ``.zip``).
-SETS: Tuple[str, str] = ("images_background", "images_evaluation")
-_SET_CLASSES = {"images_background": NUM_BACKGROUND, "images_evaluation": NUM_EVALUATION}
-_FIRST_ID = {"images_background": 1, "images_evaluation": NUM_BACKGROUND + 1}
-
-#: sha256 of each set's pixels: ``np.packbits(paper)`` of the bool ``[C, 20, 105, 105]`` array
-#: (``True`` = white paper, C order), i.e. of the official PNGs and of the .npz arrays alike.
-#: Background's bit count is a multiple of 8, so hashing background's bytes then evaluation's
-#: gives the digest of all 1623 characters packed together
-#: (aa53f27e879e57ce9d0788d05aa99e972d01cc6b14a2e9224127b8403413ed02).
-PIXEL_SHA256: Dict[str, str] = {
-    "images_background": "50ac3e2043f457516ed8e84151b2d85718f4bbccc0a17ad355cd3b6f0c4ed5f3",
-    "images_evaluation": "03b046317776af65e56eb1a168e35feb5e254765b51ce5fd1383ec242a5767f3",
-}
-
-DATA_ENV = "IMAML_DATA"
 
 PROTOCOLS = ("l2l", "finn")
 SPLITS = ("train", "validation", "test")
-
-_LAYOUTS = (
-    "images_background.npz and images_evaluation.npz, or images_background and images_evaluation "
-    "as folders or as .zip files (the official layout)"
-)
-
-
-# --------------------------------------------------------------------------- finding the data
-
-
-class _Source(NamedTuple):
-    """Where one copy of Omniglot lives."""
-
-    folder: Path
-    layout: str  # "npz" or "official"
-    parts: Tuple[Path, Path]  # background, evaluation: the .npz files, or the folders / zips
-
-
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def _detect(folder: Path) -> Optional[_Source]:
-    """The layout ``folder`` itself holds, if any: both .npz files win over the official layout
-    (their sha256 check is cheaper); per set of the latter a zip wins over a folder (torchvision
-    keeps both, and the zip is the file a download checked)."""
-    if all((folder / name).is_file() for name in SOURCES):
-        return _Source(folder, "npz", tuple(folder / name for name in SOURCES))
-    parts = []
-    for which in SETS:
-        if (folder / f"{which}.zip").is_file():
-            parts.append(folder / f"{which}.zip")
-        elif (folder / which).is_dir():
-            parts.append(folder / which)
-        else:
-            return None
-    return _Source(folder, "official", tuple(parts))
-
-
-def _source_in(candidate: Path) -> Optional[_Source]:
-    """``candidate`` itself, ``candidate/omniglot`` or torchvision's ``candidate/omniglot-py``."""
-    for folder in (candidate, candidate / "omniglot", candidate / "omniglot-py"):
-        found = _detect(folder)
-        if found is not None:
-            return found
-    return None
-
-
-def default_download_dir() -> Path:
-    """Where ``load_omniglot(download=True)`` puts the zips when neither ``root`` nor
-    ``IMAML_DATA`` is given: ``default_cache_dir()/data/omniglot`` (searched by default)."""
-    return default_cache_dir() / "data" / "omniglot"
-
-
-def default_search_paths() -> List[Path]:
-    """Where :func:`find_data_root` looks when neither ``root`` nor ``IMAML_DATA`` is given:
-    ``./data``, ``../shared/data``, ``<repo>/../shared/data``, ``default_cache_dir()/data``."""
-    paths = [Path("data"), Path("..") / "shared" / "data", _repo_root().parent / "shared" / "data",
-             default_download_dir().parent]
-    out: List[Path] = []
-    for p in paths:
-        p = p.resolve()
-        if p not in out:
-            out.append(p)
-    return out
-
-
-def _given_root(root: Optional[PathLike]) -> Optional[Tuple[str, Path]]:
-    if root is not None:
-        return (_download.spelled("root").split("<")[0].strip(), Path(root).expanduser())
-    if os.environ.get(DATA_ENV):
-        return (f"${DATA_ENV}", Path(os.environ[DATA_ENV]).expanduser())
-    return None
-
-
-def _locate(root: Optional[PathLike]) -> _Source:
-    given = _given_root(root)
-    if given is not None:
-        how, path = given
-        if path.is_file():  # else a download would try to make a folder there
-            raise ValueError(f"{how} is {str(path)!r}, a file, not a folder: pass the folder that holds the "
-                             f"Omniglot data (or its parent)")
-        found = _source_in(path)
-        if found is None:
-            raise FileNotFoundError(
-                f"Omniglot data not found: {how} is {str(path)!r}, but neither it nor "
-                f"{str(path / 'omniglot')!r} nor {str(path / 'omniglot-py')!r} holds {_LAYOUTS}. "
-                f"Pass {_download.spelled('download')} to download the official zips into {str(path)!r}."
-            )
-        return found
-
-    searched = default_search_paths()
-    for candidate in searched:
-        found = _source_in(candidate / "omniglot") or _detect(candidate / "omniglot-py")
-        if found is not None:
-            return found
-    places = ", ".join(repr(str(p / "omniglot")) for p in searched)
-    raise FileNotFoundError(
-        f"Omniglot data not found: no folder holding {_LAYOUTS} at {places} (nor omniglot-py/ "
-        f"beside them). Pass {_download.spelled('root')} or set {DATA_ENV}=<folder> (the folder with the data, "
-        f"or its parent holding omniglot/), or pass {_download.spelled('download')} "
-        f"to download the official zips into {str(default_download_dir())!r}."
-    )
-
-
-def find_data_root(root: Optional[PathLike] = None) -> Path:
-    """The folder holding Omniglot in any layout of this module's docstring.
-
-    ``root`` (or else the ``IMAML_DATA`` environment variable) may name that folder or its
-    parent (the folder holding ``omniglot/`` or torchvision's ``omniglot-py/``); when given it
-    is the only place looked at. Otherwise ``./data``, ``../shared/data``,
-    ``<repo>/../shared/data`` and ``default_cache_dir()/data`` (where downloads go) are
-    searched for an ``omniglot`` (or ``omniglot-py``) folder. Raises ``FileNotFoundError``
-    naming every place searched.
-    """
-    return _locate(root).folder.resolve()
 
 
 # --------------------------------------------------------------------------- verifying the .npz layout
@@ -259,126 +134,6 @@ def _read_decoded_cache(cache_dir: Path, which: str) -> Optional[np.ndarray]:
 
 
 # --------------------------------------------------------------------------- the official layout
-
-
-_PNG_NAME = re.compile(r"(\d{4})_(\d{2})\.png")
-
-
-def _official_stamp(path: Path, which: str) -> Dict[str, object]:
-    """What the marker remembers of a verified zip (size, mtime) or folder (every file's
-    relative path, size and mtime, hashed: ~32k stat calls, far cheaper than decoding)."""
-    if path.is_file():
-        st = path.stat()
-        return {"zip_size": st.st_size, "mtime_ns": st.st_mtime_ns, "pixels": PIXEL_SHA256[which]}
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
-        for name in sorted(filenames):
-            st = os.stat(os.path.join(dirpath, name))
-            rel = os.path.relpath(os.path.join(dirpath, name), path)
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return {"listing": h.hexdigest(), "pixels": PIXEL_SHA256[which]}
-
-
-def _decode_set(names: Sequence[str], read: Callable[[str], bytes], label: str, which: str) -> np.ndarray:
-    """The bool paper array ``[C, 20, 105, 105]`` of one set from its files' relative paths
-    (``<Alphabet>/characterNN/XXXX_YY.png``) and a reader; ``label`` names the set's folder or
-    zip in errors. File names are checked for completeness before anything is decoded."""
-    from PIL import Image
-
-    first, count = _FIRST_ID[which], _SET_CLASSES[which]
-    where: Dict[Tuple[int, int], str] = {}
-    folder_of: Dict[int, str] = {}
-    for rel in sorted(names):
-        parts = rel.split("/")
-        base = parts[-1]
-        if base.startswith(".") or not base.lower().endswith(".png"):
-            continue  # .DS_Store, Thumbs.db, macOS "._" twins: not images
-        m = _PNG_NAME.fullmatch(base)
-        if len(parts) != 3 or m is None:
-            raise ValueError(
-                f"{label}: unexpected image {rel!r}; expected <Alphabet>/characterNN/XXXX_YY.png "
-                f"(XXXX the character id, YY the drawer)"
-            )
-        cid, drawer = int(m[1]), int(m[2])
-        if not first <= cid < first + count:
-            raise ValueError(
-                f"{label}: {rel!r} has character id {cid}; {which} holds ids {first}..{first + count - 1}"
-            )
-        if not 1 <= drawer <= NUM_DRAWERS:
-            raise ValueError(f"{label}: {rel!r} has drawer {drawer}; expected 01..{NUM_DRAWERS}")
-        if (cid, drawer) in where:
-            raise ValueError(
-                f"{label}: character {cid:04d}, drawer {drawer:02d} appears twice: "
-                f"{where[cid, drawer]!r} and {rel!r}"
-            )
-        parent = "/".join(parts[:2])
-        if folder_of.setdefault(cid, parent) != parent:
-            raise ValueError(
-                f"{label}: character {cid:04d} has images in two folders, {folder_of[cid]!r} and {parent!r}"
-            )
-        where[cid, drawer] = rel
-
-    missing = [(c, d) for c in range(first, first + count) for d in range(1, NUM_DRAWERS + 1) if (c, d) not in where]
-    if missing:
-        shown = ", ".join(
-            f"{folder_of[c]}/{c:04d}_{d:02d}.png" if c in folder_of else f"{c:04d}_{d:02d}.png (no image of character {c:04d})"
-            for c, d in missing[:5]
-        )
-        raise ValueError(
-            f"{label}: {len(missing)} of {count * NUM_DRAWERS} images missing: {shown}"
-            + (", ..." if len(missing) > 5 else "")
-        )
-
-    paper = np.empty((count, NUM_DRAWERS, SOURCE_SIZE, SOURCE_SIZE), dtype=np.bool_)
-    for (cid, drawer), rel in sorted(where.items()):
-        try:
-            with Image.open(io.BytesIO(read(rel))) as img:
-                size = img.size
-                # What torchvision's Omniglot does with each PNG.
-                gray = np.asarray(img.convert("L"))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{label}: cannot decode {rel!r} as an image ({e})") from e
-        if size != (SOURCE_SIZE, SOURCE_SIZE):
-            raise ValueError(f"{label}: {rel!r} is {size[0]}x{size[1]} pixels; expected {SOURCE_SIZE}x{SOURCE_SIZE}")
-        white = gray == 255
-        if not (white | (gray == 0)).all():
-            raise ValueError(
-                f"{label}: {rel!r} has gray levels other than 0 and 255; the official images are black and white"
-            )
-        paper[cid - first, drawer - 1] = white
-    return paper
-
-
-def _read_official_set(path: Path, which: str) -> np.ndarray:
-    """One set from its folder or zip (top-level folder ``<which>/``), as bool paper."""
-    if path.is_dir():
-        names = []
-        for dirpath, _, filenames in os.walk(path):
-            rel_dir = Path(dirpath).relative_to(path).as_posix()
-            names += [name if rel_dir == "." else f"{rel_dir}/{name}" for name in filenames]
-        return _decode_set(names, lambda rel: (path / rel).read_bytes(), repr(str(path)), which)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = []
-            for info in zf.infolist():
-                name = info.filename
-                if info.is_dir() or name.startswith("__MACOSX/"):
-                    continue
-                if not name.startswith(which + "/"):
-                    if name.lower().endswith(".png"):
-                        raise ValueError(
-                            f"{str(path)!r}: unexpected entry {name!r}; every image of the zip must be "
-                            f"under its top-level folder {which}/"
-                        )
-                    continue
-                names.append(name[len(which) + 1:])
-            return _decode_set(names, lambda rel: zf.read(f"{which}/{rel}"), f"{str(path)!r} ({which}/)", which)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise ValueError(
-            f"{str(path)!r} is not a readable zip file ({e}): it is truncated or damaged. Delete it and "
-            f"download it again ({_download.spelled('download')})."
-        ) from e
 
 
 def _official_paper(src: _Source, cache_dir: Optional[Path], stamps: Optional[Dict[str, Dict[str, object]]]) -> np.ndarray:
