@@ -41,17 +41,24 @@ from .training.run_folder import (  # noqa: F401
     rng_state,
     set_rng_state,
 )
-from .training.signals import StopSignal  # noqa: F401
+from .training.signals import Interrupted, StopSignal  # noqa: F401
 from .training.time_budget import TimeBudget  # noqa: F401
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    args = None
     try:
+        args = parse_args(argv)
         results = evaluate_run(args) if args.evaluate is not None else train(args)
     except RunError as error:
         print(f"imaml-train: error: {error}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as error:  # Ctrl-C outside the meta-steps: one line, no traceback
+        where = str(error) if isinstance(error, Interrupted) else (
+            f"during --evaluate {args.evaluate}; nothing was written" if args is not None and args.evaluate is not None
+            else "during start-up; nothing was written")
+        print(f"imaml-train: interrupted (SIGINT) {where}", file=sys.stderr)
+        return 128 + signal.SIGINT
     if "stopped_at" in results or "rank" in results:
         # Ctrl-C: the shell's 128 + SIGINT, after the checkpoint; SIGTERM (a job's time limit),
         # --stop_after and --time_budget end as planned stops.

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-from datetime import datetime
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -169,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     _add(run, "seed", type=int, default=0, help="seed of the model, the task sampler and every RNG")
     _add(run, "device", default=None, help="default: cuda if available, else cpu")
-    _add(run, "out", default=None, help="run folder (default: runs/<task>-<ways>w<shots>s-<time>)")
+    _add(run, "out", default=None,
+         help="run folder (default: runs/<task>-<ways>w<shots>s-<date>-<time>, with -2, -3, ... where taken); one "
+              "run at a time uses it")
     _add(run, "resume", action="store_true",
          help="continue the run in --out from its checkpoint; --eval_tasks, --eval_batch, --eval_lam and "
               "--baseline may change, and a larger --steps extends a run (a finished one too); with --time_budget "
@@ -326,9 +326,25 @@ def check_args(args: argparse.Namespace) -> None:
               f"convolutions and matrix products; the run computes in IEEE float32", file=sys.stderr)
     if args.cuda_graph and device.type != "cuda":
         raise RunError(f"--cuda_graph needs a CUDA --device; got {args.device}")
-    if args.out is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        args.out = os.path.join("runs", f"{args.task}-{args.ways}w{args.shots}s-{stamp}")
+    check_lifecycle_args(args)
+
+
+# The forwards with a forward-mode derivative of their convolutions under bfloat16 autocast in torch
+# 2.14 (grouped, im2col, or Conv4's fused runs); a dense convolution's mixes the dtypes.
+BF16_JVP_FORWARDS = ("vmap", "im2col", "vmap+fused", "im2col+fused")
+
+
+def check_lifecycle_args(args: argparse.Namespace) -> None:
+    """--out, --seed, and a combination that would fail only at the first meta-step."""
+    if args.out is not None and not args.out.strip():
+        raise RunError(f"--out must name a folder; got {args.out!r} (the current folder is no run folder)")
+    if args.seed < 0:
+        raise RunError(f"--seed must be >= 0; got {args.seed}")
+    fine = BF16_JVP_FORWARDS + (("loop+fused", "stacked+fused") if args.model == "conv4" else ())
+    if args.algo == "imaml" and args.precision == "bf16" and args.hvp == "forward" and args.forward not in fine:
+        raise RunError(f"--precision bf16 --hvp forward needs --forward {', '.join(fine)} (this torch's forward-mode "
+                       f"derivative of a dense convolution under bfloat16 autocast fails); got --forward "
+                       f"{args.forward}. --hvp reverse or auto runs with any --forward")
 
 
 def _device_arg(name: Optional[str]) -> str:

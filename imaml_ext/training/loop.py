@@ -21,8 +21,10 @@ from .distributed import Distributed
 from .errors import RunError
 from .evaluation import evaluate, final_evaluation, slice_indices, time_evaluation_shapes
 from .learner import build_imaml, build_model
-from .run_folder import RunFolder, check_out_folder, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .signals import StopSignal
+from .run_folder import RunFolder, check_out_folder, rng_state, save_checkpoint, set_rng_state
+from .run_lock import RunLock, default_out
+from .signals import Interrupted, StopSignal
+from .start import checkpoint_to_resume, interruption
 from .tasks import make_tasks
 from .time_budget import TimeBudget, process_age
 
@@ -32,43 +34,37 @@ WINDOW_KEYS = ("loss", "accuracy", "support_loss", "cg_residual", "cg_breakdown"
 def train(args: argparse.Namespace) -> Dict[str, object]:
     """Run (or resume) the training described by ``args``; returns the results dict."""
     budget = TimeBudget(args.time_budget, spent=process_age()) if args.time_budget is not None else None
+    ddp = Distributed.from_env()
+    made = args.out is None
+    if made:
+        if ddp.world > 1:
+            raise RunError(f"--out must be given with {ddp.world} processes (each would make a default folder "
+                           f"of its own)")
+        args.out = default_out(args)
     folder = RunFolder(args.out)
     check_out_folder(folder.path)
     config = run_config(args)
-    ckpt = _checkpoint_to_resume(args, folder, config)
-    ddp = Distributed.from_env()
-    device = ddp.device(args.device)
-    if args.meta_batch_size % ddp.world:
-        raise RunError(f"--meta_batch_size {args.meta_batch_size} must be divisible by the {ddp.world} processes")
-    ddp.start(device)  # after every rank has checked the run folder, before rank 0 writes to it
+    phase: Dict[str, object] = {"at": "start-up"}  # where a Ctrl-C outside the meta-steps found the run
+    ckpt = None
     try:
-        return _train(args, folder, config, ckpt, ddp, device, budget)
-    finally:
-        ddp.stop()
-
-
-def _checkpoint_to_resume(args, folder: RunFolder, config: Dict[str, object]):
-    """--resume: the checkpoint to continue from. None: a new run, in a folder without one; with
-    --time_budget, --resume starts the run too where there is no checkpoint yet (the first
-    invocation of a chain), if the folder's config.json, if any, is this run's."""
-    fresh_chain = args.resume and args.time_budget is not None and not (
-        folder.checkpoint.exists() or folder.previous.exists() or folder.results.exists())
-    if args.resume and not fresh_chain:
-        return load_checkpoint(folder, config, preset=args.preset)
-    if fresh_chain:
-        folder.check_config(config, preset=args.preset)
-        return None
-    existing = folder.holds_run()
-    if existing:
-        raise RunError(
-            f"--out {folder.path} already holds a run ({', '.join(existing)}); pass --resume to continue "
-            f"it, or choose another --out (nothing was overwritten)"
-        )
-    return None
+        # Rank 0 holds the lock: a second run in the same folder is refused until this one ends.
+        with RunLock(folder.path, made) if ddp.rank == 0 else contextlib.nullcontext():
+            ckpt = checkpoint_to_resume(args, folder, config, main=ddp.rank == 0)
+            device = ddp.device(args.device)
+            if args.meta_batch_size % ddp.world:
+                raise RunError(f"--meta_batch_size {args.meta_batch_size} must be divisible by the {ddp.world} "
+                               f"processes")
+            ddp.start(device)  # after every rank has checked the run folder, before rank 0 writes to it
+            try:
+                return _train(args, folder, config, ckpt, ddp, device, budget, phase)
+            finally:
+                ddp.stop()
+    except KeyboardInterrupt:
+        raise Interrupted(interruption(phase, folder, ckpt)) from None
 
 
 def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torch.device,
-           budget: Optional[TimeBudget]) -> Dict[str, object]:
+           budget: Optional[TimeBudget], phase: Dict[str, object]) -> Dict[str, object]:
     main_rank = ddp.rank == 0
     started = time.perf_counter()
 
@@ -177,6 +173,7 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
     bar = _progress(args, start_step) if main_rank else None
     window_start = time.perf_counter()
     step = start_step
+    phase["at"] = "training"
     with StopSignal() as stop:
         first_bad = torch.full((2,), -1.0, device=device)  # (step, task) of the first non-finite task
         stopping = False  # agreed by every process: one signalled rank must not leave the others waiting
@@ -301,6 +298,7 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
               f"Continue with the same arguments and --resume.")
         return {"stopped_at": step, "out": str(folder.path), "signal": stop.received}
 
+    phase.update(at="evaluation", step=step)
     results = final_evaluation(args, model, tasks.test, folder, choices=imaml.timed_choices())
     folder.plot_curves(rows, baseline=results.get("baseline", {}).get("accuracy"), test=results.get("test"),
                        step=step)

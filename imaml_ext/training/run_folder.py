@@ -3,6 +3,7 @@ checkpoints with the RNG state they hold. Every file is written atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -13,7 +14,7 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,12 +23,20 @@ from .._io import atomic_write
 from ..logging import strict, to_json
 from .arguments import ADDED_OPTION_DEFAULTS, EVALUATION_KEYS, without_unread_options
 from .errors import RunError
+from .run_lock import LOCK_NAME
 
 CHECKPOINT_FORMAT = 1
 # What config.json holds beside the run's configuration.
 CONFIG_METADATA = ("preset", "imaml_ext", "torch")
+# What a run writes before its first checkpoint: a folder holding nothing else never got one.
+EARLY_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "tensorboard")
 CSV_COLUMNS = ("split", "step", "loss", "accuracy", "support_loss", "cg_residual", "cg_breakdown", "lr", "tasks_per_s",
                "nonfinite_tasks", "best_accuracy")
+
+
+def _is_temporary(name: str) -> bool:
+    """A file atomic_write had not yet renamed when the process stopped."""
+    return name.endswith(".tmp") and any(name.startswith(f"{n}.") for n in (*EARLY_FILES, "checkpoint.new.pt"))
 
 
 def read_json_lines(path: Path) -> List[Dict[str, object]]:
@@ -59,6 +68,41 @@ class RunFolder:
 
     def holds_run(self) -> List[str]:
         return [p.name for p in (self.config, self.checkpoint, self.jsonl, self.results) if p.exists()]
+
+    def contents(self) -> Tuple[str, List[str], List[str]]:
+        """What the folder holds: its state, the run's entries and the others (the lock file left
+        out). States: "new" (absent or empty); "unstarted" (only what a run writes before its first
+        checkpoint, with a run's config.json); "unstarted+other" (that, beside other files); "run"
+        (a checkpoint or results); "other" (nothing of a run's)."""
+        names = sorted(p.name for p in self.path.iterdir() if p.name != LOCK_NAME) if self.path.is_dir() else []
+        ours = [n for n in names if n in EARLY_FILES or _is_temporary(n)]
+        others = [n for n in names if n not in ours]
+        if not names:
+            return "new", ours, others
+        if any(p.exists() for p in (self.checkpoint, self.previous, self.results)):
+            return "run", ours, others
+        if not ours or not (self._config_is_a_run() if self.config.exists() else all(map(_is_temporary, ours))):
+            return "other", [], names  # e.g. another program's config.json
+        return ("unstarted+other" if others else "unstarted"), ours, others
+
+    def _config_is_a_run(self) -> bool:
+        try:
+            saved = json.loads(self.config.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(saved, dict) and {"task", "steps", "seed"} <= saved.keys()
+
+    def clear_unstarted(self) -> None:
+        """Removes what a run that never reached its first checkpoint wrote (see contents())."""
+        for name in self.contents()[1]:
+            path = self.path / name
+            if path.is_dir():  # tensorboard/: its event files only
+                for event in path.glob("events.out.tfevents.*"):
+                    event.unlink()
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
 
     def write_json(self, path: Path, obj) -> None:
         data = (to_json(obj, indent=2, sort_keys=True) + "\n").encode()
@@ -195,15 +239,22 @@ def set_rng_state(state: Dict[str, object]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _previous_hint(folder: RunFolder) -> str:
-    if not folder.previous.exists():
-        return ""
-    try:
-        step = torch.load(folder.previous, map_location="cpu", weights_only=True)["step"]
-    except Exception:
-        return f" The previous checkpoint {folder.previous} is unreadable too."
-    return (f" The previous checkpoint is kept: move {folder.previous.name} to {folder.checkpoint.name} "
-            f"to resume from step {step}.")
+def _previous_hint(folder: RunFolder, flag: str = "--resume", damaged: bool = False) -> str:
+    """How to go on from the previous checkpoint; for a ``damaged`` latest one with no readable
+    previous, what else to do."""
+    unreadable = ""
+    if folder.previous.exists():
+        try:
+            step = torch.load(folder.previous, map_location="cpu", weights_only=True)["step"]
+            return (f" The previous checkpoint is kept: move {folder.previous.name} to {folder.checkpoint.name} "
+                    f"to resume from step {step}.")
+        except Exception:
+            unreadable = f" The previous checkpoint {folder.previous} is unreadable too."
+    if not damaged:
+        return unreadable
+    restart = ", or start the run again without --resume in a new --out" if flag == "--resume" else ""
+    return (f" The file is damaged (truncated, or overwritten in part) and no readable earlier checkpoint is "
+            f"kept.{unreadable} Restore {folder.checkpoint.name} from a copy{restart}.")
 
 
 def read_checkpoint(folder: RunFolder, flag: str = "--resume") -> Dict[str, object]:
@@ -213,8 +264,10 @@ def read_checkpoint(folder: RunFolder, flag: str = "--resume") -> Dict[str, obje
     try:
         ckpt = torch.load(folder.checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: name it, never a raw unpickling trace
-        raise RunError(f"{flag}: cannot read {folder.checkpoint} ({type(error).__name__}: {error})."
-                       + _previous_hint(folder)) from None
+        # Its first sentence: torch's unpickling messages go on to advise weights_only=False.
+        cause = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
+        raise RunError(f"{flag}: cannot read {folder.checkpoint} ({type(error).__name__}: {cause})."
+                       + _previous_hint(folder, flag, damaged=True)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{flag}: {folder.checkpoint} is not an imaml_ext checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt

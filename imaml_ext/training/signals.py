@@ -30,3 +30,8 @@ class StopSignal:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+
+
+class Interrupted(Exception):
+    """Ctrl-C outside the meta-steps (or a second one): what it left, printed as one line; the exit
+    status is the shell's 128 + SIGINT."""
