@@ -1,6 +1,7 @@
 """The run's lifecycle (issue 28): a run killed before its first checkpoint starts again, one run
-per folder (the default --out and the lock), Ctrl-C outside the meta-steps, a damaged checkpoint.
-Runs needing Omniglot skip when it is absent."""
+per folder (the default --out and the lock), Ctrl-C outside the meta-steps, a damaged checkpoint,
+config.json on --resume --preset, and what a stop inside a log window logs. Runs needing Omniglot
+skip when it is absent."""
 
 from __future__ import annotations
 
@@ -269,3 +270,16 @@ def test_ctrl_c_during_evaluate(tmp_path, data_root):  # noqa: F811
     assert code == 130
     assert line == f"imaml-train: interrupted (SIGINT) during --evaluate {out}; nothing was written"
     assert not (out / "evaluations.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- config.json and the log
+
+
+def test_resume_with_a_preset_keeps_config_json_true(tmp_path, data_root):  # noqa: F811
+    """The run started without --preset; --resume --preset omniglot-5w1s names the same values
+    (TINY's win over it, eval_lam may differ): config.json must not claim the preset."""
+    out = tmp_path / "plain"
+    assert run(out, "--stop_after", "2", data=data_root) == 0
+    assert run(out, "--resume", "--preset", "omniglot-5w1s", data=data_root) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert "preset" not in config and config["eval_lam"] == 0.0

@@ -707,17 +707,18 @@ def test_run_folder_files_get_the_mode_open_gives(tmp_path, data_root):
     assert files == {name: 0o644 for name in files}
 
 
-def test_run_stopped_before_its_first_row_writes_a_header_and_no_legend_warning(tmp_path, data_root):
+def test_a_stop_inside_a_log_window_logs_a_partial_row_that_resume_replaces(tmp_path, reference_run, data_root):
+    """A stop before the first row (--log_every 2) logs its step, marked partial; the resumed run
+    logs every window whole, as the uninterrupted run does."""
     out = tmp_path / "early"
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert run(out, "--steps", "3", "--stop_after", "1", data=data_root) == 0
-    assert not [w for w in caught if "legend" in str(w.message)], [str(w.message) for w in caught]
-    header = (out / "metrics.csv").read_text()
-    assert header == ",".join(train_cli.CSV_COLUMNS) + "\n"
+    assert run(out, "--scheduler", "cosine", "--stop_after", "1", data=data_root) == 0
+    rows = rows_without_timing(out)
+    assert [(r["step"], r.get("partial")) for r in rows] == [(1, True)] and 0 < rows[0]["loss"] < 10
+    header, row = (out / "metrics.csv").read_text().splitlines()
+    assert header.endswith(",partial") and row.startswith("train,1,") and row.endswith(",True")
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run(out, "--scheduler", "cosine", "--resume", data=data_root) == 0
+    assert rows_without_timing(out) == rows_without_timing(reference_run)
 
 
 def test_data_errors_name_the_flags(tmp_path, capsys):

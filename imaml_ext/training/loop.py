@@ -95,11 +95,12 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
         imaml.keep_timed_choices(ckpt.get("timed_choices"))
         if ckpt["config"].get("steps") != args.steps:
             _extend(args, folder, ckpt, optimizer, scheduler, main_rank)
-        rows = [r for r in folder.read_metrics() if r["step"] <= start_step]
+        rows = [r for r in folder.read_metrics() if r["step"] <= start_step and not r.get("partial")]
         if main_rank:
             folder.write_metrics(rows)  # drop what an interrupted run logged after its checkpoint
             if ckpt["config"] != config:  # a longer --steps, or other evaluation options
-                folder.write_config(config, args.preset)
+                # The --preset it started from, if any: a --preset given now only named the same values.
+                folder.write_config(config, folder.recorded_preset())
     else:
         torch.manual_seed(args.seed)
         np.random.seed(args.seed % 2**32)
@@ -222,18 +223,10 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
             window["steps"] += 1
             if step % args.log_every == 0 or step == args.steps:
                 n = window["steps"]
-                loss, acc, support, residual, breakdown, nonfinite = (window["values"] / n).tolist()  # the one host sync per log window
-                bad_tasks = round(nonfinite * n * args.meta_batch_size)
-                # Means over the tasks kept; none kept: NaN (null in metrics.jsonl), never a 0.
-                loss, acc, support, residual = (v / (1 - nonfinite) if bad_tasks < n * args.meta_batch_size
-                                                else math.nan for v in (loss, acc, support, residual))
-                elapsed = time.perf_counter() - window_start
-                row = {"split": "train", "step": step, "loss": loss, "accuracy": acc, "support_loss": support,
-                       "cg_residual": residual, "cg_breakdown": breakdown, "lr": optimizer.param_groups[0]["lr"],
-                       "tasks_per_s": n * args.meta_batch_size / elapsed}
-                if args.algo != "imaml":  # nothing is solved
-                    del row["cg_residual"], row["cg_breakdown"]
-                row["nonfinite_tasks"] = bad_tasks
+                row = _window_row(args, window, step, time.perf_counter() - window_start,
+                                  optimizer.param_groups[0]["lr"])
+                loss, acc, breakdown, bad_tasks = (row["loss"], row["accuracy"], row.get("cg_breakdown", 0.0),
+                                                   row["nonfinite_tasks"])
                 log_row(row)
                 window["values"].zero_()
                 if bad_tasks:
@@ -272,6 +265,11 @@ def _train(args, folder: RunFolder, config, ckpt, ddp: Distributed, device: torc
                 bar.update(1)
     if bar is not None:
         bar.close()
+    if window["steps"] and step < args.steps:
+        # A stop inside a log window logs its steps so far, marked partial: a resume drops the row
+        # and logs the whole window at its end, as an uninterrupted run does.
+        log_row({**_window_row(args, window, step, time.perf_counter() - window_start,
+                               optimizer.param_groups[0]["lr"]), "partial": True})
 
     # The end of this invocation: a checkpoint, then the final evaluation once the last step is done.
     save(step)
@@ -333,6 +331,24 @@ def _kept_share_means(result, zero: torch.Tensor) -> torch.Tensor:
         residual = norms.mean() if bad is None else torch.where(bad, 0, norms).sum() / (~bad).sum().clamp(min=1)
     values = torch.stack([result.loss, result.accuracy, result.support_loss, residual])
     return torch.where(share > 0, values * share, zero)
+
+
+def _window_row(args, window: Dict[str, object], step: int, elapsed: float, lr: float) -> Dict[str, object]:
+    """The train row of the log window ending at ``step``: means over its steps' kept tasks."""
+    n = window["steps"]
+    # The one host sync per log window.
+    loss, acc, support, residual, breakdown, nonfinite = (window["values"] / n).tolist()
+    bad_tasks = round(nonfinite * n * args.meta_batch_size)
+    # Means over the tasks kept; none kept: NaN (null in metrics.jsonl), never a 0.
+    loss, acc, support, residual = (v / (1 - nonfinite) if bad_tasks < n * args.meta_batch_size
+                                    else math.nan for v in (loss, acc, support, residual))
+    row = {"split": "train", "step": step, "loss": loss, "accuracy": acc, "support_loss": support,
+           "cg_residual": residual, "cg_breakdown": breakdown, "lr": lr,
+           "tasks_per_s": n * args.meta_batch_size / elapsed}
+    if args.algo != "imaml":  # nothing is solved
+        del row["cg_residual"], row["cg_breakdown"]
+    row["nonfinite_tasks"] = bad_tasks
+    return row
 
 
 def _row_text(row: Dict[str, object]) -> str:

@@ -114,9 +114,17 @@ class RunFolder:
         named = {"preset": preset} if preset is not None else {}
         self.write_json(self.config, {**config, **named, "imaml_ext": _version(), "torch": torch.__version__})
 
+    def recorded_preset(self) -> Optional[str]:
+        """The --preset that config.json says the run started from (None: none, or no config.json)."""
+        try:
+            saved = json.loads(self.config.read_text())
+        except (OSError, ValueError):
+            return None
+        return saved.get("preset") if isinstance(saved, dict) else None
+
     def check_config(self, config: Dict[str, object], preset: Optional[str] = None) -> None:
-        """A run folder without a checkpoint, which --resume --time_budget starts: its config.json,
-        if any, must be this run's (as a checkpoint's must on --resume)."""
+        """A run folder without a checkpoint, which --resume starts: its config.json, if any, must
+        be this run's (as a checkpoint's must on --resume)."""
         if not self.config.exists():
             return
         try:
