@@ -575,7 +575,8 @@ def test_steps_of_only_nonfinite_tasks_log_null_not_zero_in_strict_json(tmp_path
     assert "the iMAML authors' values" not in said.err
     assert "damping in force (--cg_damping 1 --lam_damping 10)" in said.err and "below -24" in said.err
     rows = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["loss"], r["accuracy"], r["support_loss"], r["nonfinite_tasks"]) for r in rows] == [(None, None, None, 6)] * 2
+    said = [(r["loss"], r["accuracy"], r["support_loss"], r["nonfinite_tasks"]) for r in rows]
+    assert said == [(None, None, None, 6)] * 2
     for name in ("config.json", "results.json"):
         strict_json((out / name).read_text())
     assert strict_json((out / "results.json").read_text())["test"]["ci95"] is None
@@ -840,7 +841,8 @@ def test_evaluate_a_run_folder_with_other_evaluation_options(tmp_path, reference
     assert "checkpoint at meta-step 6" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         train_cli.parse_args([*common, "--ways", "3"])
-    assert "only --eval_tasks, --eval_batch, --baseline, --eval_lam, --device, --data, --download, --progress may be given " \
+    assert "only --eval_tasks, --eval_batch, --baseline, --eval_lam, --eval_query, --device, --data, --download, " \
+           "--progress may be given " \
            "with it; got --ways" in capsys.readouterr().err
     assert train_cli.main(["--evaluate", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
     assert "checkpoint.pt does not exist" in capsys.readouterr().err
@@ -1024,3 +1026,54 @@ def test_eval_lam_zero_fine_tunes_without_the_proximal_term(tmp_path, reference_
     proximal = json.loads((out / "results.json").read_text())
     assert sgd["eval_lam"] == 0.0 and proximal["eval_lam"] == 2.0
     assert sgd["test"]["accuracy"] != proximal["test"]["accuracy"]
+
+
+# --------------------------------------------------------------------------- --eval_query
+
+
+def test_eval_query_sets_the_query_images_of_the_final_evaluation_and_evaluate(tmp_path, data_root, monkeypatch):
+    """The iMAML authors' protocol evaluates with as many query images per class as shots: the
+    same test tasks, with --eval_query query images; training and validation keep --query."""
+    from imaml_ext.batched import IMAML
+
+    seen = []
+    real = IMAML.evaluate
+    monkeypatch.setattr(IMAML, "evaluate", lambda self, sx, sy, qx, qy, *a, **k: (
+        seen.append((sx.shape[1], qx.shape[1])), real(self, sx, sy, qx, qy, *a, **k))[1])
+    out = tmp_path / "q3"
+    assert run(out, "--steps", "2", "--valid_every", "2", "--eval_tasks", "5", "--eval_query", "3",
+               "--forward", "loop", data=data_root) == 0
+    ways = 5
+    # validation: 2 query images per class (--query); the final evaluation: 3 (--eval_query)
+    assert {q for _, q in seen[:1]} == {ways * 2} and {q for _, q in seen[-2:]} == {ways * 3}
+    results = json.loads((out / "results.json").read_text())
+    assert results["eval_query"] == 3 and json.loads((out / "config.json").read_text())["eval_query"] == 3
+    seen.clear()
+    assert train_cli.main(["--evaluate", str(out), "--eval_query", "1", "--eval_tasks", "5", "--no-baseline",
+                           "--device", "cpu", "--data", data_root, "--no-progress"]) == 0
+    assert {q for _, q in seen} == {ways * 1}
+    evaluation = json.loads((out / "evaluations.jsonl").read_text())
+    assert evaluation["eval_query"] == 1 and evaluation["eval_lam"] == 2.0
+
+
+def test_eval_query_is_checked_and_old_checkpoints_without_it_still_evaluate(tmp_path, reference_run, data_root,
+                                                                             capsys):
+    import shutil
+
+    for argv, said in ((["--eval_query", "0"], "--eval_query must be >= 1; got 0"),
+                       (["--shots", "5", "--eval_query", "16"], "--shots + --eval_query must be <= 20")):
+        with pytest.raises(SystemExit):
+            train_cli.parse_args(argv)
+        assert said in capsys.readouterr().err
+    out = tmp_path / "old"
+    shutil.copytree(reference_run, out)
+    state = checkpoint(out)
+    del state["config"]["eval_query"]  # a checkpoint from before the option
+    torch.save(state, out / "checkpoint.pt")
+    common = ["--evaluate", str(out), "--eval_tasks", "4", "--device", "cpu", "--data", data_root, "--no-progress"]
+    assert train_cli.main([*common, "--eval_query", "20"]) == 2
+    assert "the run's --shots is 1; got --eval_query 20" in capsys.readouterr().err
+    assert train_cli.main(common) == 0
+    assert json.loads((out / "evaluations.jsonl").read_text())["eval_query"] == 2  # the run's --query
+    assert run(out, "--scheduler", "cosine", "--steps", "7", "--resume", "--eval_query", "4", data=data_root) == 0
+    assert json.loads((out / "results.json").read_text())["eval_query"] == 4

@@ -52,7 +52,7 @@ ADDED_OPTION_DEFAULTS = {"precision": "fp32", "model": "conv4", "hvp": "auto", "
 RUNTIME_KEYS = ("out", "resume", "progress", "tensorboard", "data", "download", "stop_after", "on_nonfinite",
                 "evaluate", "undamped", "preset", "time_budget")
 # What only the final evaluation reads: may change on --resume (and --steps may grow, extending the run).
-EVALUATION_KEYS = ("eval_tasks", "eval_batch", "baseline", "eval_lam")
+EVALUATION_KEYS = ("eval_tasks", "eval_batch", "baseline", "eval_lam", "eval_query")
 # What --evaluate RUN_FOLDER accepts beside it; the rest comes from the run's checkpoint.
 EVALUATE_OPTIONS = ("evaluate", *EVALUATION_KEYS, "device", "data", "download", "progress")
 # The iMAML authors' damping of the CG system, the command line's default (--undamped: 0 and 0).
@@ -171,12 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
          help="run folder (default: runs/<task>-<ways>w<shots>s-<date>-<time>, with -2, -3, ... where taken); one "
               "run at a time uses it")
     _add(run, "resume", action="store_true",
-         help="continue the run in --out from its checkpoint; --eval_tasks, --eval_batch, --eval_lam and "
-              "--baseline may change, and a larger --steps extends a run (a finished one too); with --time_budget "
-              "it also starts the run where there is no checkpoint yet")
+         help="continue the run in --out from its checkpoint; --eval_tasks, --eval_batch, --eval_lam, "
+              "--eval_query and --baseline may change, and a larger --steps extends a run (a finished one too); "
+              "with --time_budget it also starts the run where there is no checkpoint yet")
     _add(run, "evaluate", default=None, metavar="RUN_FOLDER",
          help="only evaluate RUN_FOLDER's checkpoint on --eval_tasks test tasks (with --eval_batch, --eval_lam, "
-              "--baseline, --device, --data); appends the result to RUN_FOLDER/evaluations.jsonl")
+              "--eval_query, --baseline, --device, --data); appends the result to RUN_FOLDER/evaluations.jsonl")
     _add(run, "log_every", type=int, default=10, help="meta-steps per metrics row")
     _add(run, "valid_every", type=int, default=500, help="meta-steps between validations (0: none)")
     _add(run, "valid_tasks", type=int, default=200, help="validation tasks, the same ones each time")
@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="lambda of the test-time adaptation of the final evaluation (and --evaluate). Default: --lam, the "
               "proximal inner loop of training; 0: plain SGD from theta, as the iMAML authors' "
               "measure_accuracy.py evaluates (validation during training always uses --lam)")
+    _add(run, "eval_query", type=int, default=None, metavar="N",
+         help="query images per class of the final evaluation's test tasks (and --evaluate's); the tasks are the "
+              "same, with more or fewer query images. Default: --query; the iMAML authors' measure_accuracy.py "
+              "uses as many as --shots (validation during training always uses --query)")
     _add(run, "baseline", action=argparse.BooleanOptionalAction, default=True,
          help="also evaluate the same adaptation from the random initialisation")
     _add(run, "stop_after", type=int, default=None,
@@ -250,8 +254,11 @@ def check_algo_options(args: argparse.Namespace, given: Sequence[str]) -> None:
 
 
 def check_eval_lam(args: argparse.Namespace) -> None:
+    """--eval_lam and --eval_query, the options of the test-time adaptation."""
     if args.eval_lam is not None and not (math.isfinite(args.eval_lam) and args.eval_lam >= 0):
         raise RunError(f"--eval_lam must be a finite number >= 0; got {args.eval_lam}")
+    if args.eval_query is not None and args.eval_query < 1:
+        raise RunError(f"--eval_query must be >= 1; got {args.eval_query}")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -292,11 +299,12 @@ def check_args(args: argparse.Namespace) -> None:
                            "freely redistributable): put learn2learn's mini-imagenet-cache-*.pkl files in "
                            "--data <folder>/mini-imagenet/")
     else:
-        if args.shots + args.query > NUM_DRAWERS:
-            raise RunError(
-                f"--shots + --query must be <= {NUM_DRAWERS} (Omniglot has {NUM_DRAWERS} drawers per character, and "
-                f"support and query images are distinct); got {args.shots} + {args.query} = {args.shots + args.query}"
-            )
+        for name in ("query", "eval_query"):
+            query = getattr(args, name)
+            if query is not None and args.shots + query > NUM_DRAWERS:
+                raise RunError(f"--shots + --{name} must be <= {NUM_DRAWERS} (Omniglot has {NUM_DRAWERS} drawers per "
+                               f"character, and support and query images are distinct); got {args.shots} + {query} = "
+                               f"{args.shots + query}")
         for split in ("train", "validation", "test"):
             classes = len(split_classes(split, seed=args.split_seed, protocol=args.split))
             if args.ways > classes:

@@ -4,6 +4,7 @@ the final evaluation of a run (results.json) and --evaluate RUN_FOLDER (evaluati
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import platform
@@ -14,10 +15,11 @@ from typing import Dict, List, Optional
 import torch
 
 from ..batched import IMAML
-from ..data import TaskIndices, TaskSampler
+from ..data import NUM_DRAWERS, TaskIndices, TaskSampler
 from ..logging import to_json
 from .arguments import ADDED_OPTION_DEFAULTS, build_parser
 from .distributed import Distributed
+from .errors import RunError
 from .learner import build_evaluator, build_model, evaluation_lam
 from .run_folder import RunFolder, read_checkpoint
 from .tasks import make_tasks
@@ -54,18 +56,42 @@ def time_evaluation_shapes(imaml: IMAML, sampler: TaskSampler, args) -> None:
     """forward="auto" times each input shape at its first call. A run's evaluation shapes are timed
     here, at its start, so that every checkpoint holds their choices and a resumed run evaluates as
     the uninterrupted one would. Runs the evaluation on one task drawn and put back (the sampler's
-    generator and every RNG as they were), repeated to each batch size."""
+    generator and every RNG as they were), repeated to each batch size, with --query and
+    --eval_query query images."""
     if imaml.forward != "auto":
         return
     sizes = evaluation_batch_sizes(args)
     if not sizes:
         return
     state = sampler.generator.get_state()
-    one = sampler.gather(sampler.sample_indices(1))
-    sampler.generator.set_state(state)
+    ones = []
+    for drawn in {sampler.query: sampler, eval_query(args): evaluation_sampler(sampler, args)}.values():
+        ones.append(drawn.gather(drawn.sample_indices(1)))
+        sampler.generator.set_state(state)
     with torch.random.fork_rng(devices=[]):
-        for size in sizes:
-            imaml.evaluate(*(t.expand(size, *t.shape[1:]).contiguous() for t in one), per_task=True)
+        for one in ones:
+            for size in sizes:
+                imaml.evaluate(*(t.expand(size, *t.shape[1:]).contiguous() for t in one), per_task=True)
+
+
+def eval_query(args) -> int:
+    """Query images per class of the final evaluation: --eval_query, by default --query."""
+    return args.query if getattr(args, "eval_query", None) is None else args.eval_query
+
+
+def evaluation_sampler(sampler: TaskSampler, args) -> TaskSampler:
+    """``sampler`` with --eval_query query images per class. It draws from the same generator as
+    ``sampler`` and the same numbers (the support images come first in each class's drawer order), so
+    the tasks are the same, with more or fewer query images."""
+    query = eval_query(args)
+    if query == sampler.query:
+        return sampler
+    if sampler.shots + query > sampler.drawers:  # Omniglot's was checked with the options; Mini-ImageNet's here
+        raise RunError(f"--shots + --eval_query must be <= {sampler.drawers} (the images per class; support and "
+                       f"query images are distinct); got {sampler.shots} + {query}")
+    other = copy.copy(sampler)
+    other.query = query
+    return other
 
 
 def summarise(per_task_accuracy: torch.Tensor) -> Dict[str, float]:
@@ -84,10 +110,13 @@ def evaluate_run(args: argparse.Namespace) -> Dict[str, object]:
     folder = RunFolder(args.evaluate)
     ckpt = read_checkpoint(folder, "--evaluate")
     run = argparse.Namespace(**{**vars(build_parser().parse_args([])), **ADDED_OPTION_DEFAULTS, **ckpt["config"]})
-    for name in ("eval_tasks", "baseline", "eval_lam", "device", "data", "download", "progress"):
+    for name in ("eval_tasks", "baseline", "eval_lam", "eval_query", "device", "data", "download", "progress"):
         setattr(run, name, getattr(args, name))
     if args.eval_batch is not None:
         run.eval_batch = args.eval_batch
+    if args.eval_query is not None and run.task == "omniglot" and run.shots + args.eval_query > NUM_DRAWERS:
+        raise RunError(f"--shots + --eval_query must be <= {NUM_DRAWERS} (Omniglot's drawers per character); the "
+                       f"run's --shots is {run.shots}; got --eval_query {args.eval_query}")
     tasks = make_tasks(run, Distributed(1, 0, 0).device(run.device))
     model = build_model(run)
     model.load_state_dict(ckpt["model"])
@@ -115,8 +144,10 @@ def final_evaluation(args, model: torch.nn.Module, test_sampler: TaskSampler, fo
         "machine": _machine(args.device),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "eval_lam": evaluation_lam(args),
+        "eval_query": eval_query(args),
     }
     if args.eval_tasks:
+        test_sampler = evaluation_sampler(test_sampler, args)
         indices = test_sampler.sample_indices(args.eval_tasks)  # the same tasks for both models
         start = time.perf_counter()
         results["test"] = summarise(evaluate(evaluator(model), test_sampler, indices,
@@ -150,10 +181,12 @@ def format_results(args, results: Dict[str, object]) -> str:
     setting = f"{results.get('ways', args.ways)}-way {results.get('shots', args.shots)}-shot"
     if "test" in results:
         t = results["test"]
-        lines.append(f"meta-test accuracy, {setting}, {t['tasks']} tasks: {t['accuracy']:.2f} ± {t['ci95']:.2f} % (95% CI)")
+        protocol = f"{results['eval_query']} query images per class, lambda {results['eval_lam']:g}"
+        lines.append(f"meta-test accuracy, {setting}, {t['tasks']} tasks ({protocol}): {t['accuracy']:.2f} ± "
+                     f"{t['ci95']:.2f} % (95% CI)")
         if "baseline" in results:
             b = results["baseline"]
-            lines.append(f"same adaptation from the random initialisation:      {b['accuracy']:.2f} ± {b['ci95']:.2f} %")
+            lines.append(f"same adaptation from the random initialisation: {b['accuracy']:.2f} ± {b['ci95']:.2f} %")
     lines.append(f"run folder: {results['out']}")
     return "\n".join(lines)
 
