@@ -6,6 +6,7 @@ skip when it is absent."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -161,6 +162,18 @@ def test_default_out_takes_the_next_free_name(tmp_path, monkeypatch):
     names = [default_out(args) for _ in range(3)]
     first = os.path.join("runs", "omniglot-5w1s-20261207-150000")
     assert names == [first, first + "-2", first + "-3"] and all(Path(n).is_dir() for n in names)
+
+
+def test_a_folder_that_cannot_be_locked_runs_and_says_so(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    with run_lock.RunLock(tmp_path / "nfs"):
+        assert (tmp_path / "nfs" / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot lock" in err and "would not be refused" in err
+    assert not (tmp_path / "nfs").exists()
 
 
 # --------------------------------------------------------------------------- one-line refusals

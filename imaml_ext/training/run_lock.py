@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -59,7 +60,11 @@ class RunLock:
             except OSError as error:
                 raise RunError(f"--out {self.folder}: cannot make the run folder ({error.strerror or error})") from None
         while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as error:
+                raise RunError(f"--out {self.folder}: cannot write in it ({error.strerror or error}); choose another "
+                               f"--out") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -69,6 +74,11 @@ class RunLock:
                 raise RunError(f"--out {self.folder} is in use by another run (process {holder or '?'}, which "
                                f"holds {self.path.name}); wait for it to end or choose another --out (nothing was "
                                f"written)") from None
+            except OSError as error:  # a file system without locks (some network ones): run, but say so
+                print(f"imaml-train: warning: cannot lock {self.path} ({error.strerror or error}): a second run "
+                      f"given the same --out would not be refused", file=sys.stderr)
+                self.fd = fd
+                break
             try:
                 current = os.stat(self.path).st_ino
             except FileNotFoundError:
