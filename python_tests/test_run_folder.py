@@ -229,7 +229,7 @@ DRIVER = textwrap.dedent("""
     from imaml_ext.training import evaluation, loop
     marker, phase = pathlib.Path(sys.argv[1]), sys.argv[2]
     module, name = {"start-up": (loop, "make_tasks"), "evaluation": (loop, "final_evaluation"),
-                    "evaluate": (evaluation, "final_evaluation")}[phase]
+                    "evaluate": (evaluation, "final_evaluation"), "training": (train.IMAML, "meta_step")}[phase]
     real = getattr(module, name)
     def wait_for_sigint(*args, **kwargs):
         marker.touch()
@@ -240,14 +240,16 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def interrupted(tmp_path, phase, *argv):
-    """Exit code and stderr of imaml-train sent SIGINT during ``phase``."""
+def interrupted(tmp_path, phase, *argv, signals=1):
+    """Exit code and stderr of imaml-train sent SIGINT (``signals`` times) during ``phase``."""
     marker = tmp_path / "marker"
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(marker), phase, *argv], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: marker.exists() or proc.poll() is not None)
-        proc.send_signal(signal.SIGINT)
+        for _ in range(signals):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -283,6 +285,16 @@ def test_ctrl_c_during_evaluate(tmp_path, data_root):  # noqa: F811
     assert code == 130
     assert line == f"imaml-train: interrupted (SIGINT) during --evaluate {out}; nothing was written"
     assert not (out / "evaluations.jsonl").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, data_root):  # noqa: F811
+    """The first ends the run after the current meta-step; a second, during it, at once."""
+    out = tmp_path / "run"
+    code, line = interrupted(tmp_path, "training", *TINY, "--out", str(out), "--data", data_root, signals=2)
+    assert code == 130
+    assert line == ("imaml-train: interrupted (SIGINT) before the run's first checkpoint; nothing to resume: the same "
+                    "command starts it again")
+    assert not (out / "checkpoint.pt").exists() and (out / "config.json").exists()
 
 
 # --------------------------------------------------------------------------- config.json and the log
