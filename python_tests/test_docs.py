@@ -14,6 +14,7 @@ import pytest
 from imaml_ext import train as train_cli
 from imaml_ext.training import arguments, presets
 from imaml_ext.training.run_folder import RunFolder
+from imaml_ext.training.run_lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -55,7 +56,7 @@ def test_the_readme_lists_every_file_of_a_run_folder():
     section = README.split("A run folder (`--out`) can hold:", 1)[1].split("\n\n", 1)[0]
     folder = RunFolder("run")
     names = [p.name for p in vars(folder).values() if p != folder.path]
-    names += ["evaluations.jsonl", "results-<N>-steps.json", "checkpoint.new.pt"]  # written outside RunFolder
+    names += ["evaluations.jsonl", "results-<N>-steps.json", "checkpoint.new.pt", LOCK_NAME]  # named elsewhere
     for name in names:
         assert f"`{name}" in section, f"the README's run-folder list omits {name}"
         assert f"`{name}" in TRAINING, f"docs/training.md's run-folder list omits {name}"
