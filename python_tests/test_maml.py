@@ -64,6 +64,33 @@ def test_first_and_second_order_differ_and_zero_steps_is_plain_query_gradient():
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+def test_nonfinite_task_is_left_out_and_named(first_order):
+    """MAML found no non-finite task: a NaN in one task's images reached theta's gradient (and,
+    on the command line, theta), with --on_nonfinite saying nothing."""
+    model = conv4(hidden=4)
+    sx, sy, qx, qy = random_tasks(3, shots=1, query=2)
+    sx[1, 0, 0, 2, 2] = float("nan")
+    keep = torch.tensor([0, 2])
+    clean = copy.deepcopy(model)
+    expected = MAML(clean, 2, 0.4, first_order=first_order).meta_step(sx[keep], sy[keep], qx[keep], qy[keep])
+    skipped = copy.deepcopy(model)
+    result = MAML(skipped, 2, 0.4, first_order=first_order, nonfinite="skip").meta_step(sx, sy, qx, qy)
+    assert result.nonfinite.tolist() == [False, True, False]
+    for p, q in zip(skipped.parameters(), clean.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13)
+    assert result.loss.item() == pytest.approx(expected.loss.item(), rel=1e-12)
+    propagated = copy.deepcopy(model)
+    assert MAML(propagated, 2, 0.4, first_order=first_order).meta_step(sx, sy, qx, qy).nonfinite.tolist() == \
+        [False, True, False]
+    assert not all(torch.isfinite(p.grad).all() for p in propagated.parameters())
+    # every task non-finite: NaN losses, no update
+    nothing = MAML(model, 2, 0.4, first_order=first_order, nonfinite="skip").meta_step(sx[[1]], sy[[1]], qx[[1]],
+                                                                                       qy[[1]])
+    assert torch.isnan(nothing.loss) and torch.isnan(nothing.accuracy)
+    assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters())
+
+
 def test_adapt_is_plain_sgd_without_proximal_term():
     torch.manual_seed(2)
     model = conv4(hidden=6)

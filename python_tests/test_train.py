@@ -547,6 +547,16 @@ def test_nonfinite_task_skipped_and_counted(tmp_path, data_root, monkeypatch, ca
     assert all(torch.isfinite(v).all() for v in checkpoint(out)["model"].values())
 
 
+def test_maml_leaves_nonfinite_tasks_out_of_theta(tmp_path, data_root, capsys):
+    """--algo maml counted none and its theta became NaN, --on_nonfinite notwithstanding."""
+    out = tmp_path / "maml-nan"
+    assert run(out, "--algo", "maml", "--steps", "2", "--valid_every", "0", "--eval_tasks", "0", "--base_lr", "1e30",
+               "--on_nonfinite", "skip-task", data=data_root) == 0
+    assert "all 6 tasks left out (non-finite)" in capsys.readouterr().out
+    assert [r["nonfinite_tasks"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [6]
+    assert all(torch.isfinite(v).all() for v in checkpoint(out)["model"].values())
+
+
 def test_cg_breakdown_warning_without_damping_advises_it():
     from argparse import Namespace
 

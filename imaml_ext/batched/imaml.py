@@ -436,20 +436,7 @@ class IMAML:
             for t in [*x, *last_hvp[0]]:
                 bad |= ~torch.isfinite(t).flatten(1).all(1)
             task_accuracy = (query_logits.argmax(-1) == query_y).float().mean(1)
-            if self.nonfinite == "skip":
-                kept = (~bad).sum()
-
-                def mean(values: Tensor) -> Tensor:  # over the finite tasks only
-                    return torch.where(bad.view(-1, *[1] * (values.dim() - 1)), 0, values).sum(0) / kept.clamp(min=1)
-
-                def reported(values: Tensor) -> Tensor:  # no finite task: no loss to report (NaN), never 0
-                    return torch.where(kept > 0, mean(values), float("nan"))
-            else:
-                # CG stops a task with a NaN at its last good iterate; a non-finite task must
-                # still poison the mean, as it would without the solver's guard.
-                def mean(values: Tensor) -> Tensor:
-                    return torch.where(bad.view(-1, *[1] * (values.dim() - 1)), float("nan"), values).mean(0)
-                reported = mean
+            mean, reported = self._task_means(bad)
             meta_grads = [mean(xt) for xt in x]
         result = MetaStepResult(
             loss=reported(query_losses),
@@ -462,6 +449,25 @@ class IMAML:
         if scale is not None:
             self._update_loss_scale(bad.any())
         return meta_grads, result
+
+    def _task_means(self, bad: Tensor):
+        """(mean, reported): means over the tasks of [T, ...] values, given the [T] mask of non-finite
+        tasks. "skip": over the finite tasks only, a zero gradient when there is none, and the
+        reported losses NaN then (nothing to average), never 0. "propagate": a non-finite task
+        poisons both, as plain autograd would (CG stops such a task at its last good iterate, so
+        its NaN is put back here)."""
+        if self.nonfinite == "skip":
+            kept = (~bad).sum()
+
+            def mean(values: Tensor) -> Tensor:
+                return torch.where(bad.view(-1, *[1] * (values.dim() - 1)), 0, values).sum(0) / kept.clamp(min=1)
+
+            return mean, lambda values: torch.where(kept > 0, mean(values), float("nan"))
+
+        def poisoned(values: Tensor) -> Tensor:
+            return torch.where(bad.view(-1, *[1] * (values.dim() - 1)), float("nan"), values).mean(0)
+
+        return poisoned, poisoned
 
     def _hvp_mode(self, module: TaskBatchedModule, losses_at, phi: List[Tensor], support_x: Tensor) -> str:
         """self.hvp, or for "auto" the mode timed faster for this device, support shape, forward and

@@ -29,7 +29,9 @@ class MAML(IMAML):
     ``meta_step(support_x, support_y, query_x, query_y)`` takes ``[T, ...]`` batches and
     adds the meta-gradient to theta's ``.grad``; ``adapt``/``evaluate`` run the same SGD
     inner loop without a graph. ``memory_fraction``: the share of the device's free memory
-    the unrolled graph may take before the step is refused.
+    the unrolled graph may take before the step is refused. ``nonfinite``: as IMAML's, "propagate"
+    or "skip" (a task whose losses or meta-gradient are not finite is left out of the mean);
+    either way ``MetaStepResult.nonfinite`` names such tasks.
     """
 
     def __init__(
@@ -43,9 +45,10 @@ class MAML(IMAML):
         forward: str = "auto",
         memory_fraction: float = 0.9,
         tf32: Optional[bool] = None,
+        nonfinite: str = "propagate",
     ):
         super().__init__(model, inner_steps=inner_steps, inner_lr=inner_lr, lam=1.0, cg_iterations=1,
-                         ways=ways, check_labels=check_labels, forward=forward, tf32=tf32)
+                         ways=ways, check_labels=check_labels, forward=forward, tf32=tf32, nonfinite=nonfinite)
         if not isinstance(first_order, bool):
             raise TypeError(f"MAML: first_order must be a bool; got {type(first_order).__name__} {first_order!r}")
         _check_positive("memory_fraction", memory_fraction)
@@ -71,8 +74,10 @@ class MAML(IMAML):
         theta = module.theta()
         num_tasks = support_x.shape[0]
         with torch.enable_grad():
-            # phi_0 = theta for every task, in the graph: the meta-gradient flows back through it.
-            phi = [p.unsqueeze(0).expand(num_tasks, *p.shape) for p in theta]
+            # phi_0 = theta for every task, in the graph. Tasks never mix, so task t's meta-gradient is
+            # its query loss's gradient at its own phi_0: per task, a non-finite one can be left out.
+            phi_0 = [p.unsqueeze(0).expand(num_tasks, *p.shape) for p in theta]
+            phi = phi_0
             support_losses = None
             for step in range(self.inner_steps):
                 meter = GraphSizeMeter() if step == 0 and not self.first_order else None
@@ -84,14 +89,20 @@ class MAML(IMAML):
                     self._check_graph_fits(meter.bytes, theta[0].device, num_tasks)
             query_logits = module(phi, query_x)
             query_losses = self.task_losses(query_logits, query_y)
-            meta_grads = torch.autograd.grad(query_losses.mean(), theta)
+            task_grads = torch.autograd.grad(query_losses.sum(), phi_0)
         with torch.no_grad():
-            accuracy = (query_logits.argmax(-1) == query_y).float().mean()
+            accuracy = (query_logits.argmax(-1) == query_y).float().mean(1)
             if support_losses is None:  # zero inner steps: report the loss at theta
                 support_losses = self.task_losses(module(phi, support_x), support_y)
-        result = MetaStepResult(loss=query_losses.detach().mean(), accuracy=accuracy,
-                                support_loss=support_losses.detach().mean(), cg=None)
-        return list(meta_grads), result
+            query_losses, support_losses = query_losses.detach(), support_losses.detach()
+            bad = ~(torch.isfinite(query_losses) & torch.isfinite(support_losses))
+            for g in task_grads:
+                bad |= ~torch.isfinite(g).flatten(1).all(1)
+            mean, reported = self._task_means(bad)
+            meta_grads = [mean(g) for g in task_grads]
+        result = MetaStepResult(loss=reported(query_losses), accuracy=reported(accuracy),
+                                support_loss=reported(support_losses), cg=None, nonfinite=bad)
+        return meta_grads, result
 
     def _check_graph_fits(self, step_bytes: int, device: torch.device, num_tasks: int) -> None:
         """After the first unrolled step: will ``inner_steps`` such steps fit?"""

@@ -37,7 +37,7 @@ def build_imaml(model, args) -> IMAML:
     tf32 = _tf32(args)
     if args.algo != "imaml":
         return MAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, first_order=args.algo == "fomaml",
-                    ways=args.ways, check_labels=False, forward=args.forward, tf32=tf32)
+                    ways=args.ways, check_labels=False, forward=args.forward, tf32=tf32, nonfinite="skip")
     return IMAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, lam=args.lam,
                  cg_iterations=args.cg_iterations, ways=args.ways, check_labels=False, forward=args.forward,
                  cg_damping=args.cg_damping, lam_damping=args.lam_damping, nonfinite="skip",
