@@ -16,6 +16,7 @@ import torch
 from torch.func import functional_call, grad, hessian, jvp, vmap
 
 from imaml_ext import ops
+from imaml_ext.batched.hvp import load_jvp_decompositions
 
 
 def build_problem(num_tasks: int, seed: int):
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cg-iterations", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    load_jvp_decompositions()  # without torch's torch.jit.script deprecation warning (see there)
 
     theta, loss, support, query = build_problem(args.tasks, args.seed)
     batched_grad = vmap(grad(loss), in_dims=(0, 0, 0))
