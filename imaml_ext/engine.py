@@ -15,6 +15,7 @@ from .configs import EngineConfig
 from .envs import Env
 from .logging import format_stats, get_logger, make_logger
 from .problems.problem import Problem
+from .strategies import make_strategy
 
 
 class Engine:
@@ -57,23 +58,49 @@ class Engine:
         if env is not None and not isinstance(env, Env):
             raise TypeError(f"Engine: env must be an imaml_ext Env (or None); got {type(env).__name__}")
         self.dependencies = self._check_dependencies(dependencies)
+        self.strategy = make_strategy(config)
         if config.device is not None:
             self.device = torch.device(config.device)
         else:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = self.strategy.device(self.device)
+        self.strategy.start(self.device)
+        try:
+            self._set_up(config)
+        except BaseException:
+            self.strategy.stop()  # no process group left open behind an error
+            raise
 
+    def _set_up(self, config: EngineConfig) -> None:
         self._check_names_against_attributes()
         self._parse_dependencies()
         self._check_hypergradient_types()
         self.logger = make_logger(config.logger_type, config.log_dir)
         self._stdout = get_logger()
         self._set_problem_attributes()
+        self._check_strategy()
         for problem in self.problems:
             problem.initialize(self)
+            self.strategy.prepare(problem)
         if self.env is not None:
             self.env.initialize(self)
         self.task_batcher = None
         self.task_batching = self._plan_task_batching()
+
+    def _check_strategy(self) -> None:
+        from .problems.iterative_problem import IterativeProblem
+
+        if self.strategy.world > 1:
+            for problem in self.problems:
+                if isinstance(problem, IterativeProblem) and problem.parents:
+                    raise ValueError(
+                        f'EngineConfig(strategy="{self.strategy.name}"): problem "{problem.name}" is an '
+                        "IterativeProblem under a parent, whose unrolled updates are not averaged over the ranks; "
+                        "run it in one process, or make it an ImplicitProblem")
+
+    def is_rank_zero(self) -> bool:
+        """Betty's: whether this process logs (rank 0, or the only one)."""
+        return self.strategy.rank == 0
 
     def _plan_task_batching(self):
         """engine.task_batching: whether the G inner loops of a meta-step run as one batch."""
@@ -324,6 +351,7 @@ class Engine:
                         break
         self._flush_tasks()
         self.logger.close()
+        self.strategy.stop()  # Betty's cleanup: the process group ends with the run
 
     def _early_stop(self, stats: dict) -> bool:
         cfg = self.config

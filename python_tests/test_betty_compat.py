@@ -355,10 +355,13 @@ def test_bettys_other_iterative_problem_names_are_iterative_problems():
     assert issubclass(HigherIterativeProblem, IterativeProblem) and issubclass(MetaIterativeProblem, IterativeProblem)
 
 
-def test_engine_config_takes_bettys_distributed_switch_off_only():
+def test_engine_config_takes_bettys_distributed_switch():
+    """Betty 0.1.1's distributed=True is data parallel under torchrun (test_strategies.py); a value
+    that is not a bool is refused by name."""
     assert EngineConfig(distributed=False).distributed is False
-    with pytest.raises(ValueError, match=r"EngineConfig.distributed=True .* is not supported by imaml_ext"):
-        EngineConfig(distributed=True)
+    assert EngineConfig(distributed=True).distributed is True
+    with pytest.raises(ValueError, match=r"EngineConfig\.distributed must be one of False, True; got 'yes'"):
+        EngineConfig(distributed="yes")
 
 
 # --------------------------------------------------------------------------- bad input

@@ -869,8 +869,9 @@ def test_too_many_positional_config_values():
     [
         ({"train_iter": 5}, TypeError, r"EngineConfig: unknown field 'train_iter'; valid fields are: train_iters, "
                                        r"valid_step, .*early_stopping"),
-        ({"strategy": "distributed"}, ValueError,
-         r"EngineConfig\.strategy must be one of 'default'; got 'distributed'"),
+        ({"strategy": "ddp"}, ValueError,
+         r"EngineConfig\.strategy must be one of 'default', 'distributed', 'zero', 'fsdp', 'accelerate', 'cpu', "
+         r"'gpu'; got 'ddp'"),
         ({"train_iters": -1}, ValueError, r"EngineConfig\.train_iters must be an integer >= 1; got -1"),
         ({"train_iters": 0}, ValueError, r"EngineConfig\.train_iters must be an integer >= 1; got 0"),
         ({"device": "gpu"}, ValueError, r"EngineConfig\.device must be a device such as 'cpu', 'cuda' or 'cuda:1'; "

@@ -22,7 +22,8 @@ from ..batched.module import TaskBatchedModule
 HYPERGRADIENT_TYPES = ("cg", "darts", "neumann")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOGGER_TYPES = ("none", "tensorboard")
-STRATEGIES = ("default",)
+# Betty's names; "fsdp" and "accelerate" are refused by the Engine with their cause (imaml_ext/strategies.py)
+STRATEGIES = ("default", "distributed", "zero", "fsdp", "accelerate", "cpu", "gpu")
 
 
 def _check_int(owner: str, name: str, value, minimum: int) -> None:
@@ -252,17 +253,9 @@ def _check_valid_step(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}.{name} must be an integer (<= 0 turns validation off); got {value!r}")
 
 
-def _refuse_true(why: str):
-    def check(owner: str, name: str, value) -> None:
-        if value:
-            raise ValueError(f"{owner}.{name}={value!r} {why}; use {name}=False")
-    return check
-
-
 def _check_strategy(owner: str, name: str, value) -> None:
     if value not in STRATEGIES:
-        raise ValueError(f"{owner}.{name} must be one of {', '.join(map(repr, STRATEGIES))}; got {value!r} "
-                         "(data-parallel runs go through torchrun -m imaml_ext.train)")
+        raise ValueError(f"{owner}.{name} must be one of {', '.join(map(repr, STRATEGIES))}; got {value!r}")
 
 
 _ENGINE_CHECKS = {
@@ -270,8 +263,7 @@ _ENGINE_CHECKS = {
     "valid_step": _check_valid_step,
     "logger_type": _one_of(*LOGGER_TYPES),
     "strategy": _check_strategy,
-    "distributed": _refuse_true("(Betty 0.1.1's DataParallel over the visible GPUs) is not supported by imaml_ext "
-                                "(data-parallel runs go through torchrun -m imaml_ext.train)"),
+    "distributed": _one_of(False, True),
     "early_stopping_mode": _one_of("min", "max"),
     "early_stopping_tolerance": _integer(1),
     "device": _check_device,
@@ -290,8 +282,10 @@ class EngineConfig:
     ``device=`` of their own live (a problem's ``device=`` takes precedence);
     None picks "cuda" when available, else "cpu", as Betty does. ``log_dir``
     (imaml_ext): the tensorboard folder when logger_type="tensorboard" (None:
-    runs/<time>). ``distributed`` is Betty 0.1.1's switch (DataParallel over
-    the visible GPUs): only False here.
+    runs/<time>). ``strategy``: Betty's scale-out strategies, "distributed"
+    and "zero" data parallel over the processes torchrun starts (and Betty
+    0.1.1's ``distributed=True``), "cpu" / "gpu" the device; see
+    imaml_ext/strategies.py.
     """
 
     train_iters: int = 50000
@@ -305,7 +299,7 @@ class EngineConfig:
     # start and, after its parents' step, restores it and steps once more with the updated parents
     roll_back: bool = False
 
-    # distributed training: one process here; torch.distributed runs go through imaml_ext.train
+    # scale-out (imaml_ext/strategies.py): NCCL's default becomes gloo on a CPU
     strategy: str = "default"
     backend: str = "nccl"
     distributed: bool = False  # Betty 0.1.1's name

@@ -202,6 +202,8 @@ class Problem:
         self.schedule.roll_back = bool(engine.config.roll_back) and bool(self._parents)
         self.device = self._device_arg if self._device_arg is not None else engine.device
         self.train_data_loader = self._configured("train_data_loader", self.configure_train_data_loader)
+        if self.train_data_loader is not None:
+            self.train_data_loader = engine.strategy.shard_loaders(self.train_data_loader)
         self.module = self._configured("module", self.configure_module)
         if self.module is None:
             raise ValueError(f'problem "{self.name}" has no module: pass module= or override configure_module()')
@@ -510,6 +512,8 @@ class Problem:
 
     def optimizer_step(self) -> None:
         params = self.trainable_parameters()
+        if self.engine is not None:
+            self.engine.strategy.reduce_gradients(params)  # data parallel: the mean over the ranks
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if takes_argument(self.grad_callback):
@@ -541,7 +545,23 @@ class Problem:
     def check_ready(self) -> bool:
         return self.schedule.all_ready()
 
+    def set_train_data_loader(self, loader) -> None:
+        """Betty 0.2's: a new loader (or a tuple of them), started now."""
+        self.train_data_loader = loader
+        self._start_loaders(self._loaders())
+
+    def set_optimizer(self, optimizer) -> None:
+        """Betty 0.2's: a new optimizer; the scheduler, if any, steps its learning rate."""
+        self.optimizer = optimizer
+        if self.scheduler is not None:
+            self.scheduler.optimizer = optimizer
+
+    def is_rank_zero(self) -> bool:
+        return self.engine is None or self.engine.is_rank_zero()
+
     def log(self, stats: dict, global_step: Optional[int]) -> None:
+        if not self.is_rank_zero():
+            return
         count = self.schedule.count
         where = f"[Local Step {count}]" if global_step is None else f"[Global Step {global_step}] [Local Step {count}]"
         self._logger.info(f'[Problem "{self.name}"] {where} {format_stats(stats)}')

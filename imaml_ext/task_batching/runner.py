@@ -466,6 +466,8 @@ class TaskBatcher:
             losses, metrics, grads = self._measured_gradients(batches)
         else:
             losses, metrics, grads = self._gradients(batches, self.forward)
+        # data parallel: task g's gradient averaged over the ranks, as the sequential steps' optimizer_step does
+        self.engine.strategy.average(grads)
         self.sgd.step(self.phi, grads)
         return losses, metrics
 

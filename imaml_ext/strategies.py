@@ -1,0 +1,215 @@
+"""Betty's scale-out strategies (``EngineConfig(strategy=...)``) on torch.distributed.
+
+"distributed" and Betty 0.1.1's ``distributed=True``: data parallel over the processes that
+``torchrun`` started. Each rank reads every ``world``-th batch of each problem's loader (offset by
+its rank, as Betty's distributed loader shards batches), parameters start equal (rank 0's), and
+every optimizer step first averages the gradients over the ranks in one all-reduce per problem
+(what DistributedDataParallel's hooks do for ``.backward()``; here the gradients, hypergradients
+included, come from ``torch.autograd.grad``). "zero" does the same with the optimizer's state
+sharded over the ranks (``ZeroRedundancyOptimizer``).
+
+Each rank computes the hypergradient of its own shard's upper loss through the lower problem's
+curvature on its own shard; their mean is the single-process hypergradient when that curvature
+is the same on every shard (a least-squares lower problem, for one), and close to it otherwise,
+as under Betty's DDP.
+
+"cpu" and "gpu" (Betty 0.2) only pick the device. "fsdp" and "accelerate" are refused with their
+cause: FSDP flattens and shards the parameters that the hypergradient differentiates.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+DATA_PARALLEL = ("distributed", "zero")
+
+
+class Single:
+    """One process: nothing to shard or reduce."""
+
+    name = "default"
+    world, rank = 1, 0
+
+    def device(self, default: torch.device) -> torch.device:
+        return default
+
+    def start(self, device: torch.device) -> None:
+        pass
+
+    def shard_loaders(self, loaders):
+        return loaders
+
+    def prepare(self, problem) -> None:
+        pass
+
+    def reduce_gradients(self, params: List[torch.Tensor]) -> None:
+        pass
+
+    def average(self, tensors: List[torch.Tensor]) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class DevicePick(Single):
+    """Betty 0.2's "cpu" and "gpu" strategies: the device, nothing else."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def device(self, default: torch.device) -> torch.device:
+        if self.name == "gpu" and not torch.cuda.is_available():
+            raise ValueError('EngineConfig(strategy="gpu") needs a CUDA device; torch sees none here')
+        return torch.device("cuda" if self.name == "gpu" else "cpu")
+
+
+class DataParallel(Single):
+    """"distributed" / "zero": one process per rank, launched by torchrun."""
+
+    def __init__(self, name: str, backend: str, world: int, rank: int, local_rank: int):
+        self.name, self.backend = name, backend
+        self.world, self.rank, self.local_rank = world, rank, local_rank
+        self.started = False
+
+    def device(self, default: torch.device) -> torch.device:
+        if default.type == "cuda":
+            device = torch.device("cuda", self.local_rank % max(torch.cuda.device_count(), 1))
+            torch.cuda.set_device(device)
+            return device
+        return default
+
+    def start(self, device: torch.device) -> None:
+        if dist.is_initialized():  # the program set up its own process group
+            return
+        backend = self.backend
+        if device.type != "cuda" and backend == "nccl":
+            backend = "gloo"  # NCCL runs on GPUs only; Betty's default names it
+        dist.init_process_group(backend)
+        self.started = True
+
+    def shard_loaders(self, loaders):
+        """This rank's share of a problem's loader (or tuple of them), before it starts."""
+        if isinstance(loaders, tuple):
+            return tuple(shard(loader, self.world, self.rank) for loader in loaders)
+        return shard(loaders, self.world, self.rank)
+
+    def prepare(self, problem) -> None:
+        """Rank 0's parameters everywhere, and ZeRO's optimizer."""
+        with torch.no_grad():
+            for tensor in list(problem.module.parameters()) + list(problem.module.buffers()):
+                dist.broadcast(tensor, 0)
+        if self.name == "zero" and problem.optimizer is not None:
+            problem.set_optimizer(zero_redundancy(problem.optimizer))
+
+    def reduce_gradients(self, params: List[torch.Tensor]) -> None:
+        """Each gradient becomes its mean over the ranks (a missing one counts as 0)."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.average([p.grad for p in params])
+
+    def average(self, tensors: List[torch.Tensor]) -> None:
+        """Each tensor, in place, its mean over the ranks: one all-reduce."""
+        if not tensors:
+            return
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def stop(self) -> None:
+        if self.started:
+            dist.destroy_process_group()
+            self.started = False
+
+
+def make_strategy(config) -> Single:
+    """The strategy that ``EngineConfig`` names, checked before anything is set up."""
+    name = config.strategy
+    if config.distributed and name == "default":
+        name = "distributed"  # Betty 0.1.1's switch
+    if name == "default":
+        return Single()
+    if name in ("cpu", "gpu"):
+        return DevicePick(name)
+    if name == "fsdp":
+        raise ValueError('EngineConfig(strategy="fsdp") is not supported by imaml_ext: FullyShardedDataParallel '
+                         "flattens and shards the parameters that the hypergradient differentiates; use "
+                         'strategy="distributed" or "zero" (launched with torchrun)')
+    if name == "accelerate":
+        raise ValueError('EngineConfig(strategy="accelerate") is not supported by imaml_ext: use strategy='
+                         '"distributed" or "zero", launched with torchrun')
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        which = "distributed=True" if config.distributed else f'strategy="{name}"'
+        raise ValueError(f"EngineConfig({which}) runs one process per rank: launch the program with torchrun "
+                         f"(e.g. torchrun --nproc_per_node 2 program.py); WORLD_SIZE and RANK are not set")
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    return DataParallel(name, config.backend, world, rank, int(os.environ.get("LOCAL_RANK", rank)))
+
+
+# ----- the loaders and the optimizer -----
+class _EveryNth(torch.utils.data.Sampler):
+    """Every ``world``-th batch of ``batch_sampler``, from the ``rank``-th; a last group short of
+    ``world`` batches is dropped, so every rank reads as many batches an epoch."""
+
+    def __init__(self, batch_sampler, world: int, rank: int):
+        self.batch_sampler, self.world, self.rank = batch_sampler, world, rank
+
+    def __iter__(self):
+        group = []
+        for batch in self.batch_sampler:
+            group.append(batch)
+            if len(group) == self.world:
+                yield group[self.rank]
+                group = []
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) // self.world
+
+
+class _EveryNthBatch:
+    """The same over any iterable of batches (a list of batches, a generator function's iterable)."""
+
+    def __init__(self, loader, world: int, rank: int):
+        self.loader, self.world, self.rank = loader, world, rank
+
+    def __iter__(self):
+        return iter(_EveryNth(self.loader, self.world, self.rank))
+
+
+def shard(loader, world: int, rank: int):
+    """This rank's share of ``loader``'s batches."""
+    if isinstance(loader, torch.utils.data.DataLoader) and loader.batch_sampler is not None:
+        return torch.utils.data.DataLoader(
+            loader.dataset, batch_sampler=_EveryNth(loader.batch_sampler, world, rank),
+            num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+            worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+        )
+    return _EveryNthBatch(loader, world, rank)
+
+
+def zero_redundancy(optimizer: torch.optim.Optimizer):
+    """``optimizer`` with its state sharded over the ranks: its class, param groups and settings."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    groups = optimizer.param_groups
+    # the optimizer's own settings; a scheduler's keys (initial_lr) go into the new groups after
+    settings = {k: v for k, v in groups[0].items() if k in optimizer.defaults}
+    zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=type(optimizer), **settings)
+    for group in groups[1:]:
+        zero.add_param_group({k: v for k, v in group.items() if k == "params" or k in optimizer.defaults})
+    for new, old in zip(zero.param_groups, groups):
+        new.update({k: v for k, v in old.items() if k != "params"})
+    return zero
+
+
+__all__ = ["DATA_PARALLEL", "make_strategy", "shard", "zero_redundancy"]

@@ -1,0 +1,63 @@
+"""A two-level least-squares program for the data-parallel strategies' tests, run by
+test_strategies.py in one process and as ``torchrun --nproc_per_node 2 strategy_program.py``.
+
+The lower problem's loss, mean_i 0.5 ||w - theta - x_i||^2, has the same curvature on every
+shard (H = I, d2L/dtheta dw = -I), so the mean of the ranks' hypergradients is the
+single-process one on the global batch, exactly: the test can ask for float64 equality.
+
+    python strategy_program.py STRATEGY HYPERGRADIENT PER_RANK_BATCH OUT.pt
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from imaml_ext import Config, Engine, EngineConfig, ImplicitProblem
+
+D, ROWS, STEPS = 3, 24, 6
+
+
+class Vector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, dtype=torch.float64))
+
+
+class Lower(ImplicitProblem):
+    def training_step(self, batch):
+        (x,) = batch
+        return 0.5 * ((self.module.w - self.upper.module.w - x) ** 2).sum(1).mean()
+
+
+class Upper(ImplicitProblem):
+    def training_step(self, batch):
+        (y,) = batch
+        return 0.5 * ((self.lower.module.w - y) ** 2).sum(1).mean() + 0.1 * (self.module.w ** 2).sum()
+
+
+def run(strategy: str, hypergradient: str, batch: int, optimizer: str = "adam"):
+    torch.manual_seed(0)
+    x, y = torch.randn(ROWS, D, dtype=torch.float64), torch.randn(ROWS, D, dtype=torch.float64) + 1
+    lower_m, upper_m = Vector(), Vector()
+    make = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    lower = Lower("lower", Config(type=hypergradient, unroll_steps=2, cg_iterations=3), lower_m,
+                  torch.optim.SGD(lower_m.parameters(), lr=0.3),
+                  None, DataLoader(TensorDataset(x), batch_size=batch, shuffle=True))
+    upper_opt = make(upper_m.parameters(), lr=0.05)
+    upper = Upper("upper", Config(), upper_m, upper_opt, torch.optim.lr_scheduler.StepLR(upper_opt, 2, 0.5),
+                  DataLoader(TensorDataset(y), batch_size=batch, shuffle=True))
+    config = EngineConfig(train_iters=STEPS, strategy=strategy, backend="gloo", device="cpu")
+    Engine([upper, lower], config, dependencies={"l2u": {lower: [upper]}, "u2l": {upper: [lower]}}).run()
+    return {"lower": lower_m.w.detach().clone(), "upper": upper_m.w.detach().clone()}
+
+
+if __name__ == "__main__":
+    strategy, hypergradient, batch, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    import os
+
+    result = run(strategy, hypergradient, batch)
+    torch.save(result, f"{out}.rank{os.environ['RANK']}")

@@ -1,0 +1,120 @@
+"""Betty's scale-out strategies on torch.distributed (imaml_ext/strategies.py): two gloo
+processes launched by torchrun learn what one process learns on the same global batch, in
+float64; every combination that cannot run is one clear error and leaves no process group."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from imaml_ext import Config, Engine, EngineConfig, ImplicitProblem, IterativeProblem
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import strategy_program  # noqa: E402
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this python")
+@pytest.mark.parametrize("strategy, hypergradient", [("distributed", "cg"), ("zero", "darts")])
+def test_two_processes_equal_one_on_the_global_batch(tmp_path, strategy, hypergradient):
+    out = tmp_path / "result.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(HERE / "strategy_program.py"), strategy,
+                    hypergradient, "4", str(out)], check=True, env=env, timeout=240, capture_output=True)
+    ranks = [torch.load(f"{out}.rank{r}") for r in (0, 1)]
+    single = strategy_program.run("default", hypergradient, 8)  # the same batches, two ranks' worth each
+    for name in ("lower", "upper"):
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)  # the ranks agree
+        torch.testing.assert_close(ranks[0][name], single[name], rtol=1e-10, atol=1e-12)
+    # and the run moved: a rank on its own batches alone would learn something else
+    alone = strategy_program.run("default", hypergradient, 4)
+    assert (alone["upper"] - single["upper"]).abs().max() > 1e-4
+
+
+def tiny(kind=ImplicitProblem):
+    class Lower(kind):
+        def training_step(self, batch):
+            return ((self.module(batch) - self.upper.module.weight.sum()) ** 2).mean()
+
+    class Upper(ImplicitProblem):
+        def training_step(self, batch):
+            return (self.lower.module(batch) ** 2).mean()
+
+    lower_m, upper_m = nn.Linear(2, 1), nn.Linear(2, 1)
+    data = [torch.randn(3, 2) for _ in range(2)]
+    lower = Lower("lower", Config(type="darts"), lower_m, torch.optim.SGD(lower_m.parameters(), lr=0.1), None, data)
+    upper = Upper("upper", Config(), upper_m, torch.optim.SGD(upper_m.parameters(), lr=0.1), None, data)
+    return [upper, lower], {"l2u": {lower: [upper]}, "u2l": {upper: [lower]}}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"strategy": "distributed"}, r'EngineConfig\(strategy="distributed"\) runs one process per rank: launch the '
+                                  r"program with torchrun"),
+    ({"strategy": "zero"}, r'strategy="zero"\) runs one process per rank: launch the program with torchrun'),
+    ({"distributed": True}, r"EngineConfig\(distributed=True\) runs one process per rank: launch the program with "
+                            r"torchrun"),
+    ({"strategy": "fsdp"}, r'strategy="fsdp"\) is not supported by imaml_ext: FullyShardedDataParallel'),
+    ({"strategy": "accelerate"}, r'strategy="accelerate"\) is not supported by imaml_ext'),
+])
+def test_a_strategy_that_cannot_run_is_one_error(monkeypatch, options, message):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    problems, dependencies = tiny()
+    with pytest.raises(ValueError, match=message):
+        Engine(problems, EngineConfig(train_iters=1, **options), dependencies=dependencies)
+    assert not dist.is_initialized()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """torchrun's variables for a world of one process (gloo, this machine)."""
+    for name, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        pytest.fail("a process group was left open")
+
+
+def test_an_error_after_the_process_group_started_closes_it(one_rank):
+    problems, dependencies = tiny()
+    dependencies["u2l"] = {problems[1]: [problems[0]]}  # lower -> upper: no chain of parents that way
+    with pytest.raises(ValueError, match="no chain of parents"):
+        Engine(problems, EngineConfig(train_iters=1, strategy="distributed", backend="gloo", device="cpu"),
+               dependencies=dependencies)
+    assert not dist.is_initialized()
+
+
+def test_an_iterative_lower_problem_is_refused_by_name(one_rank, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group starts
+    problems, dependencies = tiny(IterativeProblem)
+    with pytest.raises(ValueError, match=r'problem "lower" is an IterativeProblem under a parent'):
+        Engine(problems, EngineConfig(train_iters=1, strategy="distributed", backend="gloo", device="cpu"),
+               dependencies=dependencies)
+
+
+def test_one_rank_runs_and_ends_its_process_group(one_rank):
+    problems, dependencies = tiny()
+    engine = Engine(problems, EngineConfig(train_iters=2, strategy="distributed", backend="gloo", device="cpu"),
+                    dependencies=dependencies)
+    assert dist.is_initialized() and engine.is_rank_zero()
+    engine.run()
+    assert not dist.is_initialized()
