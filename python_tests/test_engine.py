@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from imaml_ext import Config, Engine, EngineConfig, Env, ImplicitProblem, IterativeProblem
-from imaml_ext.problems.problem import to_device
+from imaml_ext.problems.data import to_device
 
 D = 4  # input size of the toy regressions
 N_ROWS = 6  # rows per batch

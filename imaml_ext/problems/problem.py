@@ -5,7 +5,6 @@ stepped after ``unroll_steps * gradient_accumulation`` local steps)."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -16,33 +15,16 @@ from torch import Tensor, nn
 from .._device import check_device
 from ..configs import Config
 from ..logging import format_stats, get_logger
+from .data import BatchSource
 from .hooks import call_hook, takes_argument
-from .schedule import StepSchedule
+from .roll_back import RollBack
+from .schedule import BettyNames, StepSchedule
+from .set_up import SetUp
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def to_device(batch: Any, device) -> Any:
-    """Moves the tensors of a (nested) batch to ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def _describe(value: Any) -> str:
-    """What came, for an error message: its type and a short repr."""
-    text = repr(value)
-    text = text if len(text) <= 60 else text[:57] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-class Problem:
+class Problem(SetUp, BatchSource, RollBack, BettyNames):
     """One level: a module, its optimizer and scheduler, its data, its loss.
 
     Subclasses define ``training_step(batch)`` returning the loss (a scalar
@@ -130,33 +112,6 @@ class Problem:
         return self.schedule.count
 
     # Betty's names for the schedule's state, which Betty programs read (``self._global_step``).
-    @property
-    def ready(self) -> List[bool]:
-        return self.schedule.ready
-
-    @ready.setter
-    def ready(self, value: List[bool]) -> None:
-        self.schedule.ready = list(value)
-
-    @property
-    def _count(self) -> int:
-        return self.schedule.count
-
-    @_count.setter
-    def _count(self, value: int) -> None:
-        self.schedule.count = value
-
-    @property
-    def _global_step(self) -> Optional[int]:
-        return self.schedule.global_step
-
-    @property
-    def _training(self) -> bool:
-        return self.schedule.training
-
-    @property
-    def _inner_loop_start(self) -> bool:
-        return self.schedule.inner_loop_start
 
     @property
     def gas(self) -> int:
@@ -183,15 +138,6 @@ class Problem:
             yield
         finally:
             self._paths = saved
-
-    @contextlib.contextmanager
-    def feeding(self, batch):
-        """``get_batch()`` gives ``batch`` inside the block: a recorded step replayed as it was."""
-        self.get_batch = lambda: batch
-        try:
-            yield
-        finally:
-            del self.get_batch
 
     # ----- set-up -----
     def initialize(self, engine) -> None:
@@ -224,61 +170,6 @@ class Problem:
         if self.train_data_loader is not None:
             self._start_loaders(self._loaders())
 
-    def _loaders(self) -> tuple:
-        """Betty's rule: only a tuple is several loaders."""
-        loaders = self.train_data_loader
-        return loaders if isinstance(loaders, tuple) else (loaders,)
-
-    def _start_loaders(self, loaders: tuple) -> None:
-        self._data_iterators = [iter(loader) for loader in loaders]
-        self._data_epochs = [[0, 0] for _ in loaders]  # per loader: epochs ended, batches this epoch
-
-    _EXPECTED = {
-        "module": "a torch.nn.Module",
-        "optimizer": "a torch optimizer (with step() and param_groups)",
-        "scheduler": "a learning-rate scheduler (with step())",
-        "train_data_loader": "an iterable of batches (a DataLoader, a list of batches) or a tuple of them",
-    }
-
-    def _configured(self, what: str, hook):
-        """The constructor's ``what`` or, when None, ``hook()``'s, checked for its kind."""
-        value, where = getattr(self, what), f"the {what}= argument"
-        if value is None:
-            value, where = hook(), f"configure_{what}()"
-        if what == "train_data_loader":
-            self._loader_origin = where
-        if value is None or self._is_kind(what, value):
-            return value
-        raise TypeError(
-            f'problem "{self.name}": {where} must give {self._EXPECTED[what]}; got {_describe(value)}'
-        )
-
-    @staticmethod
-    def _is_kind(what: str, value) -> bool:
-        if what == "module":
-            return isinstance(value, nn.Module)
-        if what == "optimizer":
-            return callable(getattr(value, "step", None)) and hasattr(value, "param_groups")
-        if what == "scheduler":
-            return callable(getattr(value, "step", None)) and not hasattr(value, "param_groups")
-        loaders = value if isinstance(value, tuple) else (value,)
-        return len(loaders) > 0 and all(
-            hasattr(loader, "__iter__") and not isinstance(loader, (str, bytes, dict, Tensor, nn.Module))
-            for loader in loaders
-        )
-
-    def configure_module(self):
-        return None
-
-    def configure_optimizer(self):
-        return None
-
-    def configure_scheduler(self):
-        return None
-
-    def configure_train_data_loader(self):
-        return None
-
     # ----- user-facing -----
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -302,9 +193,6 @@ class Problem:
         ``self.module.load_state_dict(self.upper.module.state_dict())``. A hook that sets the whole
         module makes the inner loops independent tasks, which the Engine batches."""
 
-    def on_epoch_end(self) -> None:
-        """Called by get_batch when the first (or only) loader has run out, before it starts again."""
-
     def start_inner_loop(self) -> None:
         self.on_inner_loop_start()
 
@@ -316,9 +204,6 @@ class Problem:
     def param_callback(self, params: Sequence[Tensor]) -> None:
         """After each optimizer step, with the parameters when written with ``params`` (Betty 0.1.1),
         without them when written without (Betty 0.2)."""
-
-    def epoch_callback(self) -> None:
-        """Betty 0.2's name of ``on_epoch_end``; both are called."""
 
     def parameters(self) -> List[Tensor]:
         return list(self.module.parameters())
@@ -362,50 +247,6 @@ class Problem:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-
-    # ----- data -----
-    def get_batch(self):
-        """The next batch of ``train_data_loader`` (a tuple of loaders: a tuple of batches), moved to
-        this problem's device; each loader restarts when it runs out (``on_epoch_end`` for the
-        first). Override it to read data elsewhere, e.g. ``self.env.batch["train"]`` as the tutorial does."""
-        loaders = self.train_data_loader
-        if loaders is None:
-            raise ValueError(
-                f'problem "{self.name}" has no train_data_loader: pass one (or a tuple of them) or override get_batch()'
-            )
-        single = not isinstance(loaders, tuple)
-        loaders = self._loaders()
-        if self._data_iterators is None or len(self._data_iterators) != len(loaders):
-            self._start_loaders(loaders)  # a loader set after set-up
-        batches = []
-        for i, loader in enumerate(loaders):
-            batch = self._next_batch(i, loader, "train_data_loader" if single else f"train_data_loader[{i}]")
-            batches.append(to_device(batch, self.device))
-        return batches[0] if single else tuple(batches)
-
-    def _next_batch(self, i: int, loader, which: str):
-        counts = self._data_epochs[i]
-        for _ in range(2):
-            try:
-                batch = next(self._data_iterators[i])
-            except StopIteration:
-                if counts[1] == 0:
-                    hint = "" if counts[0] == 0 else (
-                        f" in epoch {counts[0] + 1}, after batches in the ones before: a one-shot iterator or "
-                        "generator cannot start again; pass a list of batches or a DataLoader"
-                    )
-                    raise ValueError(
-                        f'problem "{self.name}": {which} (from {self._loader_origin}: {_describe(loader)}) '
-                        f"yielded no batch{hint}"
-                    ) from None
-                if i == 0:
-                    self.on_epoch_end()
-                    self.epoch_callback()
-                counts[0], counts[1] = counts[0] + 1, 0
-                self._data_iterators[i] = iter(loader)
-                continue
-            counts[1] += 1
-            return batch
 
     # ----- one local step -----
     def autocast(self):
@@ -545,11 +386,6 @@ class Problem:
     def check_ready(self) -> bool:
         return self.schedule.all_ready()
 
-    def set_train_data_loader(self, loader) -> None:
-        """Betty 0.2's: a new loader (or a tuple of them), started now."""
-        self.train_data_loader = loader
-        self._start_loaders(self._loaders())
-
     def set_optimizer(self, optimizer) -> None:
         """Betty 0.2's: a new optimizer; the scheduler, if any, steps its learning rate."""
         self.optimizer = optimizer
@@ -608,32 +444,6 @@ class Problem:
         self.schedule.reset_ready(len(self._children))
 
     # ----- roll-back (EngineConfig(roll_back=True)): Betty's warm start -----
-    def cache_states(self) -> None:
-        """Keeps the module's parameters and buffers and the optimizer's state at the inner loop's start."""
-        optimizer = None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict())
-        self.schedule.roll_back_cache = (copy.deepcopy(self.module.state_dict()), optimizer)
-
-    def recover_states(self) -> None:
-        """Restores what ``cache_states`` kept (and forgets it)."""
-        cache, self.schedule.roll_back_cache = self.schedule.roll_back_cache, None
-        if cache is None:
-            raise RuntimeError(f'problem "{self.name}": recover_states() without a cache_states() before it')
-        module, optimizer = cache
-        self.module.load_state_dict(module)
-        if optimizer is not None:
-            self.optimizer.load_state_dict(optimizer)
-
-    def step_after_roll_back(self) -> None:
-        """After the parents' step: back to the inner loop's start, one step on the last batch with
-        the updated parents, the scheduler's step; then the same for the parents (Betty's order)."""
-        if self.check_ready() and self.schedule.training and self.schedule.roll_back:
-            self.recover_states()
-            self.one_step_descent(batch=self.cur_batch)
-            self.step_scheduler()
-            for parent in self._parents:
-                parent.schedule.mark_ready(parent.children.index(self))
-                parent.step_after_roll_back()
-        self.schedule.reset_ready(len(self._children))
 
     def step(self, global_step: Optional[int] = None) -> None:
         """One local step (data, loss, gradient, update); then the parents' step

@@ -107,4 +107,37 @@ class StepSchedule:
         self.count = state.get("count", self.count)
 
 
-__all__ = ["StepSchedule"]
+class BettyNames:
+    """Betty's private names of the schedule's state, which Betty programs read
+    (``self._global_step`` in its ImageNet pruning example) and ``ready``, which they may set."""
+
+    @property
+    def ready(self) -> List[bool]:
+        return self.schedule.ready
+
+    @ready.setter
+    def ready(self, value: List[bool]) -> None:
+        self.schedule.ready = list(value)
+
+    @property
+    def _count(self) -> int:
+        return self.schedule.count
+
+    @_count.setter
+    def _count(self, value: int) -> None:
+        self.schedule.count = value
+
+    @property
+    def _global_step(self) -> Optional[int]:
+        return self.schedule.global_step
+
+    @property
+    def _training(self) -> bool:
+        return self.schedule.training
+
+    @property
+    def _inner_loop_start(self) -> bool:
+        return self.schedule.inner_loop_start
+
+
+__all__ = ["BettyNames", "StepSchedule"]
