@@ -23,7 +23,7 @@ CUDA_ENV := IMAML_EXT_NO_CUDA=1
 endif
 RUN := PATH=$(abspath $(VENV))/bin:$$PATH $(CUDA_ENV)
 
-.PHONY: demo ops-demo test build bench reproduce gpu-check clean
+.PHONY: demo demo-seeds ops-demo test build bench reproduce gpu-check clean
 
 # The main job: a short Omniglot 5-way 1-shot training (about 5 minutes on 2 CPU
 # cores), meta-test accuracy on 600 tasks beside the random initialisation's.
@@ -34,6 +34,12 @@ DEMO_ARGS ?= --hidden_size 32 --meta_batch_size 16 --inner_steps 5 --cg_iteratio
 	--valid_tasks 100 --download
 demo: $(BUILD_STAMP)
 	$(RUN) $(PY) -m imaml_ext.train $(DEMO_ARGS)
+
+# The demo's figure as a sample: the same run for seeds 0, 1 and 2 (runs/demo-seeds/seed<N>),
+# then the mean and spread beside each seed's in benchmarks/results/demo-seeds-*.{json,md}.
+DEMO_SEEDS ?= 0 1 2
+demo-seeds: $(BUILD_STAMP)
+	$(RUN) $(PY) benchmarks/demo_seeds.py --seeds $(DEMO_SEEDS) -- $(DEMO_ARGS)
 
 # The fused ops on a small regression meta-gradient, checked against a dense solve.
 ops-demo: $(BUILD_STAMP)
