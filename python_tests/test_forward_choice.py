@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from imaml_ext import IMAML, BatchedModule
-from imaml_ext.batched import module as batched_module
+from imaml_ext.batched import stacked as batched_module
 from imaml_ext.batched.module import TaskBatchedModule
 from test_batched import conv4, random_tasks as tasks
 

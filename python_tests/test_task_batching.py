@@ -149,7 +149,7 @@ def test_a_fused_forward_on_a_module_with_nothing_to_fuse_says_so(monkeypatch):
 def test_auto_forward_leaves_out_a_forward_that_fails_and_says_why(monkeypatch):
     """A forward that raises while "auto" times it (on a GPU: out of memory) is left out with a warning
     naming it and its cause; the others are timed and the result is the sequential engine's."""
-    from imaml_ext.batched import module as batched_module
+    from imaml_ext.batched import stacked as batched_module
 
     def out_of_memory(*args):
         raise RuntimeError("out of memory (stand-in)")
