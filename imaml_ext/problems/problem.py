@@ -17,14 +17,12 @@ from ..configs import Config
 from ..logging import format_stats, get_logger
 from .data import BatchSource
 from .hooks import call_hook, takes_argument
+from .losses import Losses
 from .roll_back import RollBack
 from .schedule import BettyNames, StepSchedule
 from .set_up import SetUp
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class Problem(SetUp, BatchSource, RollBack, BettyNames):
+class Problem(SetUp, BatchSource, Losses, RollBack, BettyNames):
     """One level: a module, its optimizer and scheduler, its data, its loss.
 
     Subclasses define ``training_step(batch)`` returning the loss (a scalar
@@ -249,38 +247,6 @@ class Problem(SetUp, BatchSource, RollBack, BettyNames):
             self.scaler.load_state_dict(state["scaler"])
 
     # ----- one local step -----
-    def autocast(self):
-        dtype = _DTYPES.get(self.config.precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=dtype)
-
-    def training_step_exec(self, batch):
-        with self.autocast():
-            return self.training_step(batch)
-
-    def parse_loss(self, out, where: str = "training_step"):
-        """(loss tensor, metrics dict) from what training_step returned."""
-        if isinstance(out, Tensor):
-            loss, metrics = out, {}
-        elif isinstance(out, dict) and "loss" in out:
-            loss, metrics = out["loss"], {k: v for k, v in out.items() if k != "loss"}
-            if not isinstance(loss, Tensor):
-                raise TypeError(
-                    f'problem "{self.name}": {where} returned a dict whose "loss" is a {type(loss).__name__}; '
-                    "it must be a scalar tensor attached to the graph"
-                )
-        else:
-            got = f"a dict with keys {sorted(out)}" if isinstance(out, dict) else f"a {type(out).__name__}"
-            raise TypeError(
-                f'problem "{self.name}": {where} must return a scalar loss tensor or a dict with "loss"; got {got}'
-            )
-        if loss.numel() != 1:
-            raise ValueError(
-                f'problem "{self.name}": {where} must return a scalar loss; got a tensor of shape {tuple(loss.shape)}'
-            )
-        return loss.reshape(()), metrics
-
     def loss_for_hypergradient(self) -> Tensor:
         """This problem's loss on its last batch at its current parameters."""
         if self.task_batch is not None and self.task_batch.running:

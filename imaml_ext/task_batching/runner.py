@@ -21,77 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call, vmap
 
-from ..batched.memory import GraphSizeMeter, available_bytes
 from ..batched.module import (FUSED, STACKED_FORWARDS, AutocastConvolutions, StackedLayers, count_fusable_runs,
                               fused_in_place)
 from ..batched.timing import device_clock
 from ..logging import get_logger
 from ..problems.hooks import call_hook
+from .calls import _Call, _first_line, _plain, _stack, _stack_dims, log_as_of, record_step
+from .checks import WindowChecks
 from .plan import NotBatchable, TaskBatchingInfo
 from .sgd import TaskSGD
 
 
-class _Call(nn.Module):
-    """A ``functional_call`` target: ``fn(*args)`` with ``module``'s parameters swapped."""
-
-    def __init__(self, module: nn.Module, fn: Callable):
-        super().__init__()
-        self.module = module
-        object.__setattr__(self, "fn", fn)
-
-    def forward(self, *args):
-        return self.fn(*args)
-
-
-def _structure(batch: Any):
-    """The shape of a batch: nesting, tensor shapes and dtypes, other leaves as they are."""
-    if isinstance(batch, Tensor):
-        return ("tensor", tuple(batch.shape), batch.dtype, batch.device)
-    if isinstance(batch, dict):
-        return ("dict", tuple((k, _structure(v)) for k, v in batch.items()))
-    if isinstance(batch, (list, tuple)):
-        return (type(batch).__name__, tuple(_structure(v) for v in batch))
-    return ("value", batch)
-
-
-def _stack(batches: Sequence[Any]) -> Any:
-    first = batches[0]
-    if isinstance(first, Tensor):
-        return torch.stack(list(batches))
-    if isinstance(first, dict):
-        return {k: _stack([b[k] for b in batches]) for k in first}
-    if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)(*(_stack([b[i] for b in batches]) for i in range(len(first))))
-    if isinstance(first, (list, tuple)):
-        return type(first)(_stack([b[i] for b in batches]) for i in range(len(first)))
-    return first
-
-
-def _stack_dims(batch: Any) -> Any:
-    """vmap's in_dims for a stacked batch: 0 for tensors, None for other leaves."""
-    if isinstance(batch, Tensor):
-        return 0
-    if isinstance(batch, dict):
-        return {k: _stack_dims(v) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_stack_dims(v) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_stack_dims(v) for v in batch)
-    return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
-class TaskBatcher:
+class TaskBatcher(WindowChecks):
     """The Engine's task-batched execution of one upper and one lower problem."""
 
     # the share of the free memory a chunk of tasks may plan to take
@@ -244,100 +191,6 @@ class TaskBatcher:
                                      "; running task by task"), RuntimeWarning, stacklevel=5)
             self._warned_shapes = self._warned_shapes or per_window
         replay()
-
-    def _first_window_checks(self, tasks: List[dict]) -> None:
-        self._check_reset(self.lower, self.module_params)
-        lower = self.lower
-        # The lower's training_step must be a function of its batch and weights alone: vmap says so.
-        phi = [p.detach().unsqueeze(0).expand(2, *p.shape).clone() for p in self.module_params]
-        pair = [tasks[0]["lower"][0][2], tasks[min(1, len(tasks) - 1)]["lower"][0][2]]
-        if _structure(pair[0]) == _structure(pair[1]):
-            try:
-                self.task_losses(lower, phi, pair, "vmap")
-            except Exception as error:  # noqa: BLE001 (any failure under vmap is the cause to report)
-                raise NotBatchable(
-                    f'"{lower.name}".training_step cannot run for all tasks at once under torch.func.vmap '
-                    f"({_first_line(error)}): e.g. .item(), or Python control flow on a tensor's value"
-                ) from None
-        self._plan_memory(tasks)
-
-    def _check_reset(self, lower, module_params: Sequence[Tensor]) -> None:
-        """on_inner_loop_start must set every parameter (and leave no momentum behind), or the
-        inner loops are not independent tasks: run it twice from different states and compare."""
-        params = [p for p in lower.module.parameters()]
-        saved = [p.detach().clone() for p in params]
-        optimizer = lower.optimizer
-        momentum = any(g.get("momentum", 0) for g in optimizer.param_groups) if not self.iterative else False
-        saved_state = {k: dict(v) for k, v in optimizer.state.items()}
-        try:
-            lower.on_inner_loop_start()
-            first = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p in params:
-                    p.add_(torch.randn_like(p))
-            if momentum:
-                for p in module_params:
-                    optimizer.state[p]["momentum_buffer"] = torch.ones_like(p)
-            lower.on_inner_loop_start()
-            moved = [n for (n, _), a, b in zip(lower.module.named_parameters(), first, params) if not torch.equal(a, b)]
-            kept_buffers = momentum and any("momentum_buffer" in optimizer.state.get(p, {}) for p in module_params)
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-            optimizer.state.clear()
-            optimizer.state.update(saved_state)
-        if moved:
-            raise NotBatchable(
-                f'on_inner_loop_start of "{lower.name}" does not set all of its parameters ({", ".join(moved[:3])} '
-                "keep the last inner loop's values), so its inner loops are not independent tasks"
-            )
-        if kept_buffers:
-            raise NotBatchable(
-                f'the SGD momentum buffers of "{lower.name}" carry from one inner loop into the next (as the '
-                "sequential engine runs them); clear them in on_inner_loop_start (self.optimizer.state.clear()) "
-                "to make the inner loops independent tasks"
-            )
-
-    def _check_shapes(self, tasks: List[dict]) -> None:
-        def refuse(what, g, a, b):
-            raise NotBatchable(
-                f"the tasks' batches differ within one meta-batch: {what} of task 0 is {a}, of task {g} {b}",
-                per_window=True,
-            )
-
-        steps = [len(t["lower"]) for t in tasks]
-        for g, t in enumerate(tasks):
-            if steps[g] != steps[0]:
-                refuse("the number of inner steps", g, steps[0], steps[g])
-            for k in range(steps[0]):
-                a, b = _structure(tasks[0]["lower"][k][2]), _structure(t["lower"][k][2])
-                if a != b:
-                    refuse(f'the "{self.lower.name}" batch of inner step {k + 1}', g, a, b)
-            a, b = _structure(tasks[0]["upper"][2]), _structure(t["upper"][2])
-            if a != b:
-                refuse(f'the "{self.upper.name}" batch', g, a, b)
-
-    def _plan_memory(self, tasks: List[dict]) -> None:
-        """Measures one task's graph and splits the window into chunks that fit."""
-        n = len(tasks)
-        if self.max_tasks is not None:
-            self.chunk = min(self.max_tasks, n)
-        else:
-            phi = [p.detach().unsqueeze(0).clone().requires_grad_(True) for p in self.module_params]
-            with GraphSizeMeter() as meter:
-                self.task_losses(self.lower, phi, [tasks[0]["lower"][0][2]], "loop")
-            # the loss graph, its gradient graph kept for the HVPs, and the upper's: about 3x
-            per_task = 3 * meter.bytes + sum(4 * p.numel() * p.element_size() for p in phi)
-            free = available_bytes(phi[0].device)
-            fits = n if free is None else max(1, int(self.memory_fraction * free // max(per_task, 1)))
-            self.chunk = min(n, fits)
-            if self.chunk < n:
-                self._logger.info(
-                    f"task batching: the {n} tasks of a meta-step run in chunks of {self.chunk} (about "
-                    f"{per_task * n / 2**30:.2f} GiB for all at once, {free / 2**30:.2f} GiB free on {phi[0].device})"
-                )
-        self.info.chunk = self.chunk
 
     # ----- running the user's training_step for every task -----
     def call_task(self, problem, g: int, weights: Sequence[Tensor], batch: Any):
@@ -571,24 +424,6 @@ class TaskBatcher:
                 if upper.schedule.logs():
                     upper.log(stats, global_step)
         upper.schedule.reset_ready(len(upper.children))
-
-
-def record_step(problem, global_step: Optional[int]) -> int:
-    """A lower local step recorded, not run: its global step and count as the sequential engine leaves them."""
-    problem.schedule.global_step = global_step
-    return problem.schedule.advance()
-
-
-def log_as_of(problem, stats: dict, global_step: Optional[int], count: int) -> None:
-    """A recorded local step's log line, written later with the count it had."""
-    if problem.schedule.logs(count):
-        with problem.schedule.as_of(count):
-            problem.log(stats, global_step)
-
-
-def _plain(metrics: Dict[str, Any]) -> Dict[str, Any]:
-    """Logged values as numbers (a per-task tensor metric becomes its value)."""
-    return {k: (v.item() if isinstance(v, Tensor) and v.numel() == 1 else v) for k, v in metrics.items()}
 
 
 __all__ = ["TaskBatcher"]

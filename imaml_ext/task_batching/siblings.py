@@ -32,7 +32,8 @@ from torch.func import functional_call
 
 from .plan import NotBatchable, TaskBatchingInfo
 from ..batched.module import FUSED, STACKED_FORWARDS
-from .runner import TaskBatcher, _Call, _plain, _structure, log_as_of, record_step
+from .calls import _Call, _plain, _structure, log_as_of, record_step
+from .runner import TaskBatcher
 
 
 class SiblingBatcher(TaskBatcher):
