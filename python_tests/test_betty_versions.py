@@ -139,3 +139,33 @@ def test_loaders_start_at_set_up_as_betty_does():
     for disturb in (False, True):
         assert program(disturb) == betty(disturb)
     assert betty(True) != betty(False)  # the draw in between matters, so the test can fail
+
+
+def two_levels(u2l: bool):
+    class Lower(ImplicitProblem):
+        def training_step(self, batch):
+            return ((self.module(batch) - self.upper.module(batch)) ** 2).mean()
+
+    class Upper(ImplicitProblem):
+        def training_step(self, batch):
+            return (self.lower.module(batch) ** 2).mean()
+
+    lower_m, upper_m = nn.Linear(D, 1), nn.Linear(D, 1)
+    data = [torch.randn(4, D) for _ in range(2)]
+    lower = Lower("lower", Config(type="darts"), lower_m, torch.optim.SGD(lower_m.parameters(), lr=0.1), None, data)
+    upper = Upper("upper", Config(), upper_m, torch.optim.SGD(upper_m.parameters(), lr=0.1), None, data)
+    dependencies = {"l2u": {lower: [upper]}, **({"u2l": {upper: [lower]}} if u2l else {})}
+    return Engine([upper, lower], EngineConfig(train_iters=2), dependencies=dependencies)
+
+
+def test_an_upper_problem_without_its_u2l_entry_is_told_so():
+    """Its loss reaches its parameters only through the lower's hypergradient, which u2l asks for:
+    the warning names that cause (it used to speak of an IterativeProblem's start)."""
+    with pytest.warns(RuntimeWarning, match=r'problem "upper": none of its parameters received a gradient.*no '
+                                            r"dependencies\['u2l'\] entry .* \"lower\""):
+        two_levels(u2l=False).run()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two_levels(u2l=True).run()

@@ -304,14 +304,23 @@ class Problem(SetUp, BatchSource, Losses, RollBack, BettyNames):
             self.set_grads(params, get_grads(loss, path, retain_graph=retain))
         if params and all(p.grad is None for p in params) and not getattr(self, "_warned_no_grad", False):
             self._warned_no_grad = True
-            warnings.warn(
-                f'problem "{self.name}": none of its parameters received a gradient, so its optimizer steps '
-                "nothing: its loss reaches them through no kept graph. E.g. an IterativeProblem below that starts "
-                "from a load_state_dict copy under Config(first_order=True) drops the only path, the proximal "
-                "term's mixed derivative; use Config(first_order=False), or start_from(self.upper.parameters())",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            warnings.warn(f'problem "{self.name}": none of its parameters received a gradient, so its optimizer '
+                          f"steps nothing: {self._why_no_gradient()}", RuntimeWarning, stacklevel=2)
+
+    def _why_no_gradient(self) -> str:
+        """The likely cause, read from the dependency graph, for the warning above."""
+        reached = {id(path[1]) for path in self._paths}
+        missing = [child.name for child in self._children if id(child) not in reached]
+        if missing:
+            names = ", ".join(f'"{name}"' for name in missing)
+            return (f"no dependencies['u2l'] entry makes it differentiate through its lower problem(s) {names}, so "
+                    "no hypergradient reaches it; add them, e.g. dependencies={'u2l': {upper: [lower]}, 'l2u': "
+                    "{lower: [upper]}}")
+        if any(getattr(child, "differentiable_updates", False) for child in self._children):
+            return ("its loss reaches them through no kept graph. An IterativeProblem below that starts from a "
+                    "load_state_dict copy under Config(first_order=True) drops the only path, the proximal term's "
+                    "mixed derivative; use Config(first_order=False), or start_from(self.upper.parameters())")
+        return "its loss does not depend on them through any kept graph (is the loss computed from .detach()ed values?)"
 
     def zero_grad(self) -> None:
         for param in self.trainable_parameters():
