@@ -156,5 +156,5 @@ def test_bad_maml_arguments():
         MAML(model, first_order="yes")
     with pytest.raises(ValueError, match=r"MAML: memory_fraction must be in \(0, 1\]; got 2"):
         MAML(model, memory_fraction=2)
-    with pytest.raises(ValueError, match=r"IMAML: inner_lr must be a finite number > 0; got -0.1"):
+    with pytest.raises(ValueError, match=r"MAML: inner_lr must be a finite number > 0; got -0.1"):
         MAML(model, inner_lr=-0.1)

@@ -18,6 +18,7 @@ once per key, as ``torch.backends.cudnn.benchmark`` times convolution algorithms
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -48,7 +49,7 @@ def load_jvp_decompositions() -> None:
         return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-        import torch._decomp.decompositions_for_jvp  # noqa: F401
+        importlib.import_module("torch._decomp.decompositions_for_jvp")
 
 
 class SupportHVP:

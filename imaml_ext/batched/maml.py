@@ -19,11 +19,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .imaml import IMAML, MetaStepResult, _check_positive
+from .base import BatchedMetaLearner, MetaStepResult, _check_positive
 from .memory import GraphSizeMeter, available_bytes, check_unroll_fits
 
 
-class MAML(IMAML):
+class MAML(BatchedMetaLearner):
     """Batched MAML / first-order MAML for a classification ``model`` (theta).
 
     ``meta_step(support_x, support_y, query_x, query_y)`` takes ``[T, ...]`` batches and
@@ -47,11 +47,10 @@ class MAML(IMAML):
         tf32: Optional[bool] = None,
         nonfinite: str = "propagate",
     ):
-        super().__init__(model, inner_steps=inner_steps, inner_lr=inner_lr, lam=1.0, cg_iterations=1,
-                         ways=ways, check_labels=check_labels, forward=forward, tf32=tf32, nonfinite=nonfinite)
+        super().__init__(model, inner_steps, inner_lr, ways, check_labels, forward, tf32, nonfinite)
         if not isinstance(first_order, bool):
             raise TypeError(f"MAML: first_order must be a bool; got {type(first_order).__name__} {first_order!r}")
-        _check_positive("memory_fraction", memory_fraction)
+        _check_positive("memory_fraction", memory_fraction, owner="MAML")
         if memory_fraction > 1:
             raise ValueError(f"MAML: memory_fraction must be in (0, 1]; got {memory_fraction!r}")
         self.first_order = first_order
