@@ -79,3 +79,11 @@ def test_unpack_takes_a_folder_a_tarball_or_a_bare_repository(tmp_path):
     assert (script.unpack(str(tmp_path / "c.git"), tmp_path / "c") / "betty" / "test_install.py").is_file()
     with pytest.raises(ValueError, match="not a folder holding betty/, a .tar.gz, or a bare git repository"):
         script.unpack(str(tmp_path / "a"), tmp_path / "d")
+
+
+def test_agreement_counts_the_calls_that_return_the_same_loss():
+    a = {"history": {"inner": [1.0, 2.0, 3.0], "outer": [0.5, 0.25]}}
+    assert script.agreement(a, a) == "outer: all 2"
+    b = {"history": {"inner": [1.0, 2.00001, 3.5, 4.0], "outer": [0.5, 0.25]}}
+    assert script.agreement(a, b) == "inner: 2 of 3 / 4"
+    assert script.agreement(a, {"history": {"other": [1.0]}}) == ""

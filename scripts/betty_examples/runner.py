@@ -2,7 +2,8 @@
 
 Seeds Python, numpy and torch with BETTY_EXAMPLES_SEED, installs ``fakes``, and records the loss
 that each problem's ``training_step`` returned last (a ``Problem.__init_subclass__`` hook of the
-library, so the program is unchanged); at exit it prints ``FINAL_LOSS <problem> <value>`` lines.
+library, so the program is unchanged); at exit it prints ``FINAL_LOSS <problem> <value>`` and
+``LOSSES <problem> <value>,<value>,...`` (every call's, in order) lines.
 A loss computed under a torch.func transform (imaml_ext's batched tasks) is not read, so that the
 hook does not change which path imaml_ext takes.
 """
@@ -28,7 +29,7 @@ numpy.random.seed(seed)
 torch.manual_seed(seed)
 fakes.install(l2l="learn2learn" in Path(program).read_text())
 
-last = {}
+history = {}
 
 
 def record(step):
@@ -38,7 +39,7 @@ def record(step):
         loss = out.get("loss") if isinstance(out, dict) else out
         if isinstance(loss, torch.Tensor) and loss.numel() == 1 \
                 and not torch._C._functorch.is_functorch_wrapped_tensor(loss):
-            last[str(getattr(self, "name", type(self).__name__))] = loss.detach()
+            history.setdefault(str(getattr(self, "name", type(self).__name__)), []).append(loss.detach())
         return out
 
     return training_step
@@ -58,8 +59,9 @@ base.__init_subclass__ = classmethod(hook)
 
 @atexit.register
 def report():
-    for name, loss in last.items():
-        print(f"FINAL_LOSS {name} {float(loss):.6g}", flush=True)
+    for name, losses in history.items():
+        print(f"FINAL_LOSS {name} {float(losses[-1]):.6g}", flush=True)
+        print(f"LOSSES {name} " + ",".join(f"{float(loss):.7g}" for loss in losses), flush=True)
 
 
 sys.argv = [program, *arguments]
