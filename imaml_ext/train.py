@@ -2,7 +2,7 @@
 
 The code lives in :mod:`imaml_ext.training`, one file per concern (arguments and presets,
 the run folder and checkpoints, distributed set-up, signals, the time budget, evaluation,
-the loop); this module is the entry point and keeps the names it always offered.
+the loop); this module is the entry point.
 """
 
 from __future__ import annotations
@@ -11,38 +11,11 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from .batched import IMAML, MAML  # noqa: F401  (tests patch IMAML.meta_step through this module)
-from .training.arguments import (  # noqa: F401
-    ADDED_OPTION_DEFAULTS,
-    ALGOS,
-    AUTHORS_DAMPING,
-    EVALUATE_OPTIONS,
-    EVALUATION_KEYS,
-    RUNTIME_KEYS,
-    TASKS,
-    build_parser,
-    check_args,
-    check_evaluate_args,
-    parse_args,
-    run_config,
-)
-from .training.distributed import Distributed  # noqa: F401
+from .training.arguments import parse_args
 from .training.errors import RunError
-from .training.evaluation import evaluate, evaluate_run, final_evaluation, format_results, slice_indices, summarise  # noqa: F401
-from .training.learner import build_evaluator, build_imaml, build_model  # noqa: F401
-from .training.loop import WINDOW_KEYS, train  # noqa: F401
-from .training.presets import PRESETS  # noqa: F401
-from .training.run_folder import (  # noqa: F401
-    CHECKPOINT_FORMAT,
-    CSV_COLUMNS,
-    RunFolder,
-    load_checkpoint,
-    read_checkpoint,
-    rng_state,
-    set_rng_state,
-)
-from .training.signals import Interrupted, StopSignal  # noqa: F401
-from .training.time_budget import TimeBudget  # noqa: F401
+from .training.evaluation import evaluate_run, format_results
+from .training.loop import train
+from .training.signals import Interrupted
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

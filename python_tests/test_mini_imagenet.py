@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from imaml_ext import IMAML, TaskBatchedModule
 from imaml_ext import train as train_cli
+from imaml_ext.training import learner
 from imaml_ext.data import (
     MiniImagenetSampler,
     find_mini_imagenet,
@@ -289,10 +290,10 @@ def test_each_model_runs_the_meta_step(task, model):
     """--model resnet12 works with either task: the input (channels, side) comes from --task."""
     args = train_cli.parse_args(["--task", task, "--model", model, "--hidden_size", "2", "--inner_steps", "2",
                                  "--cg_iterations", "2", "--device", "cpu"])
-    net = train_cli.build_model(args)
+    net = learner.build_model(args)
     assert isinstance(net, ResNet12 if model == "resnet12" else Conv4)
     channels, side = (3, 84) if task == "mini-imagenet" else (1, 28)
-    imaml = train_cli.build_imaml(net, args)
+    imaml = learner.build_imaml(net, args)
     assert isinstance(imaml, IMAML)
     labels = torch.arange(5).repeat(2, 1)
     result = imaml.meta_step(torch.rand(2, 5, channels, side, side), labels, torch.rand(2, 5, channels, side, side),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from imaml_ext.training import arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -144,6 +145,4 @@ def test_documented_reproduce_commands_parse():
         own = argv[:argv.index("--")] if "--" in argv else argv
         module.build_parser().parse_args(own)  # an unrecognised argument exits, naming it
         if "--" in argv:
-            from imaml_ext import train as train_cli
-
-            train_cli.build_parser().parse_args(argv[argv.index("--") + 1:])
+            arguments.build_parser().parse_args(argv[argv.index("--") + 1:])

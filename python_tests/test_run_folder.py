@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from imaml_ext import train as train_cli
+from imaml_ext.training import learner
 from imaml_ext.training import run_lock
 from imaml_ext.training.run_lock import LOCK_NAME, default_out
 
@@ -196,7 +197,7 @@ def test_refused_up_front_in_one_line(argv, message, capsys):
 def test_bf16_with_forward_hvp_runs_where_it_is_accepted():
     args = train_cli.parse_args(["--precision", "bf16", "--hvp", "forward", "--forward", "vmap", "--hidden_size", "4",
                                  "--inner_steps", "1", "--cg_iterations", "1", "--device", "cpu"])
-    imaml = train_cli.build_imaml(train_cli.build_model(args), args)
+    imaml = learner.build_imaml(learner.build_model(args), args)
     x = torch.randn(2, 5, 1, 28, 28)
     y = torch.arange(5).repeat(2, 1)
     assert torch.isfinite(imaml.meta_step(x, y, x, y).loss)
@@ -225,11 +226,11 @@ def test_a_damaged_checkpoint_without_a_previous_one_says_what_to_do(tmp_path, c
 # Runs imaml-train with one function made to wait (after writing a marker file) for the test's SIGINT.
 DRIVER = textwrap.dedent("""
     import pathlib, sys, time
-    from imaml_ext import train
+    from imaml_ext import IMAML, train
     from imaml_ext.training import evaluation, loop
     marker, phase = pathlib.Path(sys.argv[1]), sys.argv[2]
     module, name = {"start-up": (loop, "make_tasks"), "evaluation": (loop, "final_evaluation"),
-                    "evaluate": (evaluation, "final_evaluation"), "training": (train.IMAML, "meta_step")}[phase]
+                    "evaluate": (evaluation, "final_evaluation"), "training": (IMAML, "meta_step")}[phase]
     real = getattr(module, name)
     def wait_for_sigint(*args, **kwargs):
         marker.touch()

@@ -15,6 +15,10 @@ import pytest
 import torch
 
 from imaml_ext import train as train_cli
+from imaml_ext import batched
+from imaml_ext.training import arguments
+from imaml_ext.training import distributed
+from imaml_ext.training import evaluation, learner
 from imaml_ext.data import find_data_root
 from imaml_ext.training.arguments import IMAML_ONLY
 
@@ -122,7 +126,7 @@ def test_run_writes_every_output(reference_run, capsys):
 
 def test_summarise_is_mean_with_normal_95_interval():
     acc = torch.rand(600, generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
-    got = train_cli.summarise(acc)
+    got = evaluation.summarise(acc)
     values = acc.double().numpy() * 100
     assert got["tasks"] == 600
     assert got["accuracy"] == pytest.approx(values.mean(), rel=1e-12)
@@ -147,8 +151,8 @@ def test_evaluation_does_not_depend_on_its_batch_size(data_root):
 
     tasks = omniglot_tasks(5, 1, 2, root=data_root, protocol="finn", seed=3)
     indices = tasks.test.sample_indices(10)
-    a = train_cli.evaluate(train_cli.build_imaml(train_cli.build_model(args), args), tasks.test, indices, 4)
-    b = train_cli.evaluate(train_cli.build_imaml(train_cli.build_model(args), args), tasks.test, indices, 10)
+    a = evaluation.evaluate(learner.build_imaml(learner.build_model(args), args), tasks.test, indices, 4)
+    b = evaluation.evaluate(learner.build_imaml(learner.build_model(args), args), tasks.test, indices, 10)
     assert torch.allclose(a["accuracy"], b["accuracy"]) and torch.allclose(a["loss"], b["loss"], atol=1e-5)
 
 
@@ -205,7 +209,7 @@ def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path, reference_run, 
 def signal_after_step(monkeypatch, n, signum):
     """The process sends itself ``signum`` during meta-step ``n``: handled, the run ends after it.
     Returns the real meta_step."""
-    real_step = train_cli.IMAML.meta_step
+    real_step = batched.IMAML.meta_step
     calls = {"n": 0}
 
     def step_then_signal(self, *batch):
@@ -215,7 +219,7 @@ def signal_after_step(monkeypatch, n, signum):
             os.kill(os.getpid(), signum)
         return result
 
-    monkeypatch.setattr(train_cli.IMAML, "meta_step", step_then_signal)
+    monkeypatch.setattr(batched.IMAML, "meta_step", step_then_signal)
     return real_step
 
 
@@ -225,7 +229,7 @@ def test_sigterm_checkpoints_and_resume_matches(tmp_path, reference_run, data_ro
     assert run(out, "--scheduler", "cosine", data=data_root) == 0
     assert "stopped at meta-step 2" in capsys.readouterr().out
     assert checkpoint(out)["step"] == 2
-    monkeypatch.setattr(train_cli.IMAML, "meta_step", real_step)
+    monkeypatch.setattr(batched.IMAML, "meta_step", real_step)
     assert run(out, "--scheduler", "cosine", "--resume", data=data_root) == 0
     assert_same_state(checkpoint(reference_run), checkpoint(out))
 
@@ -356,10 +360,10 @@ def test_forward_hvp_and_tf32_reach_the_learner(forward, hvp, tf32, expected_tf3
     from imaml_ext.training import learner
 
     args = train_cli.parse_args(["--forward", forward, "--hvp", hvp, "--tf32", tf32, "--device", "cpu"])
-    imaml = train_cli.build_imaml(train_cli.build_model(args), args)
+    imaml = learner.build_imaml(learner.build_model(args), args)
     assert (imaml.forward, imaml.hvp, imaml.tf32) == (forward, hvp, None)  # off CUDA there is nothing to set
     maml_args = train_cli.parse_args(["--algo", "maml", "--tf32", tf32, "--device", "cpu"])
-    assert train_cli.build_imaml(train_cli.build_model(args), maml_args).tf32 is None
+    assert learner.build_imaml(learner.build_model(args), maml_args).tf32 is None
     monkeypatch.setattr(args, "device", "cuda")
     assert learner._tf32(args) is expected_tf32
 
@@ -662,7 +666,7 @@ def test_gradient_average_weights_each_process_by_its_finite_tasks(monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     param = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
     param.grad = a.clone()
-    got = train_cli.Distributed(2, 0, 0).average_gradients_and([param], extra, torch.tensor(3))
+    got = distributed.Distributed(2, 0, 0).average_gradients_and([param], extra, torch.tensor(3))
     torch.testing.assert_close(param.grad, (3 * a + b) / 4, rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(got, torch.tensor([0.3, 0.5], dtype=torch.float64))
 
@@ -682,7 +686,7 @@ def test_device_gets_an_index_before_set_device(monkeypatch, world, local_rank, 
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    device = train_cli.Distributed(world, 0, local_rank).device(name)
+    device = distributed.Distributed(world, 0, local_rank).device(name)
     assert str(device) == expected
     assert chosen == ([] if expected == "cpu" else [device])
 
@@ -762,7 +766,7 @@ def test_sigint_checkpoints_and_exits_130(tmp_path, data_root, monkeypatch, caps
 
 
 def test_help_shows_every_default():
-    text = train_cli.build_parser().format_help()
+    text = arguments.build_parser().format_help()
     for shown in ("classes per task (default: 5)", "(default: 10000)", "proximal inner-loop steps per task (default: 16)",
                   "(default: 1, the iMAML authors' code)", "(default: on)", "(default: 600)", "lambda (default: 2)"):
         assert shown in " ".join(text.split()), shown
@@ -825,7 +829,7 @@ def test_defaults_are_the_authors_damping_and_undamped_is_one_flag():
     assert (args.cg_damping, args.lam_damping) == (1.0, 10.0)
     args = train_cli.parse_args(["--undamped"])
     assert (args.cg_damping, args.lam_damping) == (0.0, 0.0)
-    assert train_cli.build_imaml(train_cli.build_model(args), args).cg_damping == 0.0
+    assert learner.build_imaml(learner.build_model(args), args).cg_damping == 0.0
     assert train_cli.parse_args(["--cg_damping", "0.5"]).lam_damping == 10.0
 
 
@@ -894,7 +898,7 @@ PAPER_5WAY = {"task": "omniglot", "split": "finn", "algo": "imaml", "ways": 5, "
 @pytest.mark.parametrize("name, ways, shots", [("omniglot-5w1s", 5, 1), ("omniglot-5w5s", 5, 5),
                                                ("omniglot-20w1s", 20, 1), ("omniglot-20w5s", 20, 5)])
 def test_each_preset_resolves_to_the_papers_values(name, ways, shots):
-    config = train_cli.run_config(train_cli.parse_args(["--preset", name, "--device", "cpu"]))
+    config = arguments.run_config(train_cli.parse_args(["--preset", name, "--device", "cpu"]))
     expected = {**PAPER_5WAY, "ways": ways, "shots": shots, "query": shots}
     if ways == 20:  # the paper's Table 3: 25 inner steps for 20-way; MAML's 20-way meta-batch
         expected.update(inner_steps=25, meta_batch_size=16)
@@ -940,13 +944,13 @@ def test_time_budget_chain_equals_one_run(tmp_path, reference_run, data_root, mo
     from imaml_ext.training.time_budget import TimeBudget
 
     now = {"t": 0.0}
-    real_step = train_cli.IMAML.meta_step
+    real_step = batched.IMAML.meta_step
 
     def one_second_step(self, *batch):
         now["t"] += 1.0
         return real_step(self, *batch)
 
-    monkeypatch.setattr(train_cli.IMAML, "meta_step", one_second_step)
+    monkeypatch.setattr(batched.IMAML, "meta_step", one_second_step)
     monkeypatch.setattr(loop, "TimeBudget", lambda seconds, spent: TimeBudget(seconds, clock=lambda: now["t"], margin=0.1))
     out = tmp_path / "chain"
     stops = []
@@ -971,7 +975,7 @@ def test_time_budget_leaves_the_final_evaluation_for_the_next_invocation(tmp_pat
     from imaml_ext.training.time_budget import TimeBudget
 
     now = {"t": 0.0}
-    real_step, real_evaluate = train_cli.IMAML.meta_step, loop.evaluate
+    real_step, real_evaluate = batched.IMAML.meta_step, loop.evaluate
 
     def one_second_step(self, *batch):
         now["t"] += 1.0
@@ -981,7 +985,7 @@ def test_time_budget_leaves_the_final_evaluation_for_the_next_invocation(tmp_pat
         now["t"] += float(indices.classes.shape[0])
         return real_evaluate(imaml, sampler, indices, batch)
 
-    monkeypatch.setattr(train_cli.IMAML, "meta_step", one_second_step)
+    monkeypatch.setattr(batched.IMAML, "meta_step", one_second_step)
     monkeypatch.setattr(loop, "evaluate", validation)
     monkeypatch.setattr(loop, "TimeBudget", lambda seconds, spent: TimeBudget(seconds, clock=lambda: now["t"], margin=0.1))
     out = tmp_path / "late"
@@ -1003,7 +1007,7 @@ def test_real_time_budget_run_completes(tmp_path, data_root):
 def test_resume_with_time_budget_refuses_a_config_json_of_another_run(tmp_path, capsys):
     out = tmp_path / "started"
     out.mkdir()
-    config = train_cli.run_config(train_cli.parse_args([*TINY, "--out", str(out)]))
+    config = arguments.run_config(train_cli.parse_args([*TINY, "--out", str(out)]))
     (out / "config.json").write_text(json.dumps({**config, "torch": torch.__version__}))
     before = snapshot(out)
     assert run(out, "--resume", "--time_budget", "60", "--lam", "0.5") == 2
@@ -1025,9 +1029,9 @@ def test_eval_lam_zero_fine_tunes_without_the_proximal_term(tmp_path, reference_
     import shutil
 
     args = train_cli.parse_args(["--eval_lam", "0", "--device", "cpu"])
-    assert isinstance(train_cli.build_evaluator(train_cli.build_model(args), args), train_cli.MAML)
+    assert isinstance(learner.build_evaluator(learner.build_model(args), args), batched.MAML)
     args = train_cli.parse_args(["--eval_lam", "0.5", "--device", "cpu"])
-    assert train_cli.build_evaluator(train_cli.build_model(args), args).lam == 0.5
+    assert learner.build_evaluator(learner.build_model(args), args).lam == 0.5
     out = tmp_path / "sgd"
     shutil.copytree(reference_run, out)
     assert train_cli.main(["--evaluate", str(out), "--device", "cpu", "--data", data_root, "--eval_tasks", "12",
