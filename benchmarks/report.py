@@ -159,7 +159,8 @@ def _pct(value: Optional[float], ci: Optional[float] = None) -> str:
     return f"{value:.2f} ± {ci:.2f} %" if ci is not None else f"{value:.2f} %"
 
 
-ACCURACY_HEADER = ["setting", "meta-steps", "ours (95 % CI)", "random init", "paper (iMAML-GD)", "Betty README",
+ACCURACY_HEADER = ["setting", "meta-steps", "ours (95 % CI)", "random init",
+                   "authors' protocol: query = shots, test-time λ 0 (random init)", "paper (iMAML-GD)", "Betty README",
                    "wall time", "how"]
 
 
@@ -181,8 +182,12 @@ def accuracy_rows(entries: List[dict]) -> List[List[str]]:
         how = (f"Conv4-{s['hidden_size']}, {s['inner_steps']} inner at {s['base_lr']:g}, λ {s['lam']:g}, "
                f"{s['cg_iterations']} CG, T {s['meta_batch_size']}, lr {s['meta_lr']:g} {s['scheduler']}, "
                f"{s['query']} query/class, test-time λ {eval_lam:g}")
-        rows.append([label, steps, ours, _pct(base.get("accuracy"), base.get("ci95")), _pct(e.get("paper")),
-                     _pct(e.get("betty")), wall, how])
+        authors = e.get("authors_protocol")
+        authors_cell = "not evaluated" if not authors else (
+            f"{_pct(authors['accuracy'], authors['ci95'])} "
+            f"({_pct((authors.get('baseline') or {}).get('accuracy'), (authors.get('baseline') or {}).get('ci95'))})")
+        rows.append([label, steps, ours, _pct(base.get("accuracy"), base.get("ci95")), authors_cell,
+                     _pct(e.get("paper")), _pct(e.get("betty")), wall, how])
     return rows
 
 

@@ -133,7 +133,20 @@ def collect(folder: Path) -> dict:
         )
     else:
         entry.update(accuracy=None, ci95=None, tasks=None, baseline=None, device=config.get("device"), date=None)
+    entry["authors_protocol"] = authors_protocol(folder, shots, config["steps"])
     return entry
+
+
+def authors_protocol(folder: Path, shots: int, steps: int) -> Optional[dict]:
+    """The last --evaluate of the final checkpoint as the iMAML authors' measure_accuracy.py measures
+    (docs/accuracy-protocol.md): as many query images per class as shots, test-time lambda 0."""
+    found = None
+    for row in read_json_lines(folder / "evaluations.jsonl"):
+        query = row.get("eval_query", row.get("query"))
+        if row.get("step") == steps and row.get("eval_lam") == 0 and query == shots and "test" in row:
+            found = {"accuracy": row["test"]["accuracy"], "ci95": row["test"]["ci95"], "tasks": row["test"]["tasks"],
+                     "baseline": row.get("baseline"), "query": query, "eval_lam": 0.0}
+    return found
 
 
 def write(entries: List[dict], results_dir: Path, machine: Optional[str] = None) -> List[Path]:

@@ -71,7 +71,8 @@ def test_collect_writes_the_accuracy_file_and_the_report_reads_it(tmp_path, repr
     assert entry["wall_seconds"] == 90.0 and entry["curve"] == [[20, 70.0], [40, 90.0]]
     assert entry["settings"]["inner_steps"] == 16 and entry["settings"]["eval_lam"] == 2.0
     md = path.with_suffix(".md").read_text()
-    assert "| 5-way 1-shot (omniglot-5w1s) | 40 | 91.50 ± 0.60 % (600 tasks) | 60.25 ± 0.90 % | 99.16 % | 98.68 % |" in md
+    assert ("| 5-way 1-shot (omniglot-5w1s) | 40 | 91.50 ± 0.60 % (600 tasks) | 60.25 ± 0.90 % | not evaluated | "
+            "99.16 % | 98.68 % |") in md
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
     monkeypatch.setattr(report, "RESULTS", out)
@@ -82,6 +83,25 @@ def test_collect_writes_the_accuracy_file_and_the_report_reads_it(tmp_path, repr
     assert "accuracy-cpu-2cores-2026-11-30.json" in text
     assert json.loads((out / "cpu-2cores-2026-11-30.json").read_text())["accuracy"][0][2].startswith("91.50")
     assert (out / "cpu-2cores-2026-11-30-accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_authors_protocol_column_reads_the_matching_evaluation(tmp_path, reproduce, report):
+    """An --evaluate of the final checkpoint with as many query images per class as shots and
+    lambda 0 (the iMAML authors' measure_accuracy.py) fills its column; others do not."""
+    run = run_folder(tmp_path / "runs" / "a")
+
+    def evaluation(step, eval_lam, query, accuracy):
+        return {"step": step, "steps": 40, "eval_lam": eval_lam, "eval_query": query, "shots": 1,
+                "test": {"accuracy": accuracy, "ci95": 0.5, "tasks": 600},
+                "baseline": {"accuracy": 70.0, "ci95": 1.0, "tasks": 600}}
+
+    rows = [evaluation(40, 2.0, 1, 95.0), evaluation(40, 0.0, 5, 94.0), evaluation(20, 0.0, 1, 93.0),
+            evaluation(40, 0.0, 1, 92.25)]
+    (run / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entry = reproduce.collect(run)
+    assert entry["authors_protocol"]["accuracy"] == 92.25 and entry["authors_protocol"]["query"] == 1
+    row = report.accuracy_rows([entry])[0]
+    assert row[4] == "92.25 ± 0.50 % (70.00 ± 1.00 %)"
 
 
 def test_unfinished_run_and_run_without_invocations(tmp_path, reproduce):
