@@ -64,7 +64,6 @@ class Engine:
         else:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.device = self.strategy.device(self.device)
-        self.strategy.start(self.device)
         try:
             self._set_up(config)
         except BaseException:
@@ -75,10 +74,11 @@ class Engine:
         self._check_names_against_attributes()
         self._parse_dependencies()
         self._check_hypergradient_types()
+        self._check_strategy()
+        self.strategy.start(self.device)  # after every check that needs no process group
         self.logger = make_logger(config.logger_type, config.log_dir)
         self._stdout = get_logger()
         self._set_problem_attributes()
-        self._check_strategy()
         for problem in self.problems:
             problem.initialize(self)
             self.strategy.prepare(problem)

@@ -104,7 +104,14 @@ def test_an_error_after_the_process_group_started_closes_it(one_rank):
 
 
 def test_an_iterative_lower_problem_is_refused_by_name(one_rank, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group starts
+    """Refused before any process group starts: in a world of 2 with no second process, starting
+    one would wait for the other rank (here it fails the test instead of hanging the suite)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def no_process_group(*args, **kwargs):
+        raise AssertionError("a process group was started before the refusal")
+
+    monkeypatch.setattr(dist, "init_process_group", no_process_group)
     problems, dependencies = tiny(IterativeProblem)
     with pytest.raises(ValueError, match=r'problem "lower" is an IterativeProblem under a parent'):
         Engine(problems, EngineConfig(train_iters=1, strategy="distributed", backend="gloo", device="cpu"),
