@@ -258,11 +258,13 @@ def test_auto_leaves_out_a_forward_that_fails_and_says_why(monkeypatch):
     module = TaskBatchedModule(conv4(), 2, "auto")
     phi = [p.requires_grad_(True) for p in module.expand_theta()]
     x = torch.randn(2, 3, 1, 28, 28, dtype=f64)
+    # which survivor wins is the machine's timing (a loaded CPU can pick a fused form)
     with pytest.warns(RuntimeWarning, match=r'forward="auto" left out forwards that failed here \(stacked: no '
-                                            r'stacked rule for this layer\); it keeps "loop" for input shape'):
+                                            r'stacked rule for this layer\); it keeps "(loop|loop\+fused|'
+                                            r'stacked\+fused)" for input shape'):
         module(phi, x)
     (choice,) = module.forward_choices.values()
-    assert choice["forward"] == "loop" and choice["refused"] == {"stacked": "no stacked rule for this layer"}
+    assert choice["forward"] != "stacked" and choice["refused"] == {"stacked": "no stacked rule for this layer"}
     monkeypatch.setattr(TaskBatchedModule, "_forward", lambda *args: (_ for _ in ()).throw(RuntimeError("none")))
     with pytest.raises(RuntimeError, match='forward="auto": every forward it times failed here'):
         module(phi, torch.randn(2, 4, 1, 28, 28, dtype=f64))
