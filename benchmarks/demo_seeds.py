@@ -30,7 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="demo_seeds.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to train (default: 0 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to train (default: 0 1 2)")
     p.add_argument("--runs", default="runs/demo-seeds", help="folder of the seeds' run folders (seed<N>)")
     p.add_argument("--collect", nargs="+", metavar="RUN_FOLDER", help="finished run folders: nothing trained")
     p.add_argument("--out", default=None, help="results path without suffix (default: benchmarks/results/...)")
@@ -52,6 +52,9 @@ def train(seeds: Sequence[int], runs: Path, options: List[str]) -> List[Path]:
 
 
 def read_run(folder: Path) -> dict:
+    for name in ("config.json", "results.json"):
+        if not (folder / name).is_file():
+            raise SystemExit(f"demo_seeds.py: {folder} has no {name}; is it a finished imaml-train run folder?")
     results = json.loads((folder / "results.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     if "test" not in results:
@@ -98,10 +101,11 @@ def markdown(result: dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     options = [a for a in args.train_args if a != "--"]
-    if args.collect and (options or argv and "--seeds" in argv):
+    if args.collect and (options or args.seeds is not None):
         raise SystemExit("demo_seeds.py: --collect reads finished run folders; it takes no --seeds or imaml-train "
                          "options")
-    folders = [Path(f) for f in args.collect] if args.collect else train(args.seeds, Path(args.runs), options)
+    folders = [Path(f) for f in args.collect] if args.collect else train(args.seeds or [0, 1, 2], Path(args.runs),
+                                                                          options)
     runs = [read_run(folder) for folder in folders]
     import torch
     from _timing import run_metadata  # benchmarks/_timing.py

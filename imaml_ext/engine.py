@@ -335,23 +335,25 @@ class Engine:
 
     def run(self) -> None:
         """``train_iters`` global steps, validating every ``valid_step``."""
-        self.train()
-        for it in range(1, self.train_iters + 1):
-            self.global_step += 1
-            self.train_step()
-            if self.do_validation and it % self.valid_step == 0:
-                self.eval()
-                stats = self.validation()
-                self.train()
-                if stats:
-                    self._stdout.info(f"[Validation] [Global Step {self.global_step}] {format_stats(stats)}")
-                    self.logger.log(stats, tag="validation", step=self.global_step)
-                    if self._early_stop(stats):
-                        self._stdout.info(f"[Early Stopping] [Global Step {self.global_step}]")
-                        break
-        self._flush_tasks()
-        self.logger.close()
-        self.strategy.stop()  # Betty's cleanup: the process group ends with the run
+        try:
+            self.train()
+            for it in range(1, self.train_iters + 1):
+                self.global_step += 1
+                self.train_step()
+                if self.do_validation and it % self.valid_step == 0:
+                    self.eval()
+                    stats = self.validation()
+                    self.train()
+                    if stats:
+                        self._stdout.info(f"[Validation] [Global Step {self.global_step}] {format_stats(stats)}")
+                        self.logger.log(stats, tag="validation", step=self.global_step)
+                        if self._early_stop(stats):
+                            self._stdout.info(f"[Early Stopping] [Global Step {self.global_step}]")
+                            break
+            self._flush_tasks()
+            self.logger.close()
+        finally:
+            self.strategy.stop()  # Betty's cleanup: the process group ends with the run, or with its error
 
     def _early_stop(self, stats: dict) -> bool:
         cfg = self.config

@@ -25,8 +25,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-DATA_PARALLEL = ("distributed", "zero")
-
+from .logging import get_logger
 
 class Single:
     """One process: nothing to shard or reduce."""
@@ -89,6 +88,8 @@ class DataParallel(Single):
         backend = self.backend
         if device.type != "cuda" and backend == "nccl":
             backend = "gloo"  # NCCL runs on GPUs only; Betty's default names it
+            get_logger().info(f'EngineConfig(strategy="{self.name}"): backend "nccl" runs on GPUs only; the '
+                              f"process group on {device} uses gloo")
         dist.init_process_group(backend)
         self.started = True
 
@@ -212,4 +213,4 @@ def zero_redundancy(optimizer: torch.optim.Optimizer):
     return zero
 
 
-__all__ = ["DATA_PARALLEL", "make_strategy", "shard", "zero_redundancy"]
+__all__ = ["make_strategy", "shard", "zero_redundancy"]

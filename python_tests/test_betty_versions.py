@@ -169,3 +169,19 @@ def test_an_upper_problem_without_its_u2l_entry_is_told_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         two_levels(u2l=True).run()
+
+
+def test_a_hook_is_inspected_once_not_every_step(monkeypatch):
+    """takes_argument runs at every local step: its signature is read once per function."""
+    import inspect
+
+    from imaml_ext.problems import hooks
+
+    calls = []
+    real = inspect.signature
+    monkeypatch.setattr(hooks.inspect, "signature", lambda f: calls.append(f) or real(f))
+    hooks._takes_argument.cache_clear()
+    seen = []
+    run(regression("a", seen, param_callback=lambda self: seen.append("cb")), 5)
+    assert seen == ["cb"] * 5
+    assert len([f for f in calls if getattr(f, "__name__", "") == "<lambda>"]) == 1

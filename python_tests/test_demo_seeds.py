@@ -46,3 +46,12 @@ def test_collect_takes_no_training_options(tmp_path):
     a = fake_run(tmp_path / "a", 0, 87.0, 60.0)
     with pytest.raises(SystemExit, match="--collect reads finished run folders"):
         demo_seeds.main(["--collect", str(a), "--", "--steps", "5"])
+
+
+def test_collect_of_a_folder_that_is_not_a_finished_run_names_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"empty has no config.json; is it a finished imaml-train run folder"):
+        demo_seeds.main(["--collect", str(tmp_path / "empty")])
+    a = fake_run(tmp_path / "a", 0, 87.0, 60.0)
+    with pytest.raises(SystemExit, match="--collect reads finished run folders"):
+        demo_seeds.main(["--collect", str(a), "--seeds", "3"])

@@ -125,3 +125,17 @@ def test_one_rank_runs_and_ends_its_process_group(one_rank):
     assert dist.is_initialized() and engine.is_rank_zero()
     engine.run()
     assert not dist.is_initialized()
+
+
+def test_an_error_during_the_run_ends_its_process_group(one_rank):
+    problems, dependencies = tiny()
+
+    def broken(batch):
+        raise RuntimeError("from the user's training_step")
+
+    problems[1].training_step = broken
+    engine = Engine(problems, EngineConfig(train_iters=2, strategy="distributed", backend="gloo", device="cpu"),
+                    dependencies=dependencies)
+    with pytest.raises(RuntimeError, match="from the user's training_step"):
+        engine.run()
+    assert not dist.is_initialized()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -10,11 +11,20 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 
 
 def takes_argument(hook: Callable) -> bool:
-    """Whether a bound hook accepts one positional argument (``*args`` included)."""
+    """Whether a (bound) hook accepts one positional argument (``*args`` included)."""
+    function = getattr(hook, "__func__", hook)
+    return _takes_argument(function, hasattr(hook, "__func__"))
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_argument(function: Callable, bound: bool) -> bool:
+    # asked every local step: inspect.signature once per function, not per step
     try:
-        parameters = inspect.signature(hook).parameters.values()
+        parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):  # a builtin without a signature: call it as the library does
         return True
+    if bound:
+        parameters = parameters[1:]  # self
     return any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters) or any(
         p.kind in _POSITIONAL for p in parameters)
 
