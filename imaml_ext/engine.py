@@ -97,6 +97,24 @@ class Engine:
                         f'EngineConfig(strategy="{self.strategy.name}"): problem "{problem.name}" is an '
                         "IterativeProblem under a parent, whose unrolled updates are not averaged over the ranks; "
                         "run it in one process, or make it an ImplicitProblem")
+        if self.strategy.name == "fsdp":
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """What the sharded module cannot hold (strategies.FullyShardedDataParallel)."""
+        from .problems.iterative_problem import IterativeProblem
+
+        cause = None
+        for problem in self.problems:
+            if cause is None and isinstance(problem, IterativeProblem):
+                cause = (f'problem "{problem.name}" is an IterativeProblem, whose steps update its own copies of '
+                         'the weights, not the sharded module; make it an ImplicitProblem, or use '
+                         'strategy="distributed"')
+            if cause is None and problem.config.precision == "fp16":
+                cause = (f'problem "{problem.name}" has Config(precision="fp16"), whose loss scaler unscales the '
+                         'gradients before they reach the shards; use "bf16" or "fp32", or strategy="distributed"')
+        if cause is not None:
+            raise ValueError(f'EngineConfig(strategy="fsdp"): {cause}')
 
     def is_rank_zero(self) -> bool:
         """Betty's: whether this process logs (rank 0, or the only one)."""
@@ -113,6 +131,10 @@ class Engine:
             return info
         try:
             plan = find_pattern(self)
+            if self.strategy.name == "fsdp":
+                raise NotBatchable('EngineConfig(strategy="fsdp"): the batched inner step reads the lower '
+                                   "optimizer's settings by its whole parameters, and under FSDP the optimizer holds "
+                                   "their shards", pattern=plan.pattern)
         except NotBatchable as cause:
             info.reason, info.pattern = str(cause), cause.pattern
             if mode == "on":

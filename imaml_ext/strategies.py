@@ -13,12 +13,17 @@ curvature on its own shard; their mean is the single-process hypergradient when 
 is the same on every shard (a least-squares lower problem, for one), and close to it otherwise,
 as under Betty's DDP.
 
-"cpu" and "gpu" (Betty 0.2) only pick the device. "fsdp" and "accelerate" are refused with their
-cause: FSDP flattens and shards the parameters that the hypergradient differentiates.
+"fsdp": torch's FSDP2 (``fully_shard``) of each problem's module, the parameters and the
+optimizer's state sharded over the ranks at rest (``FullyShardedDataParallel`` below). Betty 0.2
+wraps the module in FSDP1, whose flattened parameters are why it drops ``param_groups()`` there;
+FSDP2 keeps each parameter, so the optimizer's param groups keep their settings.
+
+"cpu" and "gpu" (Betty 0.2) only pick the device. "accelerate" is refused with its cause.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import List
 
@@ -49,6 +54,12 @@ class Single:
         pass
 
     def average(self, tensors: List[torch.Tensor]) -> None:
+        pass
+
+    def before_step(self, problem) -> None:
+        pass
+
+    def after_step(self, problem) -> None:
         pass
 
     def stop(self) -> None:
@@ -133,6 +144,76 @@ class DataParallel(Single):
             self.started = False
 
 
+class FullyShardedDataParallel(DataParallel):
+    """"fsdp": torch's FSDP2 (``fully_shard``) of each problem's module, in its SHARD_GRAD_OP form
+    (``reshard_after_forward=False``).
+
+    At rest each rank holds its shard of every parameter (a DTensor) and the optimizer steps the
+    shards, so the optimizer's state is sharded. The whole parameters are all-gathered after each
+    optimizer step and stay whole until the next one, because the hypergradient differentiates
+    them across several forwards and programs read them directly (``self.upper.module.w``). The
+    gradients of the whole parameters are averaged over the ranks in one all-reduce, so
+    ``grad_callback`` and clipping see the global batch's gradient, and each rank's shard of it
+    goes to its sharded parameter just before the step.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.pairs = {}  # id(problem) -> [(whole parameter, its shard)]
+        self.mesh = None
+
+    def prepare(self, problem) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        module, optimizer = problem.module, problem.optimizer
+        if optimizer is not None and optimizer.state:
+            raise ValueError(f'EngineConfig(strategy="fsdp"): problem "{problem.name}"\'s optimizer already has '
+                             "state, which cannot follow its parameters into their shards; build it fresh")
+        with torch.no_grad():  # rank 0's parameters everywhere, as FSDP's sync_module_states does
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(tensor, 0)
+        if self.mesh is None:
+            self.mesh = init_device_mesh(torch.device(problem.device).type, (self.world,))
+        before = list(module.parameters())
+        fully_shard(module, mesh=self.mesh, reshard_after_forward=False)
+        module.set_requires_gradient_sync(False)  # the gradients are averaged here, once per optimizer step
+        module.set_reshard_after_backward(False)
+        shards = {id(old): new for old, new in zip(before, module.parameters())}
+        if optimizer is not None:  # the same optimizer object steps the shards (a scheduler keeps it)
+            for group in optimizer.param_groups:
+                group["params"] = [shards.get(id(p), p) for p in group["params"]]
+        # FSDP's state_dict() and load_state_dict() reshard the module first (its state dict is the
+        # shards); the whole parameters come back after them, as a program reads them next
+        module.register_state_dict_post_hook(lambda m, *args: m.unshard())
+        module.register_load_state_dict_post_hook(lambda m, keys: m.unshard())
+        module.unshard()
+        self.pairs[id(problem)] = list(zip(module.parameters(), shards.values()))
+
+    def before_step(self, problem) -> None:
+        """Each shard: this rank's part of the whole parameter (which a hook may have changed in
+        place) and of its averaged gradient."""
+        for whole, shard in self.pairs[id(problem)]:
+            with torch.no_grad():
+                shard.copy_(self._shard_of(whole.detach(), shard))
+            if whole.grad is not None:
+                shard.grad = self._shard_of(whole.grad, shard)
+
+    def _shard_of(self, tensor: torch.Tensor, like) -> torch.Tensor:
+        """This rank's part of ``tensor`` (the same on every rank), as the DTensor ``like`` holds it."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        whole = DTensor.from_local(tensor, self.mesh, [Replicate()], run_check=False)
+        return whole.redistribute(self.mesh, like.placements)  # a local slice: no communication
+
+    def after_step(self, problem) -> None:
+        """The updated shards all-gathered into the whole parameters."""
+        for _, shard in self.pairs[id(problem)]:
+            shard.grad = None
+        problem.module.reshard()
+        problem.module.unshard()
+
+
 def make_strategy(config) -> Single:
     """The strategy that ``EngineConfig`` names, checked before anything is set up."""
     name = config.strategy
@@ -142,19 +223,20 @@ def make_strategy(config) -> Single:
         return Single()
     if name in ("cpu", "gpu"):
         return DevicePick(name)
-    if name == "fsdp":
-        raise ValueError('EngineConfig(strategy="fsdp") is not supported by imaml_ext: FullyShardedDataParallel '
-                         "flattens and shards the parameters that the hypergradient differentiates; use "
-                         'strategy="distributed" or "zero" (launched with torchrun)')
     if name == "accelerate":
-        raise ValueError('EngineConfig(strategy="accelerate") is not supported by imaml_ext: use strategy='
-                         '"distributed" or "zero", launched with torchrun')
+        # not built: accelerate cannot be installed where imaml_ext is developed, so it could not be tested
+        found = importlib.util.find_spec("accelerate") is not None
+        where = "is installed here" if found else "is not installed here (pip install accelerate)"
+        raise ValueError(f'EngineConfig(strategy="accelerate") runs through Hugging Face\'s package accelerate, '
+                         f"which {where}; imaml_ext does not run this strategy, with accelerate or without: use "
+                         'strategy="distributed", "zero" or "fsdp", launched with torchrun')
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         which = "distributed=True" if config.distributed else f'strategy="{name}"'
         raise ValueError(f"EngineConfig({which}) runs one process per rank: launch the program with torchrun "
                          f"(e.g. torchrun --nproc_per_node 2 program.py); WORLD_SIZE and RANK are not set")
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    return DataParallel(name, config.backend, world, rank, int(os.environ.get("LOCAL_RANK", rank)))
+    kind = FullyShardedDataParallel if name == "fsdp" else DataParallel
+    return kind(name, config.backend, world, rank, int(os.environ.get("LOCAL_RANK", rank)))
 
 
 # ----- the loaders and the optimizer -----

@@ -53,6 +53,7 @@ def build(
     dtype=torch.float64,
     accuracy_item: bool = True,
     roll_back: bool = False,
+    strategy: str = "default",
 ):
     """The tutorial's program. ``kind``: "implicit" (as written) or "iterative" (the
     tutorial's one-word switch, ImplicitProblem -> IterativeProblem everywhere)."""
@@ -126,7 +127,7 @@ def build(
 
     engine_config = EngineConfig(
         train_iters=10 ** 6, valid_step=0, device="cpu", task_batching=mode, task_batching_forward=forward,
-        task_batching_max_tasks=max_tasks, roll_back=roll_back,
+        task_batching_max_tasks=max_tasks, roll_back=roll_back, strategy=strategy,
     )
     return MAMLEngine(
         config=engine_config,

@@ -5,7 +5,7 @@ The lower problem's loss, mean_i 0.5 ||w - theta - x_i||^2, has the same curvatu
 shard (H = I, d2L/dtheta dw = -I), so the mean of the ranks' hypergradients is the
 single-process one on the global batch, exactly: the test can ask for float64 equality.
 
-    python strategy_program.py STRATEGY HYPERGRADIENT PER_RANK_BATCH OUT.pt
+    python strategy_program.py STRATEGY HYPERGRADIENT PER_RANK_BATCH OUT.pt [roll_back]
 """
 
 from __future__ import annotations
@@ -26,20 +26,23 @@ class Vector(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.randn(D, dtype=torch.float64))
 
+    def forward(self):
+        return self.w
+
 
 class Lower(ImplicitProblem):
     def training_step(self, batch):
         (x,) = batch
-        return 0.5 * ((self.module.w - self.upper.module.w - x) ** 2).sum(1).mean()
+        return 0.5 * ((self.module() - self.upper.module.w - x) ** 2).sum(1).mean()
 
 
 class Upper(ImplicitProblem):
     def training_step(self, batch):
         (y,) = batch
-        return 0.5 * ((self.lower.module.w - y) ** 2).sum(1).mean() + 0.1 * (self.module.w ** 2).sum()
+        return 0.5 * ((self.lower.module() - y) ** 2).sum(1).mean() + 0.1 * (self.module.w ** 2).sum()
 
 
-def run(strategy: str, hypergradient: str, batch: int, optimizer: str = "adam"):
+def run(strategy: str, hypergradient: str, batch: int, optimizer: str = "adam", roll_back: bool = False):
     torch.manual_seed(0)
     x, y = torch.randn(ROWS, D, dtype=torch.float64), torch.randn(ROWS, D, dtype=torch.float64) + 1
     lower_m, upper_m = Vector(), Vector()
@@ -50,14 +53,18 @@ def run(strategy: str, hypergradient: str, batch: int, optimizer: str = "adam"):
     upper_opt = make(upper_m.parameters(), lr=0.05)
     upper = Upper("upper", Config(), upper_m, upper_opt, torch.optim.lr_scheduler.StepLR(upper_opt, 2, 0.5),
                   DataLoader(TensorDataset(y), batch_size=batch, shuffle=True))
-    config = EngineConfig(train_iters=STEPS, strategy=strategy, backend="gloo", device="cpu")
+    config = EngineConfig(train_iters=STEPS, strategy=strategy, backend="gloo", device="cpu", roll_back=roll_back)
     Engine([upper, lower], config, dependencies={"l2u": {lower: [upper]}, "u2l": {upper: [lower]}}).run()
-    return {"lower": lower_m.w.detach().clone(), "upper": upper_m.w.detach().clone()}
+    # what this rank's optimizer steps: the upper's parameter and its first moment (a shard under fsdp)
+    (stepped,) = upper_opt.param_groups[0]["params"]
+    moment = upper_opt.state.get(stepped, {}).get("exp_avg", stepped)  # zero's optimizer is a new one
+    local = [getattr(t, "to_local", lambda: t)().numel() for t in (stepped, moment)]
+    return {"lower": lower_m.w.detach().clone(), "upper": upper_m.w.detach().clone(), "local": local}
 
 
 if __name__ == "__main__":
     strategy, hypergradient, batch, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     import os
 
-    result = run(strategy, hypergradient, batch)
+    result = run(strategy, hypergradient, batch, roll_back="roll_back" in sys.argv[5:])
     torch.save(result, f"{out}.rank{os.environ['RANK']}")

@@ -26,19 +26,26 @@ TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or sh
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this python")
-@pytest.mark.parametrize("strategy, hypergradient", [("distributed", "cg"), ("zero", "darts")])
-def test_two_processes_equal_one_on_the_global_batch(tmp_path, strategy, hypergradient):
+@pytest.mark.parametrize("strategy, hypergradient, roll_back", [
+    ("distributed", "cg", False), ("zero", "darts", False), ("fsdp", "cg", True),
+])
+def test_two_processes_equal_one_on_the_global_batch(tmp_path, strategy, hypergradient, roll_back):
     out = tmp_path / "result.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
     subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(HERE / "strategy_program.py"), strategy,
-                    hypergradient, "4", str(out)], check=True, env=env, timeout=240, capture_output=True)
+                    hypergradient, "4", str(out)] + ["roll_back"] * roll_back, check=True, env=env, timeout=240,
+                   capture_output=True)
     ranks = [torch.load(f"{out}.rank{r}") for r in (0, 1)]
-    single = strategy_program.run("default", hypergradient, 8)  # the same batches, two ranks' worth each
+    # the same batches, two ranks' worth each
+    single = strategy_program.run("default", hypergradient, 8, roll_back=roll_back)
     for name in ("lower", "upper"):
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)  # the ranks agree
         torch.testing.assert_close(ranks[0][name], single[name], rtol=1e-10, atol=1e-12)
+    # FSDP's ranks step their shards of the 3-vector (torch.chunk's 2 + 1) and keep Adam's moments for them
+    shards = {"fsdp": ([2, 2], [1, 1])}.get(strategy, ([3, 3], [3, 3]))
+    assert (ranks[0]["local"], ranks[1]["local"]) == shards
     # and the run moved: a rank on its own batches alone would learn something else
-    alone = strategy_program.run("default", hypergradient, 4)
+    alone = strategy_program.run("default", hypergradient, 4, roll_back=roll_back)
     assert (alone["upper"] - single["upper"]).abs().max() > 1e-4
 
 
@@ -64,8 +71,7 @@ def tiny(kind=ImplicitProblem):
     ({"strategy": "zero"}, r'strategy="zero"\) runs one process per rank: launch the program with torchrun'),
     ({"distributed": True}, r"EngineConfig\(distributed=True\) runs one process per rank: launch the program with "
                             r"torchrun"),
-    ({"strategy": "fsdp"}, r'strategy="fsdp"\) is not supported by imaml_ext: FullyShardedDataParallel'),
-    ({"strategy": "accelerate"}, r'strategy="accelerate"\) is not supported by imaml_ext'),
+    ({"strategy": "fsdp"}, r'strategy="fsdp"\) runs one process per rank: launch the program with torchrun'),
 ])
 def test_a_strategy_that_cannot_run_is_one_error(monkeypatch, options, message):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
@@ -73,6 +79,23 @@ def test_a_strategy_that_cannot_run_is_one_error(monkeypatch, options, message):
     problems, dependencies = tiny()
     with pytest.raises(ValueError, match=message):
         Engine(problems, EngineConfig(train_iters=1, **options), dependencies=dependencies)
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_accelerate_names_the_package_installed_or_not(monkeypatch, installed):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "accelerate" and installed else find_spec(name, *a))
+    if not installed and find_spec("accelerate") is not None:
+        pytest.skip("accelerate is installed here")
+    where = "is installed here" if installed else r"is not installed here \(pip install accelerate\)"
+    problems, dependencies = tiny()
+    with pytest.raises(ValueError, match=r'EngineConfig\(strategy="accelerate"\) runs through Hugging Face\'s '
+                                         rf"package accelerate, which {where}; imaml_ext does not run this strategy"):
+        Engine(problems, EngineConfig(train_iters=1, strategy="accelerate"), dependencies=dependencies)
     assert not dist.is_initialized()
 
 
@@ -139,3 +162,47 @@ def test_an_error_during_the_run_ends_its_process_group(one_rank):
     with pytest.raises(RuntimeError, match="from the user's training_step"):
         engine.run()
     assert not dist.is_initialized()
+
+
+def test_fsdp_runs_the_tutorial_task_by_task_as_one_process_does(one_rank):
+    """Betty's tutorial under FSDP in a world of one: its state_dict() / load_state_dict() reset of
+    the lower module (FSDP's shards, the whole parameters back after each) and the convolutions'
+    forwards (FSDP's hooks) give the sequential engine's theta; task batching falls back, named."""
+    from dropin_programs import build, run_meta_steps, theta
+
+    sequential = build("off", meta_batch=2, inner_steps=2)
+    run_meta_steps(sequential, 2)
+    with pytest.warns(RuntimeWarning, match=r'task batching: EngineConfig\(strategy="fsdp"\): the batched inner '
+                                            r"step reads the lower optimizer's settings"):
+        sharded = build("auto", meta_batch=2, inner_steps=2, strategy="fsdp")
+    assert not sharded.task_batching.active
+    assert all(type(p).__name__ == "DTensor" for p in sharded.upper.optimizer.param_groups[0]["params"])
+    run_meta_steps(sharded, 2)
+    for a, b in zip(theta(sequential), theta(sharded)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("iterative", r'problem "alone" is an IterativeProblem, whose steps update its own copies of the weights'),
+    ("fp16", r'problem "lower" has Config\(precision="fp16"\), whose loss scaler unscales the gradients before'),
+])
+def test_fsdp_refuses_what_its_shards_cannot_hold(one_rank, monkeypatch, change, message):
+    def no_process_group(*args, **kwargs):
+        raise AssertionError("a process group was started before the refusal")
+
+    monkeypatch.setattr(dist, "init_process_group", no_process_group)
+    if change == "iterative":  # alone at the top, where "distributed" runs it
+        class Alone(IterativeProblem):
+            def training_step(self, batch):
+                return (self.module(batch) ** 2).mean()
+
+        module = nn.Linear(2, 1)
+        problems = [Alone("alone", Config(), module, torch.optim.SGD(module.parameters(), lr=0.1), None,
+                          [torch.randn(3, 2)])]
+        dependencies = None
+    else:
+        problems, dependencies = tiny()
+        problems[1].config.precision = "fp16"
+    with pytest.raises(ValueError, match=r'EngineConfig\(strategy="fsdp"\): ' + message):
+        Engine(problems, EngineConfig(train_iters=1, strategy="fsdp", backend="gloo", device="cpu"),
+               dependencies=dependencies)

@@ -336,11 +336,15 @@ class Problem(SetUp, BatchSource, Losses, RollBack, BettyNames):
             self.grad_callback(params)
         if self.config.gradient_clipping > 0:
             torch.nn.utils.clip_grad_norm_(params, self.config.gradient_clipping)
+        if self.engine is not None:
+            self.engine.strategy.before_step(self)  # fsdp: the gradients' shards onto the sharded parameters
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.engine is not None:
+            self.engine.strategy.after_step(self)
 
     def one_step_descent(self, batch=None) -> dict:
         """One local step on ``batch`` (default: the next from ``get_batch``): loss, gradient, and on
