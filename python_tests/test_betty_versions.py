@@ -185,3 +185,74 @@ def test_a_hook_is_inspected_once_not_every_step(monkeypatch):
     run(regression("a", seen, param_callback=lambda self: seen.append("cb")), 5)
     assert seen == ["cb"] * 5
     assert len([f for f in calls if getattr(f, "__name__", "") == "<lambda>"]) == 1
+
+
+class Grouped(ImplicitProblem):
+    """Betty 0.2's learning_by_ignoring shape: param_groups() with their own learning rates, the
+    scheduler built in configure_scheduler() on self.optimizer."""
+
+    def training_step(self, batch):
+        x, y = batch
+        return ((self.module(x) - y) ** 2).mean()
+
+    def param_groups(self):
+        return [{"params": [self.module.weight], "lr": 0.5}, {"params": [self.module.bias]}]
+
+    def configure_scheduler(self):
+        return torch.optim.lr_scheduler.StepLR(self.optimizer, 1, gamma=0.1)
+
+
+def test_param_groups_rebuild_the_optimizer_as_betty_02_does():
+    """Betty 0.2's patch_optimizer: the optimizer's class and defaults over param_groups(); a group
+    without "lr" takes the default; the scheduler steps the rebuilt optimizer. Two steps by hand."""
+    f64 = torch.float64
+    torch.manual_seed(0)
+    module = nn.Linear(D, 1).double()
+    x, y = torch.randn(4, D, dtype=f64), torch.randn(4, 1, dtype=f64)
+    w, b = module.weight.detach().clone(), module.bias.detach().clone()
+    problem = Grouped("grouped", Config(), module, torch.optim.SGD(module.parameters(), lr=0.1), None, [(x, y)])
+    engine = Engine([problem], EngineConfig(train_iters=2))
+    assert type(problem.optimizer) is torch.optim.SGD
+    assert [g["lr"] for g in problem.optimizer.param_groups] == [0.5, 0.1]
+    assert problem.scheduler.optimizer is problem.optimizer
+    engine.run()
+    for lr_w, lr_b in ((0.5, 0.1), (0.05, 0.01)):  # StepLR(1, 0.1) after the first step
+        w_, b_ = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        gw, gb = torch.autograd.grad(((x @ w_.T + b_ - y) ** 2).mean(), (w_, b_))
+        w, b = w - lr_w * gw, b - lr_b * gb
+    torch.testing.assert_close(module.weight.detach(), w, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(module.bias.detach(), b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("groups, message", [
+    (None, r'problem "grouped": param_groups\(\) rebuilds the optimizer, and the scheduler= argument was built'),
+    ([{"lr": 0.5}], r'problem "grouped": param_groups\(\) must give what SGD takes as its params .*KeyError'),
+])
+def test_param_groups_that_cannot_rebuild_the_optimizer_are_one_error(monkeypatch, groups, message):
+    module = nn.Linear(D, 1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1) if groups is None else None
+    if groups is not None:
+        monkeypatch.setattr(Grouped, "param_groups", lambda self: groups)
+    problem = Grouped("grouped", Config(), module, optimizer, scheduler, [(torch.randn(4, D), torch.randn(4, 1))])
+    with pytest.raises(ValueError, match=message):
+        Engine([problem], EngineConfig(train_iters=1))
+
+
+def test_penalty_problem_is_an_implicit_problem_at_bettys_path():
+    """Betty 0.2's betty.problems.penalty_problem.PenaltyProblem, ImplicitProblem's code less "sama"."""
+    from imaml_ext.problems.penalty_problem import PenaltyProblem
+
+    weights = []
+    for base in (ImplicitProblem, PenaltyProblem):
+        class Fit(base):
+            def training_step(self, batch):
+                x, y = batch
+                return ((self.module(x) - y) ** 2).mean()
+
+        torch.manual_seed(0)
+        module = nn.Linear(D, 1)
+        data = [(torch.randn(4, D), torch.randn(4, 1)) for _ in range(2)]
+        run(Fit("fit", Config(), module, torch.optim.SGD(module.parameters(), lr=0.1), None, data), 3)
+        weights.append(module.weight.detach())
+    assert torch.equal(*weights)

@@ -155,6 +155,7 @@ class Problem(SetUp, BatchSource, Losses, RollBack, BettyNames):
         self.optimizer = self._configured("optimizer", self.configure_optimizer)
         if self.optimizer is None and self.trainable_parameters():
             raise ValueError(f'problem "{self.name}" has no optimizer: pass optimizer= or override configure_optimizer()')
+        self._use_param_groups()
         self.scheduler = self._configured("scheduler", self.configure_scheduler)
         if self.config.precision == "fp16":
             self.scaler = torch.amp.GradScaler(

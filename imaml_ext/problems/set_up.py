@@ -31,6 +31,23 @@ class SetUp:
             f'problem "{self.name}": {where} must give {self._EXPECTED[what]}; got {describe(value)}'
         )
 
+    def _use_param_groups(self) -> None:
+        """Betty 0.2's ``param_groups()`` (its patch_optimizer): where a problem defines it, the
+        optimizer is rebuilt, its class and defaults, over the groups it returns, before the
+        scheduler is set up, so ``configure_scheduler()`` sees the rebuilt optimizer."""
+        if not callable(getattr(type(self), "param_groups", None)) or self.optimizer is None:
+            return
+        if self.scheduler is not None:
+            raise ValueError(f'problem "{self.name}": param_groups() rebuilds the optimizer, and the scheduler= '
+                             "argument was built on the one it replaces; build the scheduler in "
+                             "configure_scheduler(), which sees the rebuilt optimizer")
+        kind = type(self.optimizer)
+        try:
+            self.optimizer = kind(self.param_groups(), **self.optimizer.defaults)
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f'problem "{self.name}": param_groups() must give what {kind.__name__} takes as its '
+                             f'params (parameters, or dicts with "params"); {kind.__name__} said: {error!r}') from None
+
     @staticmethod
     def _is_kind(what: str, value) -> bool:
         if what == "module":
