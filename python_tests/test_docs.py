@@ -34,8 +34,8 @@ def test_the_paper_scale_command_is_the_preset():
     command = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).replace("\\\n", " ").split()
     argv = [w for w in command[command.index("imaml_ext.train") + 1:] if w != "--cuda_graph"]
     argv = ["cpu" if before == "--device" else w for before, w in zip(["", *argv], argv)]
-    documented = arguments.run_config(train_cli.parse_args(argv))
-    preset = arguments.run_config(train_cli.parse_args(["--preset", "omniglot-5w1s", "--device", "cpu"]))
+    documented = train_cli.parse_args(argv).recorded()
+    preset = train_cli.parse_args(["--preset", "omniglot-5w1s", "--device", "cpu"]).recorded()
     assert documented == preset
 
 

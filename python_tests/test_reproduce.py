@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from imaml_ext.training import arguments
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -38,7 +37,7 @@ def run_folder(path: Path, finished: bool = True, invocations: bool = True) -> P
 
     path.mkdir(parents=True)
     args = train_cli.parse_args(["--preset", "omniglot-5w1s", "--steps", "40", "--device", "cpu", "--out", str(path)])
-    config = {**arguments.run_config(args), "preset": "omniglot-5w1s", "imaml_ext": "0.1.0", "torch": "2.x"}
+    config = {**args.recorded(), "preset": "omniglot-5w1s", "imaml_ext": "0.1.0", "torch": "2.x"}
     (path / "config.json").write_text(json.dumps(config))
     rows = [{"split": "train", "step": 20, "loss": 1.0, "accuracy": 0.6, "tasks_per_s": 32.0},
             {"split": "validation", "step": 20, "loss": 0.9, "accuracy": 0.7, "best_accuracy": 0.7},

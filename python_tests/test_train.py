@@ -20,7 +20,7 @@ from imaml_ext.training import arguments
 from imaml_ext.training import distributed
 from imaml_ext.training import evaluation, learner
 from imaml_ext.data import find_data_root
-from imaml_ext.training.arguments import IMAML_ONLY
+from imaml_ext.training.config import IMAML_ONLY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -898,7 +898,7 @@ PAPER_5WAY = {"task": "omniglot", "split": "finn", "algo": "imaml", "ways": 5, "
 @pytest.mark.parametrize("name, ways, shots", [("omniglot-5w1s", 5, 1), ("omniglot-5w5s", 5, 5),
                                                ("omniglot-20w1s", 20, 1), ("omniglot-20w5s", 20, 5)])
 def test_each_preset_resolves_to_the_papers_values(name, ways, shots):
-    config = arguments.run_config(train_cli.parse_args(["--preset", name, "--device", "cpu"]))
+    config = train_cli.parse_args(["--preset", name, "--device", "cpu"]).recorded()
     expected = {**PAPER_5WAY, "ways": ways, "shots": shots, "query": shots}
     if ways == 20:  # the paper's Table 3: 25 inner steps for 20-way; MAML's 20-way meta-batch
         expected.update(inner_steps=25, meta_batch_size=16)
@@ -1007,7 +1007,7 @@ def test_real_time_budget_run_completes(tmp_path, data_root):
 def test_resume_with_time_budget_refuses_a_config_json_of_another_run(tmp_path, capsys):
     out = tmp_path / "started"
     out.mkdir()
-    config = arguments.run_config(train_cli.parse_args([*TINY, "--out", str(out)]))
+    config = train_cli.parse_args([*TINY, "--out", str(out)]).recorded()
     (out / "config.json").write_text(json.dumps({**config, "torch": torch.__version__}))
     before = snapshot(out)
     assert run(out, "--resume", "--time_budget", "60", "--lam", "0.5") == 2

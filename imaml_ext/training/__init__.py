@@ -1,6 +1,6 @@
 """The training command line (``imaml-train``, ``python -m imaml_ext.train``), one file per concern:
 
-- ``arguments``: the options, their checks, and the run's configuration;
+- ``arguments`` and ``config``: the options, and the run's configuration (``RunConfig``) with its checks;
 - ``presets``: the iMAML paper's Omniglot and Mini-ImageNet settings (``--preset``), with their sources;
 - ``run_folder``: the run folder (config, metrics, curves) and the checkpoints;
 - ``tasks`` and ``learner``: the Omniglot or Mini-ImageNet tasks, the model and the learner that trains it;

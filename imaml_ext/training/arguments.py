@@ -1,18 +1,14 @@
-"""The command line's options: the parser, the checks of what was given, presets (--preset),
-and the run's configuration (what config.json and the checkpoint record)."""
+"""The command line's options: the parser, presets (--preset), and the run's configuration
+(``config.RunConfig``) built and checked from what was given."""
 
 from __future__ import annotations
 
 import argparse
-import math
-import sys
 from typing import Dict, Optional, Sequence
 
-import torch
-
-from .._device import check_device
 from ..batched.module import TaskBatchedModule
-from ..data import NUM_DRAWERS, PROTOCOLS, split_classes
+from ..data import PROTOCOLS
+from .config import ADDED_OPTION_DEFAULTS, ALGOS, AUTHORS_DAMPING, MODELS, TASKS, RunConfig
 from .errors import RunError
 from .presets import PRESETS
 
@@ -39,27 +35,6 @@ checkpoint) before the time is up: repeat the same command with --resume to go o
 --preset mini-imagenet-5w1s (5w5s) and --model resnet12: see docs/mini-imagenet.md.
 """
 
-TASKS = ("omniglot", "mini-imagenet")
-MODELS = ("conv4", "resnet12")
-ALGOS = ("imaml", "maml", "fomaml")
-
-# Arguments that do not change what a run computes: they may differ on --resume.
-# Options added after checkpoints were first written, with the value those runs had.
-# (Runs before --hvp double-backpropagated, what "auto" keeps wherever it times faster, as on a CPU; like
-# --forward auto, it changes only the float rounding.)
-ADDED_OPTION_DEFAULTS = {"precision": "fp32", "model": "conv4", "hvp": "auto", "tf32": "torch"}
-# (--preset only names defaults: the values it resolved to are what a run records and compares.)
-RUNTIME_KEYS = ("out", "resume", "progress", "tensorboard", "data", "download", "stop_after", "on_nonfinite",
-                "evaluate", "undamped", "preset", "time_budget")
-# What only the final evaluation reads: may change on --resume (and --steps may grow, extending the run).
-EVALUATION_KEYS = ("eval_tasks", "eval_batch", "baseline", "eval_lam", "eval_query")
-# What --evaluate RUN_FOLDER accepts beside it; the rest comes from the run's checkpoint.
-EVALUATE_OPTIONS = ("evaluate", *EVALUATION_KEYS, "device", "data", "download", "progress")
-# The iMAML authors' damping of the CG system, the command line's default (--undamped: 0 and 0).
-AUTHORS_DAMPING = {"cg_damping": 1.0, "lam_damping": 10.0}
-# --algo imaml's alone (its proximal term and CG solve): refused beside --algo maml / fomaml when given,
-# and not in a MAML run's configuration (which older checkpoints recorded: compared without them).
-IMAML_ONLY = ("lam", "reg", "cg_iterations", "cg_damping", "lam_damping", "undamped", "hvp")
 _UNSET = object()
 
 
@@ -210,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
+    """The run that ``argv`` describe, checked (an error exits with argparse's one-line message)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -219,164 +195,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         # Only what was given counts: every action's value starts unset, not at its default.
         given = parser.parse_args(argv, argparse.Namespace(**{a.dest: _UNSET for a in parser._actions}))
         given = sorted(k for k, v in vars(given).items() if v is not _UNSET)
-        if args.evaluate is not None:
-            args.given = given
-            check_evaluate_args(args)
+        config = RunConfig(**vars(args))
+        if config.evaluate is not None:
+            config.check_evaluate(given)
         else:
-            check_algo_options(args, given)
-            check_args(args)
+            config.check(given)
     except RunError as error:
         parser.error(str(error))
-    return args
+    return config
 
 
-def check_evaluate_args(args: argparse.Namespace) -> None:
-    other = [k for k in args.given if k not in EVALUATE_OPTIONS]
-    if other:
-        raise RunError(f"--evaluate takes the run's configuration from its checkpoint; only "
-                       f"{', '.join('--' + k for k in EVALUATE_OPTIONS[1:])} may be given with it; got --{other[0]}")
-    if args.eval_tasks < 1:
-        raise RunError(f"--eval_tasks must be >= 1 with --evaluate; got {args.eval_tasks}")
-    if args.eval_batch is not None and args.eval_batch < 1:
-        raise RunError(f"--eval_batch must be >= 1; got {args.eval_batch}")
-    check_eval_lam(args)
-    args.device = _device_arg(args.device)
-
-
-def check_algo_options(args: argparse.Namespace, given: Sequence[str]) -> None:
-    if args.algo == "imaml":
-        return
-    extra = [k for k in IMAML_ONLY if k in given]
-    if extra:
-        raise RunError(f"--{extra[0]} is an option of --algo imaml (its proximal term and CG solve); --algo "
-                       f"{args.algo} adapts by plain SGD through the unrolled inner loop and solves nothing: leave it "
-                       f"out")
-
-
-def check_eval_lam(args: argparse.Namespace) -> None:
-    """--eval_lam and --eval_query, the options of the test-time adaptation."""
-    if args.eval_lam is not None and not (math.isfinite(args.eval_lam) and args.eval_lam >= 0):
-        raise RunError(f"--eval_lam must be a finite number >= 0; got {args.eval_lam}")
-    if args.eval_query is not None and args.eval_query < 1:
-        raise RunError(f"--eval_query must be >= 1; got {args.eval_query}")
-
-
-def check_args(args: argparse.Namespace) -> None:
-    if args.task not in TASKS:
-        raise RunError(f"--task must be one of {', '.join(TASKS)}; got {args.task!r}")
-    if args.reg is not None:
-        args.lam = 2.0 * args.reg  # the tutorial's reg * ||phi - theta||^2 has gradient 2 * reg * (phi - theta)
-    elif args.lam is None:
-        args.lam = 2.0
-    # --inner_steps 0 would meta-learn with phi = theta, as --cg_iterations 0 with no solve: both refused.
-    positive_ints = ["ways", "shots", "query", "inner_steps", "cg_iterations", "meta_batch_size", "hidden_size",
-                     "steps", "log_every", "valid_tasks", "checkpoint_every"]
-    for name in positive_ints:
-        value = getattr(args, name)
-        if value < 1:
-            raise RunError(f"--{name} must be >= 1; got {value}")
-    for name, value in AUTHORS_DAMPING.items():
-        if args.undamped and getattr(args, name) not in (None, 0.0):
-            raise RunError(f"--undamped sets --{name} 0; got --{name} {getattr(args, name)} as well")
-        if getattr(args, name) is None:
-            setattr(args, name, 0.0 if args.undamped else value)
-    for name in ("cg_damping", "lam_damping", "clip_grad"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise RunError(f"--{name} must be a finite number >= 0; got {value}")
-    for name in ("valid_every", "eval_tasks"):
-        if getattr(args, name) < 0:
-            raise RunError(f"--{name} must be >= 0; got {getattr(args, name)}")
-    for name in ("base_lr", "lam", "meta_lr"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value > 0):
-            shown = "--reg" if name == "lam" and args.reg is not None else f"--{name}"
-            raise RunError(f"{shown} must be a finite number > 0; got {value if shown != '--reg' else args.reg}")
-    if args.task == "mini-imagenet":
-        # Its classes and images per class are the files': checked once they are read (training.tasks).
-        if args.download:
-            raise RunError("--download fetches Omniglot; Mini-ImageNet is never downloaded (ImageNet's images are not "
-                           "freely redistributable): put learn2learn's mini-imagenet-cache-*.pkl files in "
-                           "--data <folder>/mini-imagenet/")
-    else:
-        for name in ("query", "eval_query"):
-            query = getattr(args, name)
-            if query is not None and args.shots + query > NUM_DRAWERS:
-                raise RunError(f"--shots + --{name} must be <= {NUM_DRAWERS} (Omniglot has {NUM_DRAWERS} drawers per "
-                               f"character, and support and query images are distinct); got {args.shots} + {query} = "
-                               f"{args.shots + query}")
-        for split in ("train", "validation", "test"):
-            classes = len(split_classes(split, seed=args.split_seed, protocol=args.split))
-            if args.ways > classes:
-                raise RunError(f"--ways {args.ways} is more than the {classes} classes of the {args.split} {split} "
-                               f"split")
-    if args.eval_batch is None:
-        args.eval_batch = args.meta_batch_size
-    elif args.eval_batch < 1:
-        raise RunError(f"--eval_batch must be >= 1; got {args.eval_batch}")
-    if args.stop_after is not None and not 1 <= args.stop_after:
-        raise RunError(f"--stop_after must be >= 1; got {args.stop_after}")
-    if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
-        raise RunError(f"--time_budget must be a number of seconds > 0; got {args.time_budget:g}")
-    check_eval_lam(args)
-    args.device = _device_arg(args.device)
-    device = torch.device(args.device)
-    if args.eval_lam not in (None, 0.0) and args.algo != "imaml":
-        raise RunError(f"--eval_lam {args.eval_lam} is a proximal adaptation, for --algo imaml; --algo {args.algo} "
-                       f"adapts with plain SGD (--eval_lam 0)")
-    if args.precision != "fp32" and args.algo != "imaml":
-        raise RunError(f"--precision {args.precision} is built for --algo imaml only; got --algo {args.algo}")
-    if args.precision == "fp16" and args.on_nonfinite != "skip-task":
-        raise RunError("--precision fp16 leaves out a task whose scaled gradients overflow (as GradScaler skips a "
-                       f"step) and lowers the loss scale: it needs --on_nonfinite skip-task; got {args.on_nonfinite}")
-    if args.tf32 == "on" and device.type != "cuda":
-        print(f"imaml-train: note: --tf32 on has no effect on {device.type}: TensorFloat-32 is a mode of NVIDIA GPUs' "
-              f"convolutions and matrix products; the run computes in IEEE float32", file=sys.stderr)
-    if args.cuda_graph and device.type != "cuda":
-        raise RunError(f"--cuda_graph needs a CUDA --device; got {args.device}")
-    check_lifecycle_args(args)
-
-
-# The forwards with a forward-mode derivative of their convolutions under bfloat16 autocast in torch
-# 2.14 (grouped, im2col, or Conv4's fused runs); a dense convolution's mixes the dtypes.
-BF16_JVP_FORWARDS = ("vmap", "im2col", "vmap+fused", "im2col+fused")
-
-
-def check_lifecycle_args(args: argparse.Namespace) -> None:
-    """--out, --seed, and a combination that would fail only at the first meta-step."""
-    if args.out is not None and not args.out.strip():
-        raise RunError(f"--out must name a folder; got {args.out!r} (the current folder is no run folder)")
-    if args.seed < 0:
-        raise RunError(f"--seed must be >= 0; got {args.seed}")
-    fine = BF16_JVP_FORWARDS + (("loop+fused", "stacked+fused") if args.model == "conv4" else ())
-    if args.algo == "imaml" and args.precision == "bf16" and args.hvp == "forward" and args.forward not in fine:
-        raise RunError(f"--precision bf16 --hvp forward needs --forward {', '.join(fine)} (this torch's forward-mode "
-                       f"derivative of a dense convolution under bfloat16 autocast fails); got --forward "
-                       f"{args.forward}. --hvp reverse or auto runs with any --forward")
-
-
-def _device_arg(name: Optional[str]) -> str:
-    """--device, checked: cuda when there is one and none is given, else cpu."""
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        check_device(name, "--device")
-    except ValueError as error:
-        raise RunError(str(error)) from None
-    return name
-
-
-def run_config(args: argparse.Namespace) -> Dict[str, object]:
-    """What determines the run's numbers (compared on --resume)."""
-    return without_unread_options({k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_KEYS})
-
-
-def without_unread_options(config: Dict[str, object]) -> Dict[str, object]:
-    """``config`` without the options its --algo never reads: a MAML run's has none of IMAML_ONLY."""
-    if config.get("algo", "imaml") == "imaml":
-        return config
-    return {k: v for k, v in config.items() if k not in IMAML_ONLY}
-
+def recorded_run(saved: Dict[str, object], where: str) -> RunConfig:
+    """The configuration that ``where`` (a checkpoint) recorded (``RunConfig.recorded``), with the
+    options it does not hold at the value runs had before the option existed, or at their default."""
+    defaults = vars(build_parser().parse_args([]))
+    unknown = sorted(set(saved) - set(defaults))
+    if unknown:
+        raise RunError(f"{where} records --{unknown[0]}, which is no option of this imaml-train")
+    return RunConfig(**{**defaults, **ADDED_OPTION_DEFAULTS, **saved})
 
 
 def apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:

@@ -3,8 +3,8 @@ the final evaluation of a run (results.json) and --evaluate RUN_FOLDER (evaluati
 
 from __future__ import annotations
 
-import argparse
 import copy
+import dataclasses
 import math
 import os
 import platform
@@ -17,7 +17,8 @@ import torch
 from ..batched import IMAML
 from ..data import NUM_DRAWERS, TaskIndices, TaskSampler
 from ..logging import to_json
-from .arguments import ADDED_OPTION_DEFAULTS, build_parser
+from .arguments import recorded_run
+from .config import RunConfig
 from .distributed import Distributed
 from .errors import RunError
 from .learner import build_evaluator, build_model, evaluation_lam
@@ -41,7 +42,7 @@ def evaluate(imaml: IMAML, sampler: TaskSampler, indices: TaskIndices, batch: in
     return {"accuracy": torch.cat(accuracy), "loss": torch.cat(loss)}
 
 
-def evaluation_batch_sizes(args) -> List[int]:
+def evaluation_batch_sizes(args: RunConfig) -> List[int]:
     """The meta-batch sizes the validations and the final evaluation run: --eval_batch and the remainders."""
     sizes = set()
     for total in (args.valid_tasks if args.valid_every else 0, args.eval_tasks):
@@ -52,7 +53,7 @@ def evaluation_batch_sizes(args) -> List[int]:
     return sorted(sizes)
 
 
-def time_evaluation_shapes(imaml: IMAML, sampler: TaskSampler, args) -> None:
+def time_evaluation_shapes(imaml: IMAML, sampler: TaskSampler, args: RunConfig) -> None:
     """forward="auto" times each input shape at its first call. A run's evaluation shapes are timed
     here, at its start, so that every checkpoint holds their choices and a resumed run evaluates as
     the uninterrupted one would. Runs the evaluation on one task drawn and put back (the sampler's
@@ -74,12 +75,12 @@ def time_evaluation_shapes(imaml: IMAML, sampler: TaskSampler, args) -> None:
                 imaml.evaluate(*(t.expand(size, *t.shape[1:]).contiguous() for t in one), per_task=True)
 
 
-def eval_query(args) -> int:
+def eval_query(args: RunConfig) -> int:
     """Query images per class of the final evaluation: --eval_query, by default --query."""
-    return args.query if getattr(args, "eval_query", None) is None else args.eval_query
+    return args.query if args.eval_query is None else args.eval_query
 
 
-def evaluation_sampler(sampler: TaskSampler, args) -> TaskSampler:
+def evaluation_sampler(sampler: TaskSampler, args: RunConfig) -> TaskSampler:
     """``sampler`` with --eval_query query images per class. It draws from the same generator as
     ``sampler`` and the same numbers (the support images come first in each class's drawer order), so
     the tasks are the same, with more or fewer query images."""
@@ -102,18 +103,19 @@ def summarise(per_task_accuracy: torch.Tensor) -> Dict[str, float]:
     return {"accuracy": acc.mean().item(), "ci95": 1.96 * std / math.sqrt(n), "tasks": n}
 
 
-def evaluate_run(args: argparse.Namespace) -> Dict[str, object]:
+def evaluate_run(args: RunConfig) -> Dict[str, object]:
     """``--evaluate RUN_FOLDER``: the checkpoint's model, adapted to --eval_tasks test tasks, beside
     the same adaptation from the run's random initialisation (--no-baseline skips it); nothing
     is trained. The test tasks are drawn as the run's own final evaluation draws them, so the
     same --eval_tasks gives the same tasks. The result is appended to evaluations.jsonl."""
     folder = RunFolder(args.evaluate)
     ckpt = read_checkpoint(folder, "--evaluate")
-    run = argparse.Namespace(**{**vars(build_parser().parse_args([])), **ADDED_OPTION_DEFAULTS, **ckpt["config"]})
-    for name in ("eval_tasks", "baseline", "eval_lam", "eval_query", "device", "data", "download", "progress"):
-        setattr(run, name, getattr(args, name))
+    run = recorded_run(ckpt["config"], f"--evaluate: {folder.checkpoint}")
+    given = {name: getattr(args, name) for name in ("eval_tasks", "baseline", "eval_lam", "eval_query", "device",
+                                                     "data", "download", "progress")}
     if args.eval_batch is not None:
-        run.eval_batch = args.eval_batch
+        given["eval_batch"] = args.eval_batch
+    run = dataclasses.replace(run, **given)
     if args.eval_query is not None and run.task == "omniglot" and run.shots + args.eval_query > NUM_DRAWERS:
         raise RunError(f"--shots + --eval_query must be <= {NUM_DRAWERS} (Omniglot's drawers per character); the "
                        f"run's --shots is {run.shots}; got --eval_query {args.eval_query}")
@@ -127,7 +129,7 @@ def evaluate_run(args: argparse.Namespace) -> Dict[str, object]:
     return results
 
 
-def final_evaluation(args, model: torch.nn.Module, test_sampler: TaskSampler, folder: RunFolder,
+def final_evaluation(args: RunConfig, model: torch.nn.Module, test_sampler: TaskSampler, folder: RunFolder,
                      write: bool = True, choices: Optional[dict] = None) -> Dict[str, object]:
     """The trained ``model`` adapted to --eval_tasks test tasks with --eval_lam's inner loop, beside
     the same adaptation from the random initialisation (--baseline); written to results.json.
@@ -176,7 +178,7 @@ def _machine(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
 
 
-def format_results(args, results: Dict[str, object]) -> str:
+def format_results(args: RunConfig, results: Dict[str, object]) -> str:
     lines = []
     setting = f"{results.get('ways', args.ways)}-way {results.get('shots', args.shots)}-shot"
     if "test" in results:

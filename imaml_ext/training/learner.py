@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+from typing import Union
 
 import torch
 
 from ..batched import IMAML, MAML
 from ..models import Conv4, ResNet12
+from .config import RunConfig
 from .tasks import input_shape
 
 
-def build_model(args) -> torch.nn.Module:
+def build_model(args: RunConfig) -> torch.nn.Module:
     """--model for --task's images, initialised from --seed."""
     channels, side = input_shape(args)
     with torch.random.fork_rng(devices=[]):
@@ -24,16 +26,16 @@ def build_model(args) -> torch.nn.Module:
 TF32_OPTION = {"torch": None, "on": True, "off": False}
 
 
-def _tf32(args):
-    """--tf32 as IMAML's tf32 (runs from before the option: torch's settings). Off CUDA there is
-    nothing to set: check_args said so once, and no learner says it again."""
+def _tf32(args: RunConfig):
+    """--tf32 as IMAML's tf32. Off CUDA there is nothing to set: RunConfig.check said so once, and
+    no learner says it again."""
     if torch.device(args.device).type != "cuda":
         return None
-    return TF32_OPTION[getattr(args, "tf32", "torch")]
+    return TF32_OPTION[args.tf32]
 
 
-def build_imaml(model, args) -> IMAML:
-    """The learner of ``--algo``: IMAML, or MAML (a subclass) for maml / fomaml."""
+def build_imaml(model, args: RunConfig) -> Union[IMAML, MAML]:
+    """The learner of ``--algo``: IMAML, or MAML for maml / fomaml."""
     tf32 = _tf32(args)
     if args.algo != "imaml":
         return MAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, first_order=args.algo == "fomaml",
@@ -41,17 +43,17 @@ def build_imaml(model, args) -> IMAML:
     return IMAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, lam=args.lam,
                  cg_iterations=args.cg_iterations, ways=args.ways, check_labels=False, forward=args.forward,
                  cg_damping=args.cg_damping, lam_damping=args.lam_damping, nonfinite="skip",
-                 precision=args.precision, hvp=getattr(args, "hvp", "auto"), tf32=tf32)
+                 precision=args.precision, hvp=args.hvp, tf32=tf32)
 
 
-def evaluation_lam(args) -> float:
+def evaluation_lam(args: RunConfig) -> float:
     """The lambda of the final evaluation's inner loop: --eval_lam, by default --lam (0 for maml / fomaml)."""
-    if getattr(args, "eval_lam", None) is not None:
+    if args.eval_lam is not None:
         return float(args.eval_lam)
     return float(args.lam) if args.algo == "imaml" else 0.0
 
 
-def build_evaluator(model, args) -> IMAML:
+def build_evaluator(model, args: RunConfig) -> Union[IMAML, MAML]:
     """The learner the final evaluation adapts ``model`` with: the training one, or with --eval_lam
     another lambda; at 0, plain SGD from theta (no proximal term), as the iMAML authors'
     measure_accuracy.py fine-tunes at test time."""
@@ -61,4 +63,4 @@ def build_evaluator(model, args) -> IMAML:
     if lam == 0:
         return MAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, first_order=True, ways=args.ways,
                     check_labels=False, forward=args.forward, tf32=_tf32(args))
-    return build_imaml(model, argparse.Namespace(**{**vars(args), "lam": lam}))
+    return build_imaml(model, dataclasses.replace(args, lam=lam))

@@ -1,9 +1,9 @@
-"""The training loop: ``train(args)`` runs (or resumes) the run that ``args`` describe."""
+"""The training loop: ``train(args)`` runs (or resumes) the run that ``args`` (a RunConfig) describe."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..logging import to_json
-from .arguments import run_config
+from .config import RunConfig
 from .distributed import Distributed
 from .errors import RunError
 from .evaluation import evaluate, final_evaluation, slice_indices, time_evaluation_shapes
@@ -31,7 +31,7 @@ from .time_budget import TimeBudget, process_age
 WINDOW_KEYS = ("loss", "accuracy", "support_loss", "cg_residual", "cg_breakdown", "nonfinite")
 
 
-def train(args: argparse.Namespace) -> Dict[str, object]:
+def train(args: RunConfig) -> Dict[str, object]:
     """Run (or resume) the training described by ``args``; returns the results dict."""
     budget = TimeBudget(args.time_budget, spent=process_age()) if args.time_budget is not None else None
     ddp = Distributed.from_env()
@@ -40,10 +40,10 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
         if ddp.world > 1:
             raise RunError(f"--out must be given with {ddp.world} processes (each would make a default folder "
                            f"of its own)")
-        args.out = default_out(args)
+        args = dataclasses.replace(args, out=default_out(args))
     folder = RunFolder(args.out)
     check_out_folder(folder.path)
-    config = run_config(args)
+    config = args.recorded()
     phase: Dict[str, object] = {"at": "start-up"}  # where a Ctrl-C outside the meta-steps found the run
     ckpt = None
     try:

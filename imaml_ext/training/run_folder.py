@@ -21,7 +21,7 @@ import torch
 
 from .._io import atomic_write
 from ..logging import strict, to_json
-from .arguments import ADDED_OPTION_DEFAULTS, EVALUATION_KEYS, without_unread_options
+from .config import ADDED_OPTION_DEFAULTS, EVALUATION_KEYS, without_unread_options
 from .errors import RunError
 from .run_lock import LOCK_NAME
 

@@ -4,7 +4,6 @@ second run given the same --out is refused instead of mixing its files with the 
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import os
 import sys
@@ -12,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+from .config import RunConfig
 from .errors import RunError
 
 # Held (flock) by the process running in the folder; the kernel releases it when the process
@@ -19,7 +19,7 @@ from .errors import RunError
 LOCK_NAME = ".imaml-train.lock"
 
 
-def default_out(args: argparse.Namespace) -> str:
+def default_out(args: RunConfig) -> str:
     """runs/<task>-<ways>w<shots>s-<date>-<time>, or the first free of -2, -3, ...: mkdir makes it,
     and only one process can make a given folder."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

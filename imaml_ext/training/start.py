@@ -4,14 +4,14 @@ says on its way out."""
 
 from __future__ import annotations
 
-import argparse
 from typing import Dict, List, Optional
 
+from .config import RunConfig
 from .errors import RunError
 from .run_folder import RunFolder, load_checkpoint
 
 
-def checkpoint_to_resume(args: argparse.Namespace, folder: RunFolder, config: Dict[str, object],
+def checkpoint_to_resume(args: RunConfig, folder: RunFolder, config: Dict[str, object],
                          main: bool) -> Optional[Dict[str, object]]:
     """The checkpoint to continue from, or None to start at step 0. A folder holding only what a
     run writes before its first checkpoint (a crash or a kill in its first meta-steps) starts

@@ -19,18 +19,19 @@ from ..data import (
     omniglot_tasks,
     option_spelling,
 )
+from .config import RunConfig
 from .errors import RunError
 
 # Each task's images: (channels, side).
 INPUTS = {"omniglot": (1, 28), "mini-imagenet": (3, 84)}
 
 
-def input_shape(args) -> Tuple[int, int]:
+def input_shape(args: RunConfig) -> Tuple[int, int]:
     """(channels, side) of the images of ``args.task``."""
     return INPUTS[args.task]
 
 
-def load_images(args) -> torch.Tensor:
+def load_images(args: RunConfig) -> torch.Tensor:
     try:
         with option_spelling(root="--data <folder>", download="--download"):  # the flags, in its messages
             return load_omniglot(args.data, download=args.download)
@@ -39,7 +40,7 @@ def load_images(args) -> torch.Tensor:
         raise RunError(str(error)) from None
 
 
-def make_tasks(args, device: torch.device) -> Union[OmniglotTasks, MiniImagenetTasks]:
+def make_tasks(args: RunConfig, device: torch.device) -> Union[OmniglotTasks, MiniImagenetTasks]:
     """The train, validation and test samplers of the run that ``args`` describe."""
     if args.task == "mini-imagenet":
         return _mini_imagenet(args, device)
@@ -47,7 +48,7 @@ def make_tasks(args, device: torch.device) -> Union[OmniglotTasks, MiniImagenetT
                           split_seed=args.split_seed, seed=args.seed, device=device)
 
 
-def _mini_imagenet(args, device: torch.device) -> MiniImagenetTasks:
+def _mini_imagenet(args: RunConfig, device: torch.device) -> MiniImagenetTasks:
     try:
         with option_spelling(root="--data <folder>", download="--download"):
             splits = load_mini_imagenet(args.data)
