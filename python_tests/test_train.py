@@ -564,9 +564,9 @@ def test_maml_leaves_nonfinite_tasks_out_of_theta(tmp_path, data_root, capsys):
 def test_cg_breakdown_warning_without_damping_advises_it():
     from argparse import Namespace
 
-    from imaml_ext.training.loop import _breakdown_message
+    from imaml_ext.training.window import breakdown_message
 
-    message = _breakdown_message(Namespace(cg_damping=0.0, lam_damping=0.0, lam=2.0), 0.75, 1, 10)
+    message = breakdown_message(Namespace(cg_damping=0.0, lam_damping=0.0, lam=2.0), 0.75, 1, 10)
     assert "75% of the tasks of steps 1-10" in message and "below -lam = -2" in message
     assert "damping (--cg_damping 1 --lam_damping 10" in message
 

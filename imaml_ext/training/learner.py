@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -11,6 +11,26 @@ from ..batched import IMAML, MAML
 from ..models import Conv4, ResNet12
 from .config import RunConfig
 from .tasks import input_shape
+
+
+@dataclasses.dataclass
+class Learning:
+    """What the meta-steps train: the model, the learner of --algo, the meta-optimizer and its schedule."""
+
+    model: torch.nn.Module
+    learner: Union[IMAML, MAML]
+    optimizer: torch.optim.Optimizer
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler]
+
+
+def build_learning(args: RunConfig) -> Learning:
+    model = build_model(args)
+    learner = build_imaml(model, args)
+    optimizer_cls = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
+    optimizer = optimizer_cls(model.parameters(), lr=args.meta_lr)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
+                 if args.scheduler == "cosine" else None)
+    return Learning(model, learner, optimizer, scheduler)
 
 
 def build_model(args: RunConfig) -> torch.nn.Module:

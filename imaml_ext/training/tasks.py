@@ -22,6 +22,7 @@ from ..data import (
 from .config import RunConfig
 from .errors import RunError
 
+Tasks = Union[OmniglotTasks, MiniImagenetTasks]
 # Each task's images: (channels, side).
 INPUTS = {"omniglot": (1, 28), "mini-imagenet": (3, 84)}
 
@@ -40,7 +41,7 @@ def load_images(args: RunConfig) -> torch.Tensor:
         raise RunError(str(error)) from None
 
 
-def make_tasks(args: RunConfig, device: torch.device) -> Union[OmniglotTasks, MiniImagenetTasks]:
+def make_tasks(args: RunConfig, device: torch.device) -> Tasks:
     """The train, validation and test samplers of the run that ``args`` describe."""
     if args.task == "mini-imagenet":
         return _mini_imagenet(args, device)
