@@ -135,6 +135,10 @@ class Engine:
                 raise NotBatchable('EngineConfig(strategy="fsdp"): the batched inner step reads the lower '
                                    "optimizer's settings by its whole parameters, and under FSDP the optimizer holds "
                                    "their shards", pattern=plan.pattern)
+            for problem in self.problems:
+                if type(problem).meta_trainable_parameters is not Problem.meta_trainable_parameters:
+                    raise NotBatchable(f'problem "{problem.name}" overrides meta_trainable_parameters(), which the '
+                                       "batched tasks' stacked weights do not follow", pattern=plan.pattern)
         except NotBatchable as cause:
             info.reason, info.pattern = str(cause), cause.pattern
             if mode == "on":

@@ -256,3 +256,79 @@ def test_penalty_problem_is_an_implicit_problem_at_bettys_path():
         run(Fit("fit", Config(), module, torch.optim.SGD(module.parameters(), lr=0.1), None, data), 3)
         weights.append(module.weight.detach())
     assert torch.equal(*weights)
+
+
+class Pair(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(n, dtype=torch.float64))
+        self.b = nn.Parameter(torch.randn(n, dtype=torch.float64))
+
+
+def meta_pair(config, subset):
+    """L(a, b, theta) = 1/2 a^T A a + 1/2 b^T A b - a^T B theta - b^T C theta below,
+    U = 1/2 ||a - c||^2 + 1/2 ||b - d||^2 above; the lower's meta parameters: a, or a and b."""
+    n, m = 4, 3
+    A = torch.eye(n, dtype=torch.float64) * 2
+    B, C = torch.randn(n, m, dtype=torch.float64), torch.randn(n, m, dtype=torch.float64)
+    c, d = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+
+    class Lower(ImplicitProblem):
+        def training_step(self, batch):
+            a, b, theta = self.module.a, self.module.b, self.upper.module.weight.view(-1)
+            return 0.5 * a @ A @ a + 0.5 * b @ A @ b - a @ B @ theta - b @ C @ theta
+
+        if subset:
+            def meta_trainable_parameters(self):
+                return [self.module.a]
+
+    class Upper(ImplicitProblem):
+        def training_step(self, batch):
+            return 0.5 * ((self.lower.module.a - c) ** 2).sum() + 0.5 * ((self.lower.module.b - d) ** 2).sum()
+
+    lower_m, upper_m = Pair(n), nn.Linear(m, 1, bias=False).double()
+    lower = Lower("lower", config, lower_m, torch.optim.SGD(lower_m.parameters(), lr=0.1), None, [()])
+    upper = Upper("upper", Config(), upper_m, torch.optim.SGD(upper_m.parameters(), lr=0.1), None, [()])
+    Engine([upper, lower], EngineConfig(train_iters=1), dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}})
+    lower.cur_batch = ()
+    return upper, lower, (B.T @ (lower_m.a - c) + C.T @ (lower_m.b - d)).detach(), (B.T @ (lower_m.a - c)).detach()
+
+
+def test_meta_trainable_parameters_are_what_darts_differentiates_and_perturbs():
+    """Betty 0.2 (hypergradient/__init__.py:24-31, darts.py:37-62): the upper's gradient taken
+    against the lower's meta_trainable_parameters(), darts' probes on those alone."""
+    from imaml_ext.hypergradient import get_grads
+
+    torch.manual_seed(0)
+    for subset in (False, True):
+        upper, lower, both, a_only = meta_pair(Config(type="darts"), subset)
+        before = [p.detach().clone() for p in lower.module.parameters()]
+        (got,) = get_grads(upper.training_step(()), upper.paths[0])
+        torch.testing.assert_close(got.view(-1), a_only if subset else both, rtol=1e-7, atol=1e-9)
+        assert all(torch.equal(p, q) for p, q in zip(lower.module.parameters(), before))
+    assert (both - a_only).norm() > 1e-2  # the subset changes the answer
+
+
+@pytest.mark.parametrize("config, message", [
+    (Config(type="cg"), r'meta_trainable_parameters\(\) gives a subset .* only Config\(type="darts"\) without '
+                        r'proximal_lambda can take; it has type="cg"'),
+    (Config(type="neumann"), r'meta_trainable_parameters\(\) gives a subset .* it has type="neumann", '
+                             r"proximal_lambda=None"),
+])
+def test_meta_trainable_parameters_a_method_cannot_take_is_one_error(config, message):
+    from imaml_ext.hypergradient import get_grads
+
+    upper, _, _, _ = meta_pair(config, subset=True)
+    with pytest.raises(ValueError, match=r'problem "lower": ' + message):
+        get_grads(upper.training_step(()), upper.paths[0])
+
+
+def test_meta_trainable_parameters_turn_task_batching_off_by_name():
+    from dropin_programs import build
+
+    def subset(Lower):
+        return type("Lower", (Lower,), {"meta_trainable_parameters": lambda self: self.trainable_parameters()[:2]})
+
+    with pytest.warns(RuntimeWarning, match=r'problem "lower" overrides meta_trainable_parameters\(\)'):
+        engine = build("auto", meta_batch=2, inner_steps=1, lower_class=subset)
+    assert not engine.task_batching.active

@@ -16,6 +16,7 @@ from torch import Tensor
 from .cg import cg
 from .darts import darts
 from .neumann import neumann
+from .utils import meta_parameters
 
 HYPERGRADIENTS: Dict[str, Callable] = {"cg": cg, "neumann": neumann, "darts": darts}
 
@@ -37,13 +38,15 @@ def get_grads(loss: Tensor, path: list, retain_graph: bool = False) -> List[Tens
     """The gradient of ``loss`` (path[0]'s) for path[0]'s parameters through
     path[1], path[2], ... (lower problems, each the child of the next): the
     chain of each hop's hypergradient."""
-    lower = path[1]
-    params = lower.trainable_parameters()
+    params = meta_parameters(path[1])
     v = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
     v = [g.detach() for g in _zeros_for_none(v, params)]
     for curr, prev in zip(path[1:-1], path[2:]):
         v = get_hypergradient(curr.config.type)(v, curr, prev)
+        if prev is not path[-1]:  # v is over prev's trainable parameters; its own hop takes its meta ones
+            where = {id(p): i for i, p in enumerate(prev.trainable_parameters())}
+            v = [v[where[id(p)]] for p in meta_parameters(prev)]
     return v
 
 
-__all__ = ["HYPERGRADIENTS", "get_hypergradient", "get_grads", "cg", "neumann", "darts"]
+__all__ = ["HYPERGRADIENTS", "get_hypergradient", "get_grads", "meta_parameters", "cg", "neumann", "darts"]

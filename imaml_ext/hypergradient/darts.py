@@ -8,7 +8,7 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
-from .utils import gradient_with_graph, reduce_tasks, task_count, verify_proximal, zeros_for_none
+from .utils import gradient_with_graph, meta_parameters, reduce_tasks, task_count, verify_proximal, zeros_for_none
 
 
 def darts(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
@@ -23,7 +23,7 @@ def darts(vector: Sequence[Tensor], curr, prev) -> List[Tensor]:
     batch = getattr(curr, "task_batch", None)
     if batch is not None and batch.running:
         return _darts_per_task(vector, curr, prev, batch)
-    params = curr.trainable_parameters()
+    params = meta_parameters(curr)
     prev_params = prev.trainable_parameters()
     norm = torch.sqrt(sum((v.detach().float() ** 2).sum() for v in vector))
     eps = config.darts_alpha / (norm.item() + 1e-12)

@@ -13,6 +13,24 @@ def zeros_for_none(grads, like: Sequence[Tensor]) -> List[Tensor]:
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
 
 
+def meta_parameters(problem) -> List[Tensor]:
+    """``problem.meta_trainable_parameters()`` (Betty 0.2's): ``trainable_parameters()`` unless
+    overridden. A subset of them only under plain darts, which perturbs just those; cg and neumann
+    solve over all of them, as Betty's do (there a subset fails on mismatched shapes)."""
+    meta, trainable = list(problem.meta_trainable_parameters()), problem.trainable_parameters()
+    if len(meta) == len(trainable) and all(a is b for a, b in zip(meta, trainable)):
+        return trainable
+    config, ids = problem.config, {id(p) for p in trainable}
+    if not all(id(p) in ids for p in meta):
+        raise ValueError(f'problem "{problem.name}": meta_trainable_parameters() must give some of its '
+                         "trainable_parameters(); it gave another tensor")
+    if config.type != "darts" or config.proximal_lambda is not None:
+        raise ValueError(f'problem "{problem.name}": meta_trainable_parameters() gives a subset of its trainable '
+                         f'parameters, which only Config(type="darts") without proximal_lambda can take; it has '
+                         f'type="{config.type}", proximal_lambda={config.proximal_lambda}')
+    return meta
+
+
 def gradient_with_graph(curr):
     """(params, dL_curr/dparams with create_graph) at curr's current parameters."""
     params = curr.trainable_parameters()

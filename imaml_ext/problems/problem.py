@@ -217,6 +217,10 @@ class Problem(SetUp, BatchSource, Losses, RollBack, BettyNames):
             return list(self.task_batch.phi)  # every task's weights, [T, *shape], for the hypergradient
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def meta_trainable_parameters(self) -> List[Tensor]:
+        """Betty 0.2's: what an upper problem's gradient is taken against and darts perturbs."""
+        return self.trainable_parameters()
+
     def train(self) -> None:
         """Training mode: local steps count and unroll into the parents; the module in train()."""
         self.schedule.training = True
