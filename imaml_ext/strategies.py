@@ -62,6 +62,9 @@ class Single:
     def after_step(self, problem) -> None:
         pass
 
+    def at_rest(self, problem) -> None:
+        pass
+
     def stop(self) -> None:
         pass
 
@@ -191,13 +194,19 @@ class FullyShardedDataParallel(DataParallel):
         self.pairs[id(problem)] = list(zip(module.parameters(), shards.values()))
 
     def before_step(self, problem) -> None:
-        """Each shard: this rank's part of the whole parameter (which a hook may have changed in
-        place) and of its averaged gradient."""
+        """Each shard: this rank's part of the whole parameter (which the program may have changed
+        in place) and of its averaged gradient."""
+        self.at_rest(problem)
         for whole, shard in self.pairs[id(problem)]:
-            with torch.no_grad():
-                shard.copy_(self._shard_of(whole.detach(), shard))
             if whole.grad is not None:
                 shard.grad = self._shard_of(whole.grad, shard)
+
+    def at_rest(self, problem) -> None:
+        """After param_callback: what it changed in place (Betty's test_install clamps), into the
+        shards, which FSDP's state_dict() gives and gathers the whole parameters back from."""
+        with torch.no_grad():
+            for whole, shard in self.pairs[id(problem)]:
+                shard.copy_(self._shard_of(whole.detach(), shard))
 
     def _shard_of(self, tensor: torch.Tensor, like) -> torch.Tensor:
         """This rank's part of ``tensor`` (the same on every rank), as the DTensor ``like`` holds it."""

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from imaml_ext import Config, Engine, EngineConfig, ImplicitProblem
 
 D, ROWS, STEPS = 3, 24, 6
+CLAMP = -0.3
 
 
 class Vector(nn.Module):
@@ -34,6 +35,10 @@ class Lower(ImplicitProblem):
     def training_step(self, batch):
         (x,) = batch
         return 0.5 * ((self.module() - self.upper.module.w - x) ** 2).sum(1).mean()
+
+    def param_callback(self):
+        for p in self.trainable_parameters():  # as Betty's test_install clamps its parameters
+            p.data.clamp_(min=CLAMP)
 
 
 class Upper(ImplicitProblem):

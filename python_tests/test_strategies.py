@@ -206,3 +206,24 @@ def test_fsdp_refuses_what_its_shards_cannot_hold(one_rank, monkeypatch, change,
     with pytest.raises(ValueError, match=r'EngineConfig\(strategy="fsdp"\): ' + message):
         Engine(problems, EngineConfig(train_iters=1, strategy="fsdp", backend="gloo", device="cpu"),
                dependencies=dependencies)
+
+
+def test_fsdp_keeps_what_param_callback_changed_through_state_dict(one_rank):
+    """FSDP's state_dict() reshards the module and gathers the whole parameters back from the shards,
+    so what param_callback changed in place (Betty's test_install clamps) must reach the shards."""
+    problems, dependencies = tiny()
+    lower, seen = problems[1], []
+
+    def halve(self):
+        for p in self.trainable_parameters():
+            p.data.mul_(0.5)
+
+    def on_inner_loop_start(self):
+        before = [p.detach().clone() for p in self.trainable_parameters()]
+        self.module.state_dict()
+        seen.append(all(torch.equal(a, p) for a, p in zip(before, self.trainable_parameters())))
+
+    type(lower).param_callback, type(lower).on_inner_loop_start = halve, on_inner_loop_start
+    Engine(problems, EngineConfig(train_iters=3, strategy="fsdp", backend="gloo", device="cpu"),
+           dependencies=dependencies).run()
+    assert seen == [True] * 3

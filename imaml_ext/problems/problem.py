@@ -364,6 +364,8 @@ class Problem(SetUp, BatchSource, Losses, RollBack, BettyNames):
         if self.schedule.accumulation_boundary():
             self.optimizer_step()
             call_hook(self.param_callback, self.trainable_parameters())
+            if self.engine is not None:
+                self.engine.strategy.at_rest(self)  # fsdp: what param_callback changed, into the shards
             self.zero_grad()
         return stats
 
