@@ -227,3 +227,16 @@ def test_fsdp_keeps_what_param_callback_changed_through_state_dict(one_rank):
     Engine(problems, EngineConfig(train_iters=3, strategy="fsdp", backend="gloo", device="cpu"),
            dependencies=dependencies).run()
     assert seen == [True] * 3
+
+
+def test_fsdp_refuses_an_optimizer_with_state_and_closes_its_process_group(one_rank):
+    problems, dependencies = tiny()
+    lower = problems[1]
+    lower.optimizer = torch.optim.SGD(lower.module.parameters(), lr=0.1, momentum=0.9)
+    lower.module(torch.randn(3, 2)).sum().backward()
+    lower.optimizer.step()  # a momentum buffer: state that cannot follow the parameters into their shards
+    with pytest.raises(ValueError, match=r'EngineConfig\(strategy="fsdp"\): problem "lower"\'s optimizer already '
+                                         r"has state"):
+        Engine(problems, EngineConfig(train_iters=1, strategy="fsdp", backend="gloo", device="cpu"),
+               dependencies=dependencies)
+    assert not dist.is_initialized()
