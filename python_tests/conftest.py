@@ -4,6 +4,10 @@ import random
 import pytest
 import torch
 
+# "auto" times afresh in every test (tests of the timing expect it to run); a test that checks the
+# tuning cache names one. Subprocesses inherit this.
+os.environ["IMAML_TUNING_CACHE"] = "none"
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device and the CUDA kernels")

@@ -11,6 +11,7 @@ from torch import nn
 
 from imaml_ext import IMAML, BatchedModule
 from imaml_ext.batched import stacked as batched_module
+from imaml_ext.batched import forwards
 from imaml_ext.batched.module import TaskBatchedModule
 from test_batched import conv4, random_tasks as tasks
 
@@ -333,7 +334,7 @@ def test_cuda_stacked_forward_equals_the_cpu_default_in_float64_and_replays_as_a
 
 
 def test_auto_on_a_cpu_times_stacked_chunks_smaller_than_the_meta_batch(monkeypatch):
-    monkeypatch.setattr(TaskBatchedModule, "STACKED_CHUNKS", (8, 2))
+    monkeypatch.setattr(forwards, "CHUNKS", (8, 2))
     timed, original = [], TaskBatchedModule._time_forwards
 
     def record(self, phi, x, buffers, grad, modes):

@@ -104,11 +104,12 @@ def test_im2col_forward_runs_the_im2col_convolutions(monkeypatch):
 
 
 def test_auto_forward_on_a_cpu_is_timed_once():
-    """"auto" on a CPU times the loop, vmap and stacked forwards on the first inner step, keeps the
-    fastest, says which with the times, and gives the sequential engine's theta."""
+    """"auto" on a CPU times the loop and stacked forwards on the first inner step (the CPU's candidates
+    of forwards.auto_plans, IMAML's table: vmap is timed on CUDA), keeps the fastest, says which with
+    the times, and gives the sequential engine's theta."""
     sequential, batched = both(meta_steps=2, meta_batch=4, inner_steps=2)
     info = batched.task_batching
-    timed = ("loop", "vmap", "stacked", "loop+fused", "stacked+fused")  # the tutorial's module has runs to fuse
+    timed = ("loop", "stacked", "loop+fused", "stacked+fused")  # the tutorial's module has runs to fuse
     assert info.forward.split()[0] in timed and "timed on the first meta-step" in info.forward
     assert all(f"{forward} " in info.forward.split("step: ")[1] for forward in timed)
     # the tutorial's upper calls .item(): it runs per task whichever forward was kept

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import CGInfo
+from . import forwards
+from .choice import tuning_cache as tuning_cache_for
 from .module import TaskBatchedModule
 from .stateful import warn_stateful_layers
 from .tf32 import TF32
@@ -46,7 +48,7 @@ class BatchedMetaLearner:
     precision = "fp32"  # IMAML's bf16 / fp16 set their own
 
     def __init__(self, model: nn.Module, inner_steps: int, inner_lr: float, ways: Optional[int], check_labels: bool,
-                 forward: str, tf32: Optional[bool], nonfinite: str):
+                 forward: str, tf32: Optional[bool], nonfinite: str, tuning_cache=None):
         owner = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{owner}: model must be a torch.nn.Module; got {type(model).__name__}")
@@ -59,14 +61,13 @@ class BatchedMetaLearner:
         self.inner_lr = float(inner_lr)
         self.ways = ways
         self.check_labels = check_labels
-        if forward not in TaskBatchedModule.FORWARDS:
-            raise ValueError(f"{owner}: forward must be one of {', '.join(map(repr, TaskBatchedModule.FORWARDS))}; "
-                             f"got {forward!r}")
-        self.forward = forward
+        self.forward = forwards.check(f"{owner}: forward", forward)
         # forward="auto": the forward timed fastest per input shape (TaskBatchedModule.auto_forward), kept across
         # meta-batch sizes; hvp="auto" (IMAML): {key: {"hvp": the mode, "ms": predicted solve time of each}}.
+        # Both also in the machine's tuning cache when there is one (batched/choice.py).
         self.forward_choices: dict = {}
         self.hvp_choices: dict = {}
+        self.tuning_cache = tuning_cache_for(tuning_cache)
         self._tf32 = TF32(owner, tf32)
         self.tf32 = tf32
         if nonfinite not in self.NONFINITE:
@@ -103,7 +104,8 @@ class BatchedMetaLearner:
     # ----- helpers -----
     def batched(self, num_tasks: int) -> TaskBatchedModule:
         if self._batched is None or self._batched.num_tasks != num_tasks:
-            self._batched = TaskBatchedModule(self.model, num_tasks, self.forward, self.forward_choices)
+            self._batched = TaskBatchedModule(self.model, num_tasks, self.forward, self.forward_choices,
+                                              self.tuning_cache)
         else:
             self._batched.buffers = self._batched.fresh_buffers(num_tasks)
         return self._batched

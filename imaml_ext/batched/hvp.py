@@ -13,7 +13,7 @@ meta-step 3-22 % slower, benchmarks/results/meta_step-issue17-cpu-2cores-2026-11
 the fused BatchNorm op's compiled double backward, a solve's five "reverse" products were
 predicted at 0.80 s against "forward"'s 2.62 s at T = 16,
 benchmarks/results/meta_step-double-backward-cpu-2cores-2026-11-30.md). ``choose`` times both
-once per key, as ``torch.backends.cudnn.benchmark`` times convolution algorithms.
+once per key (batched/choice.py), as ``torch.backends.cudnn.benchmark`` times convolution algorithms.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp
 
-from .timing import device_clock, rng_kept
+from .choice import choose as choice_of
+from .timing import device_clock
 
 HVPS = ("auto", "reverse", "forward")
 
@@ -115,40 +116,28 @@ class SupportHVP:
 
 
 def choose(losses: Losses, phi: Sequence[Tensor], products: int) -> Dict[str, object]:
-    """Times "reverse" (building its graph, one product) and "forward" (one product), twice each,
-    each keeping its best, and returns the one faster over a solve of ``products`` products:
-    ``{"hvp": mode, "ms": {mode: predicted solve ms}}``, and ``"refused": {mode: cause}`` for a mode
-    that could not run here. Only fresh buffers are used and the RNG
-    state is restored, so the timing changes nothing."""
-    now = device_clock(phi[0].device)
+    """``choice.choose`` between "reverse" and "forward", each measured as its setup (building its
+    graph) plus ``products`` times one product: ``{"hvp": mode, "ms": {mode: predicted solve ms}}``, and
+    ``"refused": {mode: cause}`` for a mode that could not run here. Only fresh buffers are used and
+    the RNG state is restored, so the timing changes nothing."""
+    device = phi[0].device
+    now = device_clock(device)
     vectors = [p.detach().clone() for p in phi]
 
     def fresh(params, _first):
         return losses(params, True)
 
-    best: Dict[str, Tuple[float, float]] = {}
-    refused: Dict[str, str] = {}
-    with rng_kept(phi[0].device):
-        for _ in range(2):
-            for mode in [m for m in ("reverse", "forward") if m not in refused]:
-                start = now()
-                hvp = SupportHVP(mode, fresh, phi)
-                built = now()
-                try:
-                    hvp(vectors)
-                except RuntimeError as error:  # e.g. under the caller's saved-tensor hooks
-                    refused[mode] = str(error).splitlines()[0]
-                    continue
-                done = now()
-                setup, product = best.get(mode, (float("inf"), float("inf")))
-                best[mode] = (min(setup, built - start), min(product, done - built))
-                del hvp
-    solve = {mode: setup + products * product for mode, (setup, product) in best.items()}
-    choice = {"hvp": min(solve, key=solve.get), "ms": {m: round(s * 1e3, 3) for m, s in solve.items()}}
-    if refused:
-        choice["refused"] = refused
-        causes = "; ".join(f"{mode}: {cause}" for mode, cause in refused.items())
-        warnings.warn(f"hvp='auto' left out {causes}; it keeps {choice['hvp']!r}", RuntimeWarning, stacklevel=3)
+    def predicted_solve(mode: str) -> float:
+        start = now()
+        hvp = SupportHVP(mode, fresh, phi)
+        built = now()
+        hvp(vectors)  # a RuntimeError here (e.g. under the caller's saved-tensor hooks) leaves the mode out
+        return (built - start) + products * (now() - built)
+
+    choice = choice_of("hvp", ("reverse", "forward"), predicted_solve, device)
+    if "refused" in choice:
+        causes = "; ".join(f"{mode}: {cause}" for mode, cause in choice["refused"].items())
+        warnings.warn(f"hvp='auto' left out {causes}; it keeps {choice['hvp']!r}", RuntimeWarning, stacklevel=5)
     return choice
 
 

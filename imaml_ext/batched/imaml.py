@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from . import hvp as support_hvp
+from .choice import Chooser
 from .base import BatchedMetaLearner, CapturedMetaStep, MetaStepResult, _check_positive
 from .loss_scale import DynamicLossScale, scaled_grad
 from .module import TaskBatchedModule
@@ -49,13 +50,12 @@ class IMAML(BatchedMetaLearner):
       in IEEE float32) for the CUDA work of ``meta_step``, ``adapt``, ``evaluate`` and
       ``capture``, restored after each call; nothing changes off CUDA;
     - CG: ``imaml_ext.ops.cg_solve``, per-task scalars on the device;
-    - ``forward``: "vmap" (grouped convolutions, one launch per layer), "loop"
-      (dense per-task layers), "stacked" (vmap with the convolutions, BatchNorm and
-      max-pooling on the tasks' stacked channels), "im2col" ("stacked" with the dense
-      convolutions as im2col and one batched matrix product over tasks), "channels_last"
-      ("stacked" in channels-last memory layout) or "auto" (on a CPU the fastest of "loop"
-      and "stacked", on CUDA of "vmap", "stacked", "im2col" and "channels_last", timed at
-      the first call of each input shape and kept in ``forward_choices``);
+    - ``forward``: a forward of ``imaml_ext.batched.forwards`` (``forwards.describe()`` lists
+      them) or "auto" (the fastest of ``forwards.auto_plans`` for the device, timed at the
+      first call of each input shape and kept in ``forward_choices``; see TaskBatchedModule);
+    - ``tuning_cache``: a ``TuningCache`` or a path where "auto"'s choices (forward and hvp)
+      are kept for this machine, so a run's numbers do not depend on the load at its start
+      (batched/choice.py); None: ``$IMAML_TUNING_CACHE`` if set, else timed in each process;
     - ``check_labels``: one host sync per call to check the labels' range
       (out-of-range labels would give an unreadable device assert on CUDA);
       turn it off for sync-free steps and CUDA-graph capture.
@@ -97,8 +97,9 @@ class IMAML(BatchedMetaLearner):
         loss_scale_growth_interval: int = 2000,
         hvp: str = "auto",
         tf32: Optional[bool] = None,
+        tuning_cache=None,
     ):
-        super().__init__(model, inner_steps, inner_lr, ways, check_labels, forward, tf32, nonfinite)
+        super().__init__(model, inner_steps, inner_lr, ways, check_labels, forward, tf32, nonfinite, tuning_cache)
         _check_positive("lam", lam)
         _check_positive("cg_iterations", cg_iterations, integer=True)
         _check_positive("cg_tol", cg_tol, allow_zero=True)
@@ -220,15 +221,15 @@ class IMAML(BatchedMetaLearner):
         device = support_x.device
         key = (str(device), tuple(support_x.shape), str(support_x.dtype).replace("torch.", ""), module.forward_mode,
                self.precision, torch.get_num_threads() if device.type == "cpu" else None)
-        choice = self.hvp_choices.get(key)
-        if choice is None:
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(
-                    "IMAML: hvp='auto' times its choice at the first meta-step of a shape, which cannot run "
-                    "inside a CUDA-graph capture; run one eager meta_step first (IMAML.capture's warm-up does) "
-                    "or pass hvp='reverse' or 'forward'"
-                )
-            choice = self.hvp_choices[key] = support_hvp.choose(losses_at, phi, self.cg_iterations)
+        if key not in self.hvp_choices and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "IMAML: hvp='auto' times its choice at the first meta-step of a shape, which cannot run "
+                "inside a CUDA-graph capture; run one eager meta_step first (IMAML.capture's warm-up does) "
+                "or pass hvp='reverse' or 'forward'"
+            )
+        chooser = Chooser("hvp", self.hvp_choices, self.tuning_cache)
+        choice = chooser.get(key, ("reverse", "forward"),
+                             lambda: support_hvp.choose(losses_at, phi, self.cg_iterations))
         return choice["hvp"]
 
 

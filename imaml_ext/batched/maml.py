@@ -46,8 +46,9 @@ class MAML(BatchedMetaLearner):
         memory_fraction: float = 0.9,
         tf32: Optional[bool] = None,
         nonfinite: str = "propagate",
+        tuning_cache=None,
     ):
-        super().__init__(model, inner_steps, inner_lr, ways, check_labels, forward, tf32, nonfinite)
+        super().__init__(model, inner_steps, inner_lr, ways, check_labels, forward, tf32, nonfinite, tuning_cache)
         if not isinstance(first_order, bool):
             raise TypeError(f"MAML: first_order must be a bool; got {type(first_order).__name__} {first_order!r}")
         _check_positive("memory_fraction", memory_fraction, owner="MAML")

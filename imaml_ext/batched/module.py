@@ -1,13 +1,13 @@
 """A model's parameters for T tasks at once: ``[T, *shape]`` tensors and a forward
 over all T tasks (vmapped with torch.func, so convolutions run as grouped
 convolutions, or a loop over tasks, or vmap with channel-stacked convolutions,
-BatchNorm and pooling; see TaskBatchedModule), where every layer sees only its
+BatchNorm and pooling: the forwards of batched/forwards; see TaskBatchedModule), where every layer sees only its
 own task's data (BatchNorm statistics included)."""
 
 from __future__ import annotations
 
-import math
 import warnings
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -17,9 +17,10 @@ from torch.func import functional_call, vmap
 
 from .fusion import (FusedBatchNormReLUMaxPool2d, count_fusable_runs, fuse_batch_norm_relu_max_pool,  # noqa: F401
                      fused_in_place)
+from . import forwards
+from .choice import Chooser, NoCandidateRan, TuningCache, choose, timer, tuning_cache
 from .stacked import AutocastConvolutions, StackedLayers  # noqa: F401
 from .stateful import warn_stateful_layers
-from .timing import device_clock, rng_kept
 
 # Leaf layers whose batching under vmap is known to be right (each task's
 # slice of every input, parameter and buffer is used only by that task).
@@ -65,69 +66,34 @@ def check_batchable(model: nn.Module) -> None:
             )
 
 
-# The forwards that run vmap with the stacked rules, and the convolution rule each uses (see StackedLayers).
-STACKED_FORWARDS = {"stacked": "grouped", "im2col": "im2col", "channels_last": "channels_last"}
-# A forward with this suffix runs the model's BatchNorm2d -> ReLU -> MaxPool2d(2) runs as one fused op
-# (fuse_batch_norm_relu_max_pool). channels_last is left out: the fused kernels read NCHW.
-FUSED = "+fused"
-FUSABLE_FORWARDS = ("loop", "vmap", "stacked", "im2col")
-
-
 class TaskBatchedModule:
     """T copies of ``model``'s parameters as ``[T, *shape]`` tensors and a
     forward over ``[T, B, ...]`` inputs. ``model`` itself holds theta (the
     meta-parameters); buffers (e.g. BatchNorm running statistics) are kept per
     task.
 
-    ``forward`` (all compute the same values, up to float rounding):
-
-    - "vmap": torch.func.vmap over tasks (convolutions become grouped ones);
-    - "loop": a Python loop over tasks through the dense layers;
-    - "stacked": vmap, with the 2-d convolutions, BatchNorm and max-pooling run on
-      the tasks' channels stacked (``[B, T*C, H, W]``: grouped convolutions, the
-      BatchNorm affine fused, no relayout of the activations between these layers);
-    - "im2col": "stacked" with each dense 2-d convolution (no groups, no dilation, zero
-      padding) as im2col and one batched matrix product over tasks (``torch.bmm`` of
-      ``[T, O, C*kh*kw]`` by ``[T, C*kh*kw, B*H'*W']``: GEMM kernels, TF32 tensor cores
-      where TF32 is on), the others grouped as in "stacked";
-    - "channels_last": "stacked" with the activations and convolution weights channels-last
-      (``[B, H, W, T*C]`` in memory: cuDNN's NHWC kernels for the grouped convolutions);
-    - "loop+fused", "vmap+fused", "stacked+fused", "im2col+fused": the same with each
-      ``nn.Sequential`` run BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2) as one op,
-      ``imaml_ext.ops.batch_norm_relu_max_pool2d`` (see fuse_batch_norm_relu_max_pool; a model
-      with no such run is told so once and runs unfused);
-    - "auto": for each input shape (and dtype, grad mode, thread count, autocast, CUDA
-      device), the fastest of "loop", "stacked" and "stacked" over chunks of 8 or 4 tasks
-      ("stacked/8", "stacked/4") on a CPU, each also "+fused" when the model has a run to fuse, of
-      "vmap", "stacked", "im2col" and "channels_last" on CUDA (the fused kernels have not run on a
-      GPU yet: pass "stacked+fused" there to try them) and "vmap" elsewhere, by a timed forward and
-      backward of each at the first call of that
-      shape (never inside a CUDA-graph capture), kept in
-      ``forward_choices``, as ``torch.backends.cudnn.benchmark`` keeps a
-      convolution algorithm. Pass the same ``choices`` dict to later instances of
-      the same model to keep them (IMAML does, across meta-batch sizes). The first
-      call of a shape pays the timing: two to three forwards and backwards of each.
+    ``forward``: a name registered in ``imaml_ext.batched.forwards`` (all compute the same values,
+    up to float rounding): "loop", "vmap", "stacked", "im2col", "channels_last" and, for each but
+    "channels_last", its "+fused" form (each ``nn.Sequential`` run BatchNorm2d (batch statistics) ->
+    ReLU -> MaxPool2d(2) as one op, ``imaml_ext.ops.batch_norm_relu_max_pool2d``; a model with no
+    such run is told so once and runs unfused); see ``forwards.describe()``. Or "auto": for each
+    input shape (and dtype, grad mode, thread count, autocast, CUDA device), the fastest of what
+    ``forwards.auto_plans`` lists for the device (on a CPU "loop", "stacked" and "stacked" over
+    chunks of 8 or 4 tasks, each also "+fused" when the model has a run to fuse; on CUDA "vmap",
+    "stacked", "im2col" and "channels_last"; elsewhere "vmap" untimed), by a timed forward and
+    backward of each at the first call of that shape (``choice.choose``; never inside a CUDA-graph
+    capture), kept in ``forward_choices`` and in ``tuning_cache`` when there is one (see
+    ``batched/choice.py``). Pass the same ``choices`` dict to later instances of the same model to
+    keep them (IMAML does, across meta-batch sizes). The first call of a shape pays the timing: two
+    to three forwards and backwards of each.
     """
 
-    FORWARDS = ("auto", "vmap", "loop", *STACKED_FORWARDS, *(f + FUSED for f in FUSABLE_FORWARDS))
-    # What "auto" times, per device type ("+fused" ones only for a model with a run to fuse). CPU: "stacked"
-    # ran faster than "vmap" at every shape measured there, and faster than "im2col"
-    # (benchmarks/results/meta_step-im2col-cpu-2cores-2026-11-30.md) and "channels_last"
-    # (meta_step-channels-last-cpu-2cores-2026-11-30.md). CUDA: the loop is 13x slower than vmap (H200,
-    # 2026-11-28); "stacked", "im2col" and "channels_last" are untimed there yet, and the fused CUDA
-    # kernels have never run, so no "+fused" forward is chosen there by itself.
-    AUTO = {"cpu": ("loop", "stacked", "loop" + FUSED, "stacked" + FUSED),
-            "cuda": ("vmap", "stacked", "im2col", "channels_last")}
-    # On a CPU "auto" also times "stacked" over chunks of this many tasks ("stacked/8"): grouped
-    # convolutions on a working set the caches hold (at T = 32 with 75 query images, all tasks
-    # stacked make the elementwise layers memory-bound).
-    STACKED_CHUNKS = (8, 4)
-
-    def __init__(self, model: nn.Module, num_tasks: int, forward: str = "auto", choices: Optional[dict] = None):
-        if forward not in self.FORWARDS:
-            raise ValueError(f"forward must be one of {', '.join(map(repr, self.FORWARDS))}; got {forward!r}")
+    def __init__(self, model: nn.Module, num_tasks: int, forward: str = "auto", choices: Optional[dict] = None,
+                 tuning_cache: Optional[TuningCache] = None):
+        forwards.check("forward", forward)
         self.forward_mode = forward
         self.forward_choices = {} if choices is None else choices
+        self._chooser = Chooser("forward", self.forward_choices, tuning_cache)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         check_num_tasks(num_tasks)
@@ -140,10 +106,10 @@ class TaskBatchedModule:
         self.buffer_names = [n for n, _ in model.named_buffers()]
         self.buffers = self.fresh_buffers(num_tasks)
         self._fused_views: Dict[tuple, Tuple[nn.Module, int]] = {}
-        if forward.endswith(FUSED) and self.fused_model()[1] == 0:
+        if forward.endswith(forwards.FUSED) and self.fused_model()[1] == 0:
             warnings.warn(f"forward={forward!r}: {type(model).__name__} has no nn.Sequential run BatchNorm2d "
                           "(track_running_stats=False) -> ReLU -> MaxPool2d(2) to fuse; it runs as "
-                          f"{forward[:-len(FUSED)]!r}", RuntimeWarning, stacklevel=2)
+                          f"{forward[:-len(forwards.FUSED)]!r}", RuntimeWarning, stacklevel=2)
 
     def fused_model(self) -> Tuple[nn.Module, int]:
         """The model with its fusable runs fused (fuse_batch_norm_relu_max_pool), and how many, for the
@@ -169,30 +135,29 @@ class TaskBatchedModule:
         """Outputs [T, B, ...] for inputs [T, B, ...] and parameters [T, *shape]."""
         buffers = self.buffers if buffers is None else buffers
         mode = self.forward_mode
-        if mode == "auto":
+        if mode == forwards.AUTO:
             mode = self.auto_forward(phi, x, buffers)
         return self._forward(mode, phi, x, buffers)
 
     __call__ = forward
 
-    def _forward(self, mode: str, phi: Sequence[Tensor], x: Tensor, buffers: Dict[str, Tensor]) -> Tensor:
-        names = self.names
-        fused = mode.endswith(FUSED)
-        mode = mode[:-len(FUSED)] if fused else mode
-        if mode.startswith("stacked/"):
+    def _forward(self, label: str, phi: Sequence[Tensor], x: Tensor, buffers: Dict[str, Tensor]) -> Tensor:
+        """The outputs under the forward ``label`` names (e.g. "stacked/8+fused", forwards.parse)."""
+        plan = forwards.parse(label)
+        if plan.chunk is not None:
             # split, not slices: one cat per tensor in the backward, no zero-filled [T, ...] gradients
-            size = int(mode[len("stacked/"):])
-            parts = list(zip(*[p.split(size) for p in phi]))
-            bufs = {k: b.split(size) for k, b in buffers.items()}
-            chunk_mode = "stacked" + (FUSED if fused else "")
-            return torch.cat([self._forward(chunk_mode, list(parts[i]), xs, {k: b[i] for k, b in bufs.items()})
-                              for i, xs in enumerate(x.split(size))])
-        model = self.fused_model()[0] if fused else self.model
+            whole = replace(plan, chunk=None).label
+            parts = list(zip(*[p.split(plan.chunk) for p in phi]))
+            bufs = {k: b.split(plan.chunk) for k, b in buffers.items()}
+            return torch.cat([self._forward(whole, list(parts[i]), xs, {k: b[i] for k, b in bufs.items()})
+                              for i, xs in enumerate(x.split(plan.chunk))])
+        model = self.fused_model()[0] if plan.fused else self.model
+        names = self.names
 
         def one_task(params, bufs, inputs):
             return functional_call(model, ({**dict(zip(names, params)), **bufs}), (inputs,))
 
-        if mode == "loop":
+        if not plan.forward.vmapped:
             # unbind, not phi[t]: its backward is one stack per tensor, where T selects would
             # each write a zero-filled [T, *shape] gradient.
             per_task = list(zip(*[p.unbind(0) for p in phi]))
@@ -201,87 +166,58 @@ class TaskBatchedModule:
                     for t, xt in enumerate(x.unbind(0))]
             return torch.stack(outs)
         autocast = AutocastConvolutions.under(x.device.type)
-        if mode in STACKED_FORWARDS:
-            conv = STACKED_FORWARDS[mode]
-
-            def stacked_task(params, bufs, inputs):
-                with autocast, StackedLayers(conv):
-                    return one_task(params, bufs, inputs)
-
-            return vmap(stacked_task, in_dims=(0, 0, 0), randomness="different")(list(phi), buffers, x)
 
         def vmapped_task(params, bufs, inputs):
-            with autocast:
+            with autocast, plan.forward.layers():
                 return one_task(params, bufs, inputs)
 
         return vmap(vmapped_task, in_dims=(0, 0, 0), randomness="different")(list(phi), buffers, x)
 
     def auto_forward(self, phi: Sequence[Tensor], x: Tensor, buffers: Dict[str, Tensor]) -> str:
-        """The forward "auto" runs for these inputs: on a CPU or a CUDA device the one of AUTO timed
-        fastest for this shape (see the class); elsewhere "vmap"."""
+        """The forward "auto" runs for these inputs (a label ``forwards.parse`` reads): the one of
+        ``forwards.auto_plans`` timed fastest for this shape (see the class), or kept; where nothing
+        is timed, ``forwards.UNTIMED_DEFAULT``."""
         device = x.device.type
-        if device not in self.AUTO:
-            return "vmap"
+        plans = forwards.auto_plans(device, self.fused_model()[1] > 0, x.shape[0])
+        if not plans:
+            return forwards.UNTIMED_DEFAULT
         grad = torch.is_grad_enabled()
         key = (tuple(x.shape), str(x.dtype).replace("torch.", ""), "grad" if grad else "no_grad",
                torch.get_num_threads(), torch.is_autocast_enabled(device))
         if device == "cuda":  # a CPU's keys stay as checkpoints of CPU runs hold them
             key += (str(x.device),)
-        choice = self.forward_choices.get(key)
-        if choice is None:
-            if device == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(
-                    'forward="auto" times its choice at the first call of an input shape, which cannot run inside '
-                    "a CUDA-graph capture; run the step once eagerly first (IMAML.capture's warm-up does) or pass "
-                    'forward="vmap", "stacked", "im2col" or "channels_last"'
-                )
-            fusable = self.fused_model()[1] > 0
-            modes = [m for m in self.AUTO[device] if fusable or not m.endswith(FUSED)]
-            if device == "cpu":
-                for size in self.STACKED_CHUNKS:
-                    if size < x.shape[0]:
-                        modes += [f"stacked/{size}", f"stacked/{size}{FUSED}"] if fusable else [f"stacked/{size}"]
-            choice = self.forward_choices[key] = self._time_forwards(phi, x, buffers, grad, modes)
+        if key not in self.forward_choices and device == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                'forward="auto" times its choice at the first call of an input shape, which cannot run inside '
+                "a CUDA-graph capture; run the step once eagerly first (IMAML.capture's warm-up does) or pass "
+                'forward="vmap", "stacked", "im2col" or "channels_last"'
+            )
+        labels = [plan.label for plan in plans]
+        choice = self._chooser.get(key, labels, lambda: self._time_forwards(phi, x, buffers, grad, labels))
         return choice["forward"]
 
     def _time_forwards(self, phi, x, buffers, grad: bool, modes: Sequence[str]) -> dict:
-        """Each of ``modes`` once (with its backward to phi when grad is on), again those within 1.5x
-        of the fastest (the first call of a shape also pays one-off setup), and a third time those
-        still within 1.1x; each keeps its best time, and the fastest wins. Buffers are cloned, the
-        RNG state restored and the caller's saved-tensor hooks (e.g. MAML's graph meter) shadowed
-        by identity ones: the timing changes nothing. A mode that raises is left out, its cause kept
-        under "refused"."""
-        now = device_clock(x.device)
+        """``choice.choose`` over ``modes``: each a forward (with its backward to phi when grad is on).
+        Buffers are cloned and the caller's saved-tensor hooks (e.g. MAML's graph meter) shadowed by
+        identity ones: the timing changes nothing. A mode that raises is left out, with a warning
+        naming its cause (kept under "refused")."""
         probe = [p.detach().requires_grad_(grad) for p in phi]
-        seconds: Dict[str, float] = {}
-        refused: Dict[str, str] = {}
 
         def run(mode: str) -> None:
-            start = now()
-            try:
-                out = self._forward(mode, probe, x, {k: b.clone() for k, b in buffers.items()})
-                if grad and out.requires_grad:
-                    torch.autograd.grad(out.sum(), probe, allow_unused=True)
-            except RuntimeError as error:
-                refused[mode] = str(error).splitlines()[0]
-                return
-            seconds[mode] = min(seconds.get(mode, math.inf), now() - start)
+            out = self._forward(mode, probe, x, {k: b.clone() for k, b in buffers.items()})
+            if grad and out.requires_grad:
+                torch.autograd.grad(out.sum(), probe, allow_unused=True)
 
-        with rng_kept(x.device), torch.autograd.graph.saved_tensors_hooks(_same, _same):
-            contenders = list(modes)
-            for margin in (None, 1.5, 1.1):
-                if margin is not None:
-                    contenders = [m for m in contenders if m in seconds and seconds[m] <= margin * min(seconds.values())]
-                for mode in contenders if len(contenders) > 1 else ():
-                    run(mode)
-        if not seconds:
-            raise RuntimeError(f'forward="auto": every forward it times failed here ({refused})')
-        choice = {"forward": min(seconds, key=seconds.get), "ms": {m: round(s * 1e3, 3) for m, s in seconds.items()}}
-        if refused:
-            causes = "; ".join(f"{mode}: {cause}" for mode, cause in refused.items())
+        with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            try:
+                choice = choose("forward", modes, lambda mode: timer(x.device, lambda: run(mode)), x.device)
+            except NoCandidateRan as error:
+                causes = {mode: str(e).splitlines()[0] for mode, e in error.errors.items()}
+                raise RuntimeError(f'forward="auto": every forward it times failed here ({causes})') from None
+        if "refused" in choice:
+            causes = "; ".join(f"{mode}: {cause}" for mode, cause in choice["refused"].items())
             warnings.warn(f'forward="auto" left out forwards that failed here ({causes}); it keeps '
-                          f'"{choice["forward"]}" for input shape {tuple(x.shape)}', RuntimeWarning, stacklevel=4)
-            choice["refused"] = refused
+                          f'"{choice["forward"]}" for input shape {tuple(x.shape)}', RuntimeWarning, stacklevel=6)
         return choice
 
 
@@ -308,7 +244,7 @@ class BatchedModule(nn.Module):
 
     def __init__(self, model: nn.Module, num_tasks: int, forward: str = "auto"):
         super().__init__()
-        self._batched = TaskBatchedModule(model, num_tasks, forward)
+        self._batched = TaskBatchedModule(model, num_tasks, forward, tuning_cache=tuning_cache())
         warn_stateful_layers(model, "BatchedModule")
         self.num_tasks = num_tasks
         self._keys = {n: n.replace(".", "__") for n in self._batched.names}

@@ -1,13 +1,13 @@
 """The "stacked" forwards' vmap batching rules: convolutions, BatchNorm and max-pooling run on
 the tasks' channels side by side ([B, T*C, H, W]) instead of vmap's per-sample rules, as grouped
 convolutions, im2col and one batched matrix product, or channels-last; ``StackedLayers``
-intercepts the layers' functions for the forwards of STACKED_FORWARDS, and
+intercepts the layers' functions for the forwards that name stacked rules (batched/forwards), and
 ``AutocastConvolutions`` brings autocast to vmapped convolutions."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -171,18 +171,18 @@ _INTERCEPTED = {torch.conv2d: "conv2d", F.conv2d: "conv2d", F.batch_norm: "batch
 
 class StackedLayers(TorchFunctionMode):
     """Inside a vmapped forward: conv2d, batch_norm and max_pool2d on a batched 4-d input (2-d and
-    up for batch_norm) go to the stacked rules; everything else to vmap's own. With
-    ``conv="im2col"`` a dense 2-d convolution runs as im2col + a batched matrix product (one
-    it cannot run, e.g. a grouped or dilated one, as the grouped convolution); with
-    ``conv="channels_last"`` every 2-d convolution runs grouped on channels-last tensors."""
+    up for batch_norm) go to the stacked rules; everything else to vmap's own. A 2-d convolution runs
+    by the first of ``conv2d_rules`` that accepts it: "conv2d" (grouped), "conv2d_im2col" (im2col + a
+    batched matrix product; dense, undilated, zero-padded ones only), "conv2d_channels_last", or one
+    added by ``add_conv2d_rule``."""
 
-    # conv -> the conv2d rules to try, in order: the first whose acceptance test passes runs
-    CONV2D_RULES = {"grouped": ("conv2d",), "im2col": ("conv2d_im2col", "conv2d"),
-                    "channels_last": ("conv2d_channels_last",)}
-
-    def __init__(self, conv: str = "grouped"):
+    def __init__(self, conv2d_rules: Sequence[str] = ("conv2d",)):
         super().__init__()
-        self.conv2d_rules = self.CONV2D_RULES[conv]
+        unknown = [kind for kind in conv2d_rules if kind not in _RULES or not kind.startswith("conv2d")]
+        if isinstance(conv2d_rules, str) or not conv2d_rules or unknown:
+            raise ValueError(f"StackedLayers: conv2d_rules must be a sequence of conv2d rules "
+                             f"({', '.join(k for k in _RULES if k.startswith('conv2d'))}); got {conv2d_rules!r}")
+        self.conv2d_rules = tuple(conv2d_rules)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -234,3 +234,17 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 _RULES["batch_norm_relu_max_pool2d"] = (_batch_norm_relu_max_pool2d_rule, lambda a: True,
                                         ("input", "weight", "bias", "eps"), (_REQUIRED, None, None, 1e-5))
+
+
+_CONV2D_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def add_conv2d_rule(kind: str, rule: Callable, accepts: Callable[[list], bool]) -> None:
+    """A new stacked 2-d convolution rule for a forward's ``conv2d_rules``: ``rule(T, in_dims, input,
+    weight, bias, stride, padding, dilation, groups)`` returns (output as [B, T, O, H', W'], 1), the
+    inputs batched over tasks along ``in_dims`` (None: shared by every task); ``accepts(arguments)``
+    says whether it runs these arguments (else the next rule is tried). Built of differentiable torch
+    ops, so IMAML's double backward and forward-mode products apply to it."""
+    if not kind.startswith("conv2d") or kind in _RULES:
+        raise ValueError(f"add_conv2d_rule: kind must be a new name starting with 'conv2d'; got {kind!r}")
+    _RULES[kind] = (rule, accepts, _CONV2D_ARGUMENTS, (_REQUIRED, _REQUIRED, None, 1, 0, 1, 1))

@@ -25,14 +25,23 @@ def device_clock(device: torch.device) -> Callable[[], float]:
 @contextlib.contextmanager
 def rng_kept(device: torch.device) -> Iterator[None]:
     """The CPU RNG state, and a CUDA device's, as they were before the block."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    state = rng_state(device)
     try:
         yield
     finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
+        set_rng_state(device, state)
 
 
-__all__ = ["device_clock", "rng_kept"]
+def rng_state(device: torch.device):
+    """The CPU RNG state, and a CUDA device's: what ``set_rng_state`` puts back."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_state(device: torch.device, state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+__all__ = ["device_clock", "rng_kept", "rng_state", "set_rng_state"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, Dict, Optional
 
 from .._device import check_device
-from ..batched.module import TaskBatchedModule
+from ..batched import forwards
 
 HYPERGRADIENT_TYPES = ("cg", "darts", "neumann")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -253,6 +253,10 @@ def _check_valid_step(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}.{name} must be an integer (<= 0 turns validation off); got {value!r}")
 
 
+def _check_forward(owner: str, name: str, value) -> None:
+    forwards.check(f"{owner}.{name}", value)  # the registry as it is now: a forward registered later is accepted
+
+
 def _check_strategy(owner: str, name: str, value) -> None:
     if value not in STRATEGIES:
         raise ValueError(f"{owner}.{name} must be one of {', '.join(map(repr, STRATEGIES))}; got {value!r}")
@@ -268,7 +272,7 @@ _ENGINE_CHECKS = {
     "early_stopping_tolerance": _integer(1),
     "device": _check_device,
     "task_batching": _one_of("auto", "on", "off"),
-    "task_batching_forward": _one_of(*TaskBatchedModule.FORWARDS),
+    "task_batching_forward": _check_forward,
     "task_batching_max_tasks": _optional(_integer(1)),
 }
 

@@ -4,10 +4,11 @@ logs of steps recorded now and run later."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 class _Call(nn.Module):
     """A ``functional_call`` target: ``fn(*args)`` with ``module``'s parameters swapped."""
@@ -79,3 +80,18 @@ def log_as_of(problem, stats: dict, global_step: Optional[int], count: int) -> N
 def _plain(metrics: Dict[str, Any]) -> Dict[str, Any]:
     """Logged values as numbers (a per-task tensor metric becomes its value)."""
     return {k: (v.item() if isinstance(v, Tensor) and v.numel() == 1 else v) for k, v in metrics.items()}
+
+
+def _tensors(batch: Any) -> List[Tensor]:
+    """The tensors in a batch (a tensor, or lists, tuples and dicts of them)."""
+    return [leaf for leaf in tree_leaves(batch) if isinstance(leaf, Tensor)]
+
+
+def _copies(named) -> dict:
+    return {name: tensor.detach().clone() for name, tensor in named}
+
+
+def _copy_into(buffers: dict, values: dict) -> None:
+    with torch.no_grad():
+        for name, tensor in buffers.items():
+            tensor.copy_(values[name])

@@ -27,12 +27,13 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from ..batched.module import (FUSED, STACKED_FORWARDS, AutocastConvolutions, StackedLayers, count_fusable_runs,
-                              fused_in_place)
-from ..batched.timing import device_clock
+from ..batched import forwards
+from ..batched.choice import Chooser, NoCandidateRan, choose, timer, tuning_cache
+from ..batched.module import AutocastConvolutions, count_fusable_runs, fused_in_place
 from ..logging import get_logger
 from ..problems.hooks import call_hook
-from .calls import _Call, _first_line, _plain, _stack, _stack_dims, log_as_of, record_step
+from .calls import (_Call, _copies, _copy_into, _first_line, _plain, _stack, _stack_dims, _tensors, log_as_of,
+                    record_step)
 from .checks import WindowChecks
 from .plan import NotBatchable, TaskBatchingInfo
 from .sgd import TaskSGD
@@ -43,11 +44,6 @@ class TaskBatcher(WindowChecks):
 
     # the share of the free memory a chunk of tasks may plan to take
     memory_fraction = 0.8
-    # what "auto" times, per device type (on CUDA the loop is 13x slower than vmap: H200, 2026-11-28), and
-    # on a CPU also these when the lower's module has a BatchNorm2d -> ReLU -> MaxPool2d(2) run to fuse (the
-    # fused CUDA kernels have not run on a GPU yet: TaskBatchedModule.AUTO)
-    AUTO = {"cpu": ("loop", "vmap", "stacked"), "cuda": ("vmap", "stacked", "im2col", "channels_last")}
-    AUTO_FUSED = {"cpu": ("loop" + FUSED, "stacked" + FUSED), "cuda": ()}
 
     def __init__(self, engine, upper, lower, info: TaskBatchingInfo, forward: str, max_tasks: Optional[int]):
         from ..problems.iterative_problem import IterativeProblem
@@ -60,17 +56,20 @@ class TaskBatcher(WindowChecks):
         self.keys = [f"module.{n}" for n in self.names]
         self.sgd = None if self.iterative else TaskSGD(lower.optimizer, self.module_params)
         device = torch.device(engine.device if lower.device is None else lower.device)
-        # "auto" on a CPU or CUDA: none wins everywhere (grouped convolutions beat per-task ones for small
-        # task batches, not for large), so the first meta-step times each (_measured_gradients).
+        # "auto": none wins everywhere (grouped convolutions beat per-task ones for small task batches, not
+        # for large), so the first meta-step times what forwards.auto_plans lists (_measured_gradients), with
+        # no chunks (a window's tasks run whole or in max_tasks chunks).
         self.device = device
-        self.measure = forward == "auto" and device.type in self.AUTO and not self.iterative
         self.fusable = count_fusable_runs(self.target) > 0
-        if forward.endswith(FUSED) and not self.fusable:
+        self.auto_plans = [p.label for p in forwards.auto_plans(device.type, self.fusable, 0, chunks=False)]
+        self.measure = forward == forwards.AUTO and bool(self.auto_plans) and not self.iterative
+        self.chooser = Chooser("forward", cache=tuning_cache())
+        if forward.endswith(forwards.FUSED) and not self.fusable:
             warnings.warn(f"task batching: forward {forward!r}: the lower's module ({type(self.target).__name__}) has no "
                           "nn.Sequential run BatchNorm2d (track_running_stats=False) -> ReLU -> MaxPool2d(2) to fuse; "
-                          f"it runs as {forward[:-len(FUSED)]!r}", RuntimeWarning, stacklevel=2)
-        if forward == "auto":
-            forward = "loop" if device.type == "cpu" else "vmap"
+                          f"it runs as {forward[:-len(forwards.FUSED)]!r}", RuntimeWarning, stacklevel=2)
+        if forward == forwards.AUTO:
+            forward = "loop" if device.type == "cpu" else forwards.UNTIMED_DEFAULT
         self.forward = forward
         # The upper's training_step is tried under vmap; the tutorial's .item() sends it to the loop.
         self.upper_forward = self.forward
@@ -200,7 +199,7 @@ class TaskBatcher(WindowChecks):
 
     def fusing(self, forward: str):
         """The lower's module with its BatchNorm -> ReLU -> max-pool runs fused in place for a "+fused" forward."""
-        return fused_in_place(self.target) if forward.endswith(FUSED) else contextlib.nullcontext()
+        return fused_in_place(self.target) if forwards.parse(forward).fused else contextlib.nullcontext()
 
     def task_losses(self, problem, phi: Sequence[Tensor], batches: Sequence[Any], forward: str):
         """(losses [n], metrics: a dict per task) of ``problem.training_step`` with the lower's
@@ -208,22 +207,20 @@ class TaskBatcher(WindowChecks):
         self.in_task_call = True
         try:
             with self.fusing(forward):
-                return self._task_losses(problem, phi, batches, forward.removesuffix(FUSED))
+                return self._task_losses(problem, phi, batches, forwards.parse(forward).forward)
         finally:
             self.in_task_call = False
 
-    def _task_losses(self, problem, phi: Sequence[Tensor], batches: Sequence[Any], forward: str):
-        if forward == "loop":
+    def _task_losses(self, problem, phi: Sequence[Tensor], batches: Sequence[Any], forward: forwards.Forward):
+        if not forward.vmapped:
             # unbind: one backward (a stack) for all tasks, where T selects would each fill a [T, ...] zero
             slices = list(zip(*(p.unbind(0) for p in phi)))
             outs = [self.call_task(problem, g, slices[g], batch) for g, batch in enumerate(batches)]
             return torch.stack([loss for loss, _ in outs]), [metrics for _, metrics in outs]
         call = _Call(self.target, lambda b: problem.parse_loss(problem.training_step_exec(b)))
         stacked = _stack(batches)
-        # "stacked": convolutions, BatchNorm and max-pooling on the tasks' stacked channels (BatchedModule's
-        # rules); "im2col": the same with the dense convolutions as im2col + batched matrix products;
-        # "channels_last": the same in channels-last layout
-        layers = StackedLayers(STACKED_FORWARDS[forward]) if forward in STACKED_FORWARDS else contextlib.nullcontext()
+        # e.g. "stacked": convolutions, BatchNorm and max-pooling on the tasks' stacked channels
+        layers = forward.layers()
         # training_step's autocast (Config(precision=)) does not reach vmapped convolutions by itself
         autocast = AutocastConvolutions() if problem.config.precision in ("bf16", "fp16") else contextlib.nullcontext()
         with autocast, layers:
@@ -263,11 +260,11 @@ class TaskBatcher(WindowChecks):
             metrics.append(extra)
 
     def _upper_losses(self, batches):
-        if self.upper_forward.removesuffix(FUSED) != "loop":
+        if forwards.parse(self.upper_forward).forward.vmapped:
             try:
                 return self.task_losses(self.upper, self.phi, batches, self.upper_forward)
             except Exception as error:  # noqa: BLE001 (the loop is the documented path for such steps)
-                self.upper_forward = "loop" + (FUSED if self.upper_forward.endswith(FUSED) else "")
+                self.upper_forward = "loop" + (forwards.FUSED if forwards.parse(self.upper_forward).fused else "")
                 self.info.upper_forward = f"{self.upper_forward} (its training_step does not vmap: {_first_line(error)})"
         return self.task_losses(self.upper, self.phi, batches, self.upper_forward)
 
@@ -325,45 +322,60 @@ class TaskBatcher(WindowChecks):
         return losses, metrics
 
     def _gradients(self, batches: Sequence[Any], forward: str):
-        if forward.removesuffix(FUSED) == "loop":
+        if not forwards.parse(forward).forward.vmapped:
             return self.task_gradients(batches, forward)
         losses, metrics = self.task_losses(self.lower, self.phi, batches, forward)
         grads = torch.autograd.grad(losses.sum(), self.phi, allow_unused=True)
         return losses, metrics, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.phi)]
 
     def _measured_gradients(self, batches: Sequence[Any]):
-        """The first inner step of "auto" on a CPU or CUDA: each forward twice (the first warms it up),
-        and the fastest kept for this program, as cudnn.benchmark keeps a convolution algorithm. A
-        forward that raises (e.g. out of memory) is left out, with a warning naming its cause; the
-        lower's training_step already ran under vmap (_first_window_checks)."""
-        modes = self.AUTO[self.device.type] + (self.AUTO_FUSED[self.device.type] if self.fusable else ())
-        now = device_clock(self.device)
-        seconds, result, refused = {}, {}, {}
-        for forward in modes * 2:
-            if forward in refused:
-                continue
-            start = now()
+        """The first inner step of "auto": the forwards of forwards.auto_plans timed (choice.choose), or the
+        one the tuning cache keeps for this program's shapes on this machine, as cudnn.benchmark keeps a
+        convolution algorithm; the winner's step is the step. A forward that raises (e.g. out of memory) is
+        left out, with a warning naming its cause; the lower's training_step already ran under vmap
+        (_first_window_checks)."""
+        results, buffers, start = {}, dict(self.target.named_buffers()), _copies(self.target.named_buffers())
+        buffers_after = {}
+
+        def measure(forward: str) -> float:
+            # each run from the same buffers (a training BatchNorm updates its running statistics), the
+            # winner's left after it, as the RNG is: the step is the winner's alone, whatever ran beside it
+            _copy_into(buffers, start)
+            took = timer(self.device, lambda: results.__setitem__(forward, self._gradients(batches, forward)))
+            buffers_after.setdefault(forward, _copies(buffers.items()))
+            return took
+
+        def time() -> dict:
             try:
-                result[forward] = self._gradients(batches, forward)
-            except RuntimeError as error:
-                refused[forward] = error
-                continue
-            seconds[forward] = now() - start
-        if not seconds:
-            raise next(iter(refused.values()))
+                return choose("forward", self.auto_plans, measure, self.device, restore=False, describe=_first_line)
+            except NoCandidateRan as error:
+                raise next(iter(error.errors.values()))
+
+        choice = self.chooser.get(self._choice_key(batches), self.auto_plans, time)
+        _copy_into(buffers, buffers_after.get(choice["forward"], start))
         self.measure = False
-        self.forward = min(seconds, key=seconds.get)
-        self.upper_forward = self.forward
-        timed = ", ".join(f"{forward} {seconds[forward] * 1e3:.1f} ms" for forward in modes if forward in seconds)
-        if refused:
-            causes = "; ".join(f"{forward}: {_first_line(error)}" for forward, error in refused.items())
-            timed += f"; left out: {causes}"
+        self.forward = self.upper_forward = choice["forward"]
+        if "from" in choice:
+            how = f"auto, from the tuning cache {self.chooser.cache.path}"
+        else:
+            how = "auto, timed on the first meta-step's inner step: " + ", ".join(
+                f"{forward} {ms:.1f} ms" for forward, ms in choice["ms"].items())
+        if "refused" in choice:
+            causes = "; ".join(f"{forward}: {cause}" for forward, cause in choice["refused"].items())
+            how += f"; left out: {causes}"
             warnings.warn(f"task batching: \"auto\" left out forwards that failed on the first inner step ({causes})",
                           RuntimeWarning, stacklevel=2)
-        self.info.forward = f"{self.forward} (auto, timed on the first meta-step's inner step: {timed})"
+        self.info.forward = f"{self.forward} ({how})"
         self.info.upper_forward = self.upper_forward
         self._logger.info(f"task batching: the lower's training_step runs as {self.info.forward}")
-        return result[self.forward]
+        return results[self.forward] if self.forward in results else self._gradients(batches, self.forward)
+
+    def _choice_key(self, batches: Sequence[Any]) -> tuple:
+        """What the forward choice depends on: the module, the tasks, their batches' shapes, dtype, threads."""
+        shapes = tuple(tuple(t.shape) for t in _tensors(batches[0]))
+        dtype = str(self.module_params[0].dtype).replace("torch.", "")
+        return ("task batching", type(self.target).__name__, len(batches), shapes, dtype, torch.get_num_threads(),
+                str(self.device))
 
     def _lower_stats(self, tasks: List[dict], lower_losses: list) -> None:
         """Each task's logged values per inner step (task["lower_stats"]); a non-finite loss raises."""
@@ -427,3 +439,4 @@ class TaskBatcher(WindowChecks):
 
 
 __all__ = ["TaskBatcher"]
+

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .plan import NotBatchable, TaskBatchingInfo
-from ..batched.module import FUSED, STACKED_FORWARDS
+from ..batched import forwards
 from .calls import _Call, _plain, _structure, log_as_of, record_step
 from .runner import TaskBatcher
 
@@ -47,9 +47,9 @@ class SiblingBatcher(TaskBatcher):
         self.sibling_params = [[p for p in m.parameters() if p.requires_grad] for m in self.targets]
         self._all = nn.ModuleList(self.targets)  # the upper's training_step sees every sibling's module
         self.window: List[tuple] = []  # (sibling, global step, count, batch) in the sequential order
-        if forward.endswith(FUSED):
+        if forward.endswith(forwards.FUSED):
             info.forward = "loop, unfused (the siblings' path runs each sibling's own module as it is)"
-        elif forward == "vmap" or forward in STACKED_FORWARDS:
+        elif forward != forwards.AUTO and forwards.parse(forward).forward.vmapped:
             info.forward = "loop (each sibling's training_step reads its own index, so it runs as its own call)"
         info.upper_forward = "one call (the upper's training_step reads every sibling)"
 

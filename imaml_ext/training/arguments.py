@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict, Optional, Sequence
 
-from ..batched.module import TaskBatchedModule
+from ..batched import forwards
 from ..data import PROTOCOLS
 from .config import ADDED_OPTION_DEFAULTS, ALGOS, AUTHORS_DAMPING, MODELS, TASKS, RunConfig
 from .errors import RunError
@@ -122,12 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(algo, "optimizer", default="adam", choices=("adam", "adamw"), help="the meta-optimizer")
     _add(algo, "scheduler", default="none", choices=("none", "cosine"), help="meta learning-rate schedule")
     _add(algo, "steps", type=int, default=10000, help="meta-steps")
-    _add(algo, "forward", default="auto", choices=TaskBatchedModule.FORWARDS,
-         help="task-batched forward: vmap (grouped convolutions), loop (per-task dense layers), stacked (vmap with "
-              "convolutions, BatchNorm and max-pooling on the tasks' stacked channels), im2col (stacked, with the "
-              "convolutions as im2col and one batched matrix product over tasks), channels_last (stacked, in "
-              "channels-last memory layout) or auto (the fastest of loop and stacked on a CPU, of vmap, stacked, "
-              "im2col and channels_last on a GPU, timed once per input shape)")
+    _add(algo, "forward", default="auto", choices=forwards.names(),
+         help=f"task-batched forward, imaml_ext.batched.forwards: {forwards.describe()}")
     _add(algo, "hvp", default="auto", choices=("auto", "reverse", "forward"),
          help="the CG solve's Hessian-vector products: reverse (double backward through one kept support-gradient "
               "graph), forward (jvp of grad: no graph kept) or auto (the faster, timed at the first meta-step)")
