@@ -159,63 +159,104 @@ def _pct(value: Optional[float], ci: Optional[float] = None) -> str:
     return f"{value:.2f} ± {ci:.2f} %" if ci is not None else f"{value:.2f} %"
 
 
-ACCURACY_HEADER = ["setting", "meta-steps", "ours (95 % CI)", "random init",
-                   "authors' protocol: query = shots, test-time λ 0 (random init)", "paper (iMAML-GD)", "Betty README",
-                   "wall time", "how"]
+ACCURACY_HEADER = ["setting", "seeds", "budget per seed: meta-steps, model, wall time",
+                   "ours: query images/class, test-time λ, test tasks", "ours", "random init",
+                   "iMAML authors' protocol: query images/class, test-time λ, test tasks", "authors' protocol",
+                   "random init", "paper (iMAML-GD)", "Betty README", "training"]
+
+
+def _over_seeds(figure: dict, of: int) -> str:
+    """A protocol's (or its baseline's) figure over the seeds that have it, saying how many of ``of``."""
+    n = figure["seeds"]
+    if not n:
+        return "not evaluated" + (f" ({of} seeds)" if of > 1 else "")
+    count = f"{n} of {of} seeds" if n < of else f"{n} seed" + ("s" if n > 1 else "")
+    if n == 1:
+        return f"{figure['mean']:.2f} ± {figure['ci95']:.2f} % ({count}, 95 % CI)"
+    return f"{figure['mean']:.2f} ± {figure['std']:.2f} % ({count}, mean ± s.d.)"
+
+
+def _protocol(p: dict) -> str:
+    lam = "—" if p["eval_lam"] is None else f"{p['eval_lam']:g}"
+    tasks = "/".join(str(t) for t in p["tasks"]) or "—"
+    return f"{p['query']}, λ {lam}, {tasks}"
+
+
+def _label(e: dict) -> str:
+    return f"{e['ways']}-way {e['shots']}-shot" + (f" ({e['preset']})" if e.get("preset") else "")
 
 
 def accuracy_rows(entries: List[dict]) -> List[List[str]]:
-    """One row per entry of an accuracy file (benchmarks/reproduce.py): ACCURACY_HEADER's columns."""
+    """One row per setting of an accuracy file (benchmarks/reproduce.py): ACCURACY_HEADER's columns."""
     rows = []
     for e in entries:
-        label = f"{e['ways']}-way {e['shots']}-shot" + (f" ({e['preset']})" if e.get("preset") else "")
-        if e["finished"]:
-            ours = f"{_pct(e['accuracy'], e['ci95'])} ({e['tasks']} tasks)"
-            steps = f"{e['steps']:,}"
-        else:
-            ours = "not finished"
-            steps = f"{e['steps_done']:,} of {e['steps']:,}"
-        base = e.get("baseline") or {}
-        wall = f"{e['wall_seconds'] / 60:.0f} min" if e.get("wall_seconds") else "—"
+        seeds = f"{e['seeds_run']}: " + ", ".join(str(s["seed"]) for s in e["seeds"])
+        seeds += "".join(f"; seed {s['seed']} at step {s['steps_done']:,} of {e['steps']:,}"
+                         for s in e["seeds"] if not s["finished"])
         s = e["settings"]
-        eval_lam = s["eval_lam"] if s.get("eval_lam") is not None else s["lam"]
-        how = (f"Conv4-{s['hidden_size']}, {s['inner_steps']} inner at {s['base_lr']:g}, λ {s['lam']:g}, "
-               f"{s['cg_iterations']} CG, T {s['meta_batch_size']}, lr {s['meta_lr']:g} {s['scheduler']}, "
-               f"{s['query']} query/class, test-time λ {eval_lam:g}")
-        authors = e.get("authors_protocol")
-        authors_cell = "not evaluated" if not authors else (
-            f"{_pct(authors['accuracy'], authors['ci95'])} "
-            f"({_pct((authors.get('baseline') or {}).get('accuracy'), (authors.get('baseline') or {}).get('ci95'))})")
-        rows.append([label, steps, ours, _pct(base.get("accuracy"), base.get("ci95")), authors_cell,
-                     _pct(e.get("paper")), _pct(e.get("betty")), wall, how])
+        wall = f"{e['wall_seconds_per_seed'] / 60:.0f} min" if e.get("wall_seconds_per_seed") else "—"
+        budget = f"{e['steps']:,}, Conv4-{s['hidden_size']}, {wall}"
+        lam = "—" if s.get("lam") is None else f"{s['lam']:g}"
+        training = (f"{s['inner_steps']} inner at {s['base_lr']:g}, λ {lam}, {s['cg_iterations']} CG, "
+                    f"T {s['meta_batch_size']}, lr {s['meta_lr']:g} {s['scheduler']}, {s['query']} query/class")
+        ours, authors = e["ours"], e["authors"]
+        rows.append([_label(e), seeds, budget, _protocol(ours), _over_seeds(ours, ours["of"]),
+                     _over_seeds(ours["baseline"], ours["of"]), _protocol(authors),
+                     _over_seeds(authors, authors["of"]), _over_seeds(authors["baseline"], authors["of"]),
+                     _pct(e.get("paper")), _pct(e.get("betty")), training])
     return rows
 
 
+def _one_seed(name: str, found: Optional[dict]) -> str:
+    if not found:
+        return f"{name} not evaluated"
+    base = found.get("baseline") or {}
+    return (f"{name} {_pct(found['accuracy'], found['ci95'])} ({_pct(base.get('accuracy'), base.get('ci95'))}), "
+            f"{found['tasks']} tasks, from {found['source']}")
+
+
+def per_seed_lines(entries: List[dict]) -> List[str]:
+    """Each setting's seeds, one line each: both protocols' figures with their 95 % intervals."""
+    lines = []
+    for e in entries:
+        lines.append(f"- {_label(e)}, {e['steps']:,} meta-steps:")
+        for s in e["seeds"]:
+            state = "" if s["finished"] else f", not finished (step {s['steps_done']:,})"
+            wall = f", {s['wall_seconds'] / 60:.0f} min" if s.get("wall_seconds") else ""
+            lines.append(f"  - seed {s['seed']} (`{s['run']}`{state}{wall}): {_one_seed('ours', s['ours'])}; "
+                         f"{_one_seed('authors', s['authors'])}")
+    return lines
+
+
 def plot_accuracy(entries: List[dict], machine: str, path: Path) -> bool:
-    """Validation accuracy against meta-steps for each run, its final meta-test accuracy (with the
-    95 % interval) and the paper's figure for the same setting as a dashed line."""
-    curves = [e for e in entries if e.get("curve") or e.get("accuracy") is not None]
-    plt = pyplot() if curves else None
+    """Validation accuracy against meta-steps for each seed of each setting, the final meta-test
+    accuracy under our protocol (mean ± s.d. over seeds, or one seed's 95 % interval) and the
+    paper's figure for the same setting as a dashed line."""
+    shown = [e for e in entries if e["ours"]["seeds"] or any(s.get("curve") for s in e["seeds"])]
+    plt = pyplot() if shown else None
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for e in curves:
-        label = f"{e['ways']}-way {e['shots']}-shot"
-        line = None
-        if e.get("curve"):
-            steps, acc = zip(*e["curve"])
-            (line,) = ax.plot(steps, acc, "o-", markersize=3, label=f"{label}, validation")
-        color = line.get_color() if line is not None else None
-        if e.get("accuracy") is not None:
-            ax.errorbar([e["steps"]], [e["accuracy"]], yerr=[e["ci95"]], fmt="*", markersize=10, capsize=4,
-                        color=color, label=f"{label}, meta-test {e['accuracy']:.2f} %")
+    for e in shown:
+        label = f"{e['ways']}-way {e['shots']}-shot, {e['steps']:,} steps"
+        color = None
+        for s in (s for s in e["seeds"] if s.get("curve")):
+            (line,) = ax.plot(*zip(*s["curve"]), "o-", markersize=3, linewidth=1, color=color,
+                              label=f"{label}, validation" if color is None else None)
+            color = line.get_color()
+        ours = e["ours"]
+        if ours["seeds"]:
+            spread = ours["std"] if ours["seeds"] > 1 else ours["ci95"]
+            line = ax.errorbar([e["steps"]], [ours["mean"]], yerr=[spread], fmt="*", markersize=10, capsize=4,
+                               color=color, label=f"{label}, meta-test {_over_seeds(ours, ours['of'])}")
+            color = line.lines[0].get_color()
         if e.get("paper") is not None:
             ax.axhline(e["paper"], color=color, linestyle="--", linewidth=0.8, label=f"{label}, paper {e['paper']:.2f} %")
     ax.set_xlabel("meta-step")
     ax.set_ylabel("query accuracy (%)")
     ax.set_title(f"Omniglot accuracy against meta-steps: {machine}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -264,6 +305,9 @@ def gather(machine: str) -> Optional[dict]:
                              f"unrolled MAML {fmt(by['maml'][lo]['peak_mib'])} → {fmt(by['maml'][hi]['peak_mib'])} MiB",
                              f"{by['maml'][hi]['peak_mib'] / by['imaml'][hi]['peak_mib']:.1f}x less at {hi}"])
     accuracy = data.get("accuracy", {}).get("entries", [])
+    if any("seeds" not in e for e in accuracy):
+        raise SystemExit(f"{files['accuracy']}: an accuracy file from before its rows were over seeds (an entry "
+                         "without \"seeds\"); write it again with benchmarks/reproduce.py --collect RUN_FOLDER...")
     dates = sorted(d["meta"]["date"] for d in data.values())
     return {"machine": machine, "date": dates[-1], "sources": {k: p.name for k, p in files.items()},
             "device": next(iter(data.values()))["meta"].get("device_name"),
