@@ -87,3 +87,54 @@ def test_agreement_counts_the_calls_that_return_the_same_loss():
     b = {"history": {"inner": [1.0, 2.00001, 3.5, 4.0], "outer": [0.5, 0.25]}}
     assert script.agreement(a, b) == "inner: 2 of 3 / 4"
     assert script.agreement(a, {"history": {"other": [1.0]}}) == ""
+
+
+def test_launch_torchrun_runs_the_scale_out_programs_with_their_strategy(tmp_path):
+    assert script.launcher("python") == [sys.executable]
+    assert script.launcher("torchrun:2") == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                             "--nproc_per_node", "2"]
+    (tmp_path / "betty").mkdir()
+    args = script.parse(["--source", str(tmp_path), "--sdist", str(tmp_path), "--betty", str(tmp_path),
+                         "--launch", "torchrun:2"])
+    assert args.processes == 2 and args.argv[-2:] == ["--launch", "torchrun:2"]
+    plan = {name: (strategy, flags, dict(replacements))
+            for name, strategy, _, _, flags, replacements, _ in script.programs(2)}
+    assert args.only == list(plan)
+    assert plan["0.2/tutorial/5_distributed_training:zero"][:2] == ("zero", ["--strategy", "zero"])
+    assert {name.split(":")[1] for name in plan} == {"distributed", "zero", "fsdp"}
+    memory = plan["0.1.1/tutorial/4_memory_optimization:distributed"]
+    assert memory[0] == "distributed=True" and "distributed = True" not in memory[2]  # kept, as fp16 is
+    assert not any("fp16" in old or "precision" in old for _, _, replacements in plan.values() for old in replacements)
+    one = [name for name, *_ in script.programs(1)]
+    assert one == [script.label(v, p) for v, p, *_ in script.PROGRAMS] and not set(one) & set(plan)
+    assert script.parse(["--source", str(tmp_path), "--launch", "torchrun:2", "--only",
+                         "0.2/tutorial/5_distributed_training:fsdp"]).only == ["0.2/tutorial/5_distributed_training:fsdp"]
+
+
+@pytest.mark.parametrize("launch", ["torchrun:1", "torchrun", "mpirun:2", "torchrun:two"])
+def test_launch_errors_name_the_option(tmp_path, capsys, launch):
+    with pytest.raises(SystemExit) as exit_:
+        script.parse(["--source", str(tmp_path), "--launch", launch])
+    assert exit_.value.code == 2
+    assert f"--launch {launch}: expected python or torchrun:N with N >= 2 processes" in capsys.readouterr().err
+
+
+def test_ranks_outputs_are_read_apart_and_their_parameters_compared():
+    out = "\n".join([
+        "RANK1 FINAL_LOSS inner 0.5", "RANK0 FINAL_LOSS inner 0.25", "RANK0 LOSSES inner 1,0.25",
+        "RANK0 PARAMS inner 0123abcd 1.5", "RANK1 PARAMS inner 0123abcd 1.5", "RANK1 LOSSES inner 2,0.5",
+        "RANK0 PARAMS outer 99 -2", "RANK1 PARAMS outer 98 -2.000001", "RANK1 RAISED ValueError: no ranks"])
+    ranks = script.outcome(out)
+    assert ranks[0]["losses"] == {"inner": 0.25} and ranks[1]["history"] == {"inner": [2.0, 0.5]}
+    assert ranks[1]["raised"] == "ValueError: no ranks" and ranks[0]["raised"] == ""
+    result = {"rc": 0, "ranks": ranks}
+    assert script.rank_parameters(result, 2) == ("inner: same on 2 ranks (sum 1.5); "
+                                                 "outer: differ (sums -2 / -2.000001)")
+    assert script.rank_parameters(result, 3) == "-" and script.rank_parameters({**result, "rc": 1}, 2) == "-"
+    assert script.rank_losses(result) == "rank 0: inner 0.25; rank 1: inner 0.5"
+    assert script.outcome("FINAL_LOSS x 1.5\nRAISED AssertionError")[0] == {
+        "losses": {"x": 1.5}, "history": {}, "params": {}, "raised": "AssertionError"}
+    summary = "ValueError: boom\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \nexit"
+    assert script.failure(1, summary + "\nRANK1 RAISED ValueError: boom", ranks) == "ValueError: no ranks"
+    assert script.failure(1, summary, {}) == "ValueError: boom"
+    assert script.failure("timeout", "RuntimeError: x\ntimed out after 9 s", {}) == "timed out after 9 s"

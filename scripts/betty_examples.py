@@ -14,6 +14,12 @@ its iteration count. The table gives, per program, whether each run completes, t
 problem's ``training_step`` returned last, their largest difference, and the last line of the
 error. Programs that cannot run on a CPU are listed with the reason.
 
+``--launch torchrun:N`` runs Betty's scale-out programs instead (0.1.1's memory-optimization
+tutorial with its ``distributed = True``, 0.2's distributed-training tutorial with ``--strategy
+distributed``, ``zero`` and ``fsdp``; fp16 as they set it), each in N processes started by
+``python -m torch.distributed.run --standalone`` (gloo on a CPU), and tables each rank's last
+losses and whether the ranks ended with the same parameters (runner.py's digest of them).
+
 Not part of CI: it needs Betty's sdist, source and package.
 
     pip download --no-deps --no-binary :all: betty-ml==0.1.1 -d /tmp/betty_sdist
@@ -57,6 +63,7 @@ TUTORIAL = ([], [("train_iters=3000", "train_iters=100")], "")
 # the ResNet-50 tutorials: one block a stage, batches of 10, 10 steps
 RESNET = [("[3, 4, 6, 3]", "[1, 1, 1, 1]"), ("batch_size=100", "batch_size=10"),
           ("train_iters=10000", "train_iters=10")]
+DISTRIBUTED_02 = [("batch_size=50", "batch_size=10"), *RESNET]  # 0.2's tutorial 5 also batches by 50
 HPO = ([], [("train_iters=10000", "train_iters=1000")], "")
 BOTH = [
     ("betty/test_install.py", [], [], ""),
@@ -77,8 +84,7 @@ ONLY_011 = [
 ]
 ONLY_02 = [
     ("examples/logistic_regression_hpo/test.py", [], [], ""),  # as test_install: 5000 steps, a few seconds
-    ("tutorial/5_distributed_training.py", ["--strategy", "default"], [("batch_size=50", "batch_size=10"), *RESNET],
-     ""),
+    ("tutorial/5_distributed_training.py", ["--strategy", "default"], DISTRIBUTED_02, ""),
     ("examples/implicit_maml/main.py",
      ["--ways", "5", "--shots", "1", "--inner_steps", "2", "--meta_batch_size", "2", "--hidden_size", "8"],
      [("* 7500)", "* 10)")], ""),
@@ -88,6 +94,12 @@ ONLY_02 = [
     ("examples/saliency_aware_nas_4_level/train_search_sanas.py", *NAS_02),
 ]
 PROGRAMS = [("0.1.1", *p) for p in BOTH + ONLY_011] + [("0.2", *p) for p in BOTH + ONLY_02]
+
+# Betty's scale-out programs, run by --launch torchrun:N with their own strategy, fp16 as they have it:
+# (version, path, flags, replacements, sizes, the strategy as the program sets it).
+SCALE_OUT = [("0.1.1", "tutorial/4_memory_optimization.py", [], RESNET, "", "distributed=True")] + [
+    ("0.2", "tutorial/5_distributed_training.py", ["--strategy", name], DISTRIBUTED_02, "", name)
+    for name in ("distributed", "zero", "fsdp")]
 
 # Copies of another program, checked byte for byte at run time and then run once.
 SAME_AS = [("0.1.1", "examples/logistic_regression_hpo/test.py", "betty/test_install.py")]
@@ -115,6 +127,26 @@ def label(version: str, path: str) -> str:
     """``0.2/robust_nas/dsrna_search``: the version, the example's folder (if any) and the file."""
     parts = Path(path).with_suffix("").parts
     return f"{version}/" + "/".join(parts[1:] if parts[0] in ("examples", "betty") else parts)
+
+
+def programs(processes: int) -> list:
+    """(label, strategy, version, path, flags, replacements, sizes) of the programs that a launch with
+    ``processes`` processes runs: every runnable program in one, the scale-out programs under torchrun,
+    each labelled with its strategy (``0.2/tutorial/5_distributed_training:zero``)."""
+    if processes == 1:
+        return [(label(v, p), "", v, p, *rest) for v, p, *rest in PROGRAMS]
+    return [(f"{label(v, p)}:{strategy.split('=')[0]}", strategy, v, p, *rest)
+            for v, p, *rest, strategy in SCALE_OUT]
+
+
+def launcher(launch: str) -> list:
+    """The command that starts runner.py: this Python, or torchrun's module with N processes on one machine."""
+    found = re.fullmatch(r"python|torchrun:(\d+)", launch)
+    if not found or (found.group(1) is not None and int(found.group(1)) < 2):
+        raise ValueError(f"--launch {launch}: expected python or torchrun:N with N >= 2 processes")
+    if found.group(1) is None:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", found.group(1)]
 
 
 def select(only: str | None, labels: list[str]) -> list[str]:
@@ -188,35 +220,66 @@ def prepare(root: Path, path: str, replacements, imaml: bool, folder: Path) -> P
     return folder / source.name
 
 
-FINAL = re.compile(r"^FINAL_LOSS (\S+) (\S+)$", re.M)
-HISTORY = re.compile(r"^LOSSES (\S+) (\S+)$", re.M)
+MARK = re.compile(r"^(?:RANK(\d+) )?(FINAL_LOSS|LOSSES|PARAMS|RAISED) (.*)$", re.M)
 ERROR = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b|^timed out after")
+
+
+def outcome(out: str) -> dict:
+    """runner.py's lines, by rank (0 for one process): each problem's last loss, its losses, its parameters'
+    digest and sum, and the error the program raised."""
+    ranks = {}
+    for rank, kind, rest in MARK.findall(out):
+        mine = ranks.setdefault(int(rank or 0), {"losses": {}, "history": {}, "params": {}, "raised": ""})
+        if kind == "RAISED":
+            mine["raised"] = rest
+            continue
+        name, value = rest.split(" ", 1)
+        if kind == "FINAL_LOSS":
+            mine["losses"][name] = float(value)
+        elif kind == "LOSSES":
+            mine["history"][name] = [float(v) for v in value.split(",")]
+        else:
+            mine["params"][name] = tuple(value.split())
+    return ranks
+
+
+def execute(command, cwd, env, timeout: float):
+    """(exit status or "timeout", output): under torchrun a timeout ends the launcher's whole session
+    (its ranks), not only the launcher."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return process.returncode, stdout + stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        stdout, stderr = process.communicate()
+        return "timeout", (stdout or "") + (stderr or "") + f"\ntimed out after {timeout:.0f} s"
 
 
 def run_one(program: Path, arguments, backend: str, paths, sizes: str, args) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                BETTY_EXAMPLES_SEED=str(args.seed), WANDB_MODE="disabled")
     env.update(("BETTY_EXAMPLES_" + kv.split("=")[0], kv.split("=")[1]) for kv in sizes.split())
-    command = [sys.executable, str(HERE / "runner.py"), "imaml_ext" if backend == "imaml_ext" else "betty",
+    command = [*launcher(args.launch), str(HERE / "runner.py"), "imaml_ext" if backend == "imaml_ext" else "betty",
                str(program), *arguments]
     start = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=program.parent, env=env, capture_output=True, text=True,
-                              timeout=args.timeout)
-        rc, out = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as expired:
-        rc, out = "timeout", "\n".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
-                                       for x in (expired.stdout, expired.stderr))
-        out += f"\ntimed out after {args.timeout:.0f} s"
+    rc, out = execute(command, program.parent, env, args.timeout)
     (program.parent.parent / f"{program.parent.name}.log").write_text(out)
     out = out.replace(str(program.parent.parent.parent) + "/", "")  # the errors' paths, without the temp folder
-    history = {name: [float(v) for v in values.split(",")] for name, values in HISTORY.findall(out)}
-    lines = [line for line in out.strip().splitlines()
-             if line.strip() and not line.startswith(("FINAL_LOSS", "LOSSES"))]
-    raised = [line for line in lines if ERROR.match(line)]
-    return {"rc": rc, "seconds": time.perf_counter() - start, "losses": {k: float(v) for k, v in FINAL.findall(out)},
-            "history": history,
-            "error": "" if rc == 0 else ((raised or lines or [f"exit {rc}"])[-1][:200])}
+    ranks = outcome(out)
+    first = ranks.get(0, {"losses": {}, "history": {}})
+    return {"rc": rc, "seconds": time.perf_counter() - start, "losses": first["losses"], "history": first["history"],
+            "ranks": ranks, "error": "" if rc == 0 else failure(rc, out, ranks)}
+
+
+def failure(rc, out: str, ranks: dict) -> str:
+    """The line that says why a run failed: the lowest rank's RAISED line, else the last error-like line."""
+    raised = [ranks[r]["raised"] for r in sorted(ranks) if ranks[r]["raised"]][:1]
+    lines = [line for line in out.strip().splitlines() if line.strip() and not MARK.match(line)
+             and not line.startswith("torch.distributed.elastic")]  # torchrun's summary names no cause
+    raised = raised or [line for line in lines if ERROR.match(line)]
+    return (raised or lines or [f"exit {rc}"])[-1][:400]
 
 
 def omniglot_npy(folder: Path) -> None:
@@ -277,8 +340,16 @@ def parse(argv):
     parser.add_argument("--backends", default="betty,imaml_ext", help="which libraries to run (comma-separated)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    parser.add_argument("--launch", default="python",
+                        help="python: every program in one process; torchrun:N: Betty's scale-out programs, each "
+                             "with its strategy, in N processes (torch.distributed.run --standalone, gloo on a CPU)")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args.processes = int(launcher(args.launch)[-1]) if args.launch != "python" else 1
+    except ValueError as error:
+        parser.error(str(error))
     if not args.sdist and not args.source:
         parser.error("give --sdist (Betty 0.1.1's programs), --source (Betty 0.2's) or both")
     if args.sdist and not (args.betty and Path(args.betty, "betty").is_dir()):
@@ -294,7 +365,7 @@ def parse(argv):
         parser.error(f"--backends {args.backends}: expected betty, imaml_ext or both, comma-separated")
     args.backends = backends
     versions = [v for v, given in zip(VERSIONS, (args.sdist, args.source)) if given]
-    labels = [label(v, p) for v, p, *_ in PROGRAMS if v in versions]
+    labels = [name for name, _, v, *_ in programs(args.processes) if v in versions]
     try:
         args.only = select(args.only, labels)
     except ValueError as error:
@@ -319,8 +390,7 @@ def main(argv=None) -> int:
     library = {"0.1.1": args.betty, "0.2": str(roots.get("0.2"))}
     extra = [args.deps] if args.deps else []
     rows, commit = [], imaml_commit()
-    for version, path, arguments, replacements, sizes in PROGRAMS:
-        name = label(version, path)
+    for name, strategy, version, path, arguments, replacements, sizes in programs(args.processes):
         if name not in args.only:
             continue
         results = {}
@@ -332,8 +402,9 @@ def main(argv=None) -> int:
             paths = ([str(REPO)] if backend == "imaml_ext" else [library[version]]) + extra
             results[backend] = r = run_one(program, arguments, backend, paths, sizes, args)
             print(f"{name:48s} {backend:9s} rc={r['rc']} {losses(r)} {r['seconds']:.0f} s {r['error']}", flush=True)
-        rows.append((name, arguments, replacements, results))
-    report = table(rows, roots, args, f"torch {torch.__version__}; imaml_ext {commit}")
+        rows.append((name, arguments, replacements, results) + ((strategy,) if args.processes > 1 else ()))
+    versions = f"torch {torch.__version__}; imaml_ext {commit}"
+    report = table(rows, roots, args, versions) if args.processes == 1 else scale_out_table(rows, roots, args, versions)
     print(report)
     print(f"logs: {workdir}/runs")
     if args.out:
@@ -376,6 +447,67 @@ def table(rows, roots, args, versions: str) -> str:
             lines += ["", f"`{version}/{copy}` is byte for byte `{original}`, so it is run once."]
     lines += ["", "Not run:", "", "| version | program | why |", "|---|---|---|"]
     lines += [f"| {version} | `{path}` | {why} |" for version, path, why in NOT_RUN]
+    return "\n".join(lines) + "\n"
+
+
+def rank_losses(result: dict) -> str:
+    """Each rank's last losses (``rank 0: inner 0.5, outer 0.2; rank 1: ...``)."""
+    ranks = result.get("ranks", {})
+    return "; ".join(f"rank {r}: " + ", ".join(f"{n} {v:.4g}" for n, v in sorted(ranks[r]["losses"].items()))
+                     for r in sorted(ranks) if ranks[r]["losses"])
+
+
+def rank_parameters(result: dict, processes: int) -> str:
+    """Per problem, whether every rank ended with the same parameters (their float64 bytes' digest)."""
+    ranks = result.get("ranks", {})
+    if result["rc"] != 0 or len(ranks) < processes:
+        return "-"
+    cells = []
+    for name in sorted(ranks[0]["params"]):
+        seen = [ranks[r]["params"].get(name, ("missing", "")) for r in sorted(ranks)]
+        if seen[0][0] == "sharded":
+            cells.append(f"{name}: sharded (each rank holds its shard)")
+        elif all(s == seen[0] for s in seen):
+            cells.append(f"{name}: same on {len(seen)} ranks (sum {seen[0][1]})")
+        else:
+            cells.append(f"{name}: differ (sums " + " / ".join(s[1] for s in seen) + ")")
+    return "; ".join(cells)
+
+
+def scale_out_table(rows, roots, args, versions: str) -> str:
+    lines = [
+        f"# Betty's scale-out example programs in {args.processes} CPU processes, on Betty and on imaml_ext "
+        f"({args.date})",
+        "",
+        f"Machine: {machine()}; Python {platform.python_version()}, {versions}; Betty 0.2's source "
+        f"{commit_of(args.source) if args.source else '-'}. Each run is `python -m torch.distributed.run --standalone "
+        f"--nproc_per_node {args.processes}` of `scripts/betty_examples/runner.py` and the program, "
+        "OMP_NUM_THREADS=1 in each process, the process group on gloo (nothing here has a GPU), seed "
+        f"{args.seed} in every rank, at most {args.timeout:.0f} s a run. Made by:",
+        "",
+        "    OMP_NUM_THREADS=1 python scripts/betty_examples.py " + " ".join(args.argv),
+        "",
+        "Each program is Betty's own with its strategy as it sets it and fp16 kept, on seeded synthetic data "
+        "of the real shapes, sizes cut as in the one-process table, `betty` -> `imaml_ext` in the import lines "
+        "for imaml_ext. *Losses*: what each problem's `training_step` returned last in each rank (each rank "
+        "reads its own share of the batches, so they differ). *Parameters*: whether the ranks ended with the "
+        "same parameters, compared by a digest of their float64 bytes, with their sum.",
+        "",
+        "| program | strategy | processes | Betty | imaml_ext | losses, imaml_ext | parameters, imaml_ext "
+        "| losses, Betty | flags; rewritten |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, arguments, replacements, results, strategy in rows:
+        betty, ours = results.get("betty"), results.get("imaml_ext")
+        changes = " ".join(arguments) + "; " + ", ".join(f"`{old}` -> `{new}`" for old, new in replacements)
+        lines.append("| " + " | ".join([
+            f"`{name.split(':')[0]}`", f"`{strategy}`", str(args.processes), cell(betty) if betty else "-",
+            cell(ours) if ours else "-", rank_losses(ours) if ours else "",
+            rank_parameters(ours, args.processes) if ours else "", rank_losses(betty) if betty else "",
+            changes.strip("; ")]) + " |")
+    for backend in args.backends:
+        done = [r for *_, r, _ in rows if r[backend]["rc"] == 0]
+        lines.append(f"\n{backend}: {len(done)} of {len(rows)} complete.")
     return "\n".join(lines) + "\n"
 
 

@@ -2,14 +2,18 @@
 
 Seeds Python, numpy and torch with BETTY_EXAMPLES_SEED, installs ``fakes``, and records the loss
 that each problem's ``training_step`` returned last (a ``Problem.__init_subclass__`` hook of the
-library, so the program is unchanged); at exit it prints ``FINAL_LOSS <problem> <value>`` and
-``LOSSES <problem> <value>,<value>,...`` (every call's, in order) lines.
+library, so the program is unchanged); at exit it prints ``FINAL_LOSS <problem> <value>``,
+``LOSSES <problem> <value>,<value>,...`` (every call's, in order) and ``PARAMS <problem> <digest>
+<sum>`` (its module's parameters, in float64: a digest of their bytes, and their sum) lines, and
+``RAISED <type>: <message>`` if the program raised. Under torchrun (WORLD_SIZE > 1) each line
+starts with ``RANK<r> ``, since the ranks' outputs interleave.
 A loss computed under a torch.func transform (imaml_ext's batched tasks) is not read, so that the
 hook does not change which path imaml_ext takes.
 """
 
 import atexit
 import functools
+import hashlib
 import importlib
 import os
 import random
@@ -30,6 +34,8 @@ torch.manual_seed(seed)
 fakes.install(l2l="learn2learn" in Path(program).read_text())
 
 history = {}
+problems = {}
+tag = f"RANK{os.environ['RANK']} " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def record(step):
@@ -39,7 +45,9 @@ def record(step):
         loss = out.get("loss") if isinstance(out, dict) else out
         if isinstance(loss, torch.Tensor) and loss.numel() == 1 \
                 and not torch._C._functorch.is_functorch_wrapped_tensor(loss):
-            history.setdefault(str(getattr(self, "name", type(self).__name__)), []).append(loss.detach())
+            name = str(getattr(self, "name", type(self).__name__))
+            history.setdefault(name, []).append(loss.detach())
+            problems[name] = self
         return out
 
     return training_step
@@ -57,13 +65,31 @@ def hook(cls, **kwargs):
 base.__init_subclass__ = classmethod(hook)
 
 
+def parameters(problem) -> str:
+    """``<digest> <sum>`` of the problem's parameters; ``sharded`` where a rank holds only its shard
+    (a DTensor: gathering it would need the other ranks, which may be gone at exit)."""
+    module = getattr(problem, "module", None)
+    params = list(module.parameters()) if isinstance(module, torch.nn.Module) else []
+    if not params or any(hasattr(p, "to_local") for p in params):
+        return "sharded 0" if params else "none 0"
+    flat = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params])
+    return f"{hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]} {float(flat.sum()):.10g}"
+
+
 @atexit.register
 def report():
     for name, losses in history.items():
-        print(f"FINAL_LOSS {name} {float(losses[-1]):.6g}", flush=True)
-        print(f"LOSSES {name} " + ",".join(f"{float(loss):.7g}" for loss in losses), flush=True)
+        print(f"{tag}FINAL_LOSS {name} {float(losses[-1]):.6g}", flush=True)
+        print(f"{tag}LOSSES {name} " + ",".join(f"{float(loss):.7g}" for loss in losses), flush=True)
+        print(f"{tag}PARAMS {name} {parameters(problems[name])}", flush=True)
 
 
 sys.argv = [program, *arguments]
 sys.path.insert(0, str(Path(program).resolve().parent))
-runpy.run_path(program, run_name="__main__")
+try:
+    runpy.run_path(program, run_name="__main__")
+except Exception as error:  # the error's own line, which torchrun's summary of the ranks would bury
+    message = str(error).strip().splitlines()
+    print(f"{tag}RAISED {type(error).__name__}" + (f": {message[0]}" if message else ""), file=sys.stderr,
+          flush=True)
+    raise
