@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,8 +170,8 @@ def metrics(folder: Path):
 def test_the_same_seeded_run_beside_busy_processes_gives_identical_metrics(tmp_path, data_root):
     """forward and hvp "auto", one tuning cache: a quiet run, then the same run beside two busy
     processes (which can turn a close timing), give the same metrics.jsonl and test accuracy."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "IMAML_TUNING_CACHE": str(tmp_path / "tuning.json")}
-    args = ["--hidden_size", "8", "--meta_batch_size", "3", "--inner_steps", "2", "--cg_iterations", "2", "--query", "2",
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--tuning_cache", str(tmp_path / "tuning.json"), "--hidden_size", "8", "--meta_batch_size", "3", "--inner_steps", "2", "--cg_iterations", "2", "--query", "2",
             "--steps", "4", "--log_every", "1", "--valid_every", "2", "--valid_tasks", "4", "--eval_tasks", "6",
             "--eval_batch", "3", "--no-progress", "--device", "cpu", "--forward", "auto", "--hvp", "auto",
             "--seed", "3", "--data", data_root]
@@ -194,3 +195,26 @@ def test_the_same_seeded_run_beside_busy_processes_gives_identical_metrics(tmp_p
     results = [json.loads((out / "results.json").read_text()) for out in (quiet, loaded)]
     assert results[0]["test"]["accuracy"] == results[1]["test"]["accuracy"]
     assert results[0]["timed_choices"] == results[1]["timed_choices"]
+
+
+def test_imaml_train_keeps_its_choices_beside_the_image_cache_unless_told_otherwise(tmp_path, monkeypatch):
+    from imaml_ext.training.learner import tuning_cache_of
+
+    monkeypatch.delenv("IMAML_TUNING_CACHE")
+    monkeypatch.setenv("IMAML_CACHE", str(tmp_path))
+    assert tuning_cache_of(SimpleNamespace(tuning_cache=None)).path.parent == tmp_path / "tuning"
+    monkeypatch.setenv("IMAML_TUNING_CACHE", str(tmp_path / "env.json"))
+    assert tuning_cache_of(SimpleNamespace(tuning_cache=None)).path == tmp_path / "env.json"
+    assert tuning_cache_of(SimpleNamespace(tuning_cache="none")) is None
+    assert tuning_cache_of(SimpleNamespace(tuning_cache=str(tmp_path / "mine.json"))).path == tmp_path / "mine.json"
+
+
+def test_a_tuning_cache_that_is_some_other_file_is_refused(tmp_path, capsys):
+    from imaml_ext import train as train_cli
+
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--tuning_cache", str(other), "--device", "cpu"])
+    assert f"--tuning_cache must name a .json file or a folder (or none); got {str(other)!r}, a file" in capsys.readouterr().err
+    assert other.read_text() == "mine"

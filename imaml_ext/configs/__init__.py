@@ -22,7 +22,7 @@ from ..batched import forwards
 HYPERGRADIENT_TYPES = ("cg", "darts", "neumann")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOGGER_TYPES = ("none", "tensorboard")
-# Betty's names; "fsdp" and "accelerate" are refused by the Engine with their cause (imaml_ext/strategies.py)
+# Betty's names; "accelerate" is refused by the Engine with its cause (imaml_ext/strategies.py)
 STRATEGIES = ("default", "distributed", "zero", "fsdp", "accelerate", "cpu", "gpu")
 
 
@@ -288,8 +288,9 @@ class EngineConfig:
     (imaml_ext): the tensorboard folder when logger_type="tensorboard" (None:
     runs/<time>). ``strategy``: Betty's scale-out strategies, "distributed"
     and "zero" data parallel over the processes torchrun starts (and Betty
-    0.1.1's ``distributed=True``), "cpu" / "gpu" the device; see
-    imaml_ext/strategies.py.
+    0.1.1's ``distributed=True``), "fsdp" the same with each module's
+    parameters and optimizer state sharded at rest (FSDP2), "cpu" / "gpu" the
+    device; see imaml_ext/strategies.py.
     """
 
     train_iters: int = 50000

@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
               "(each next meta-step, validation and the final evaluation is estimated from this invocation's "
               "own); repeat the same command with --resume, which may then also start the run, to go on bit "
               "for bit")
+    _add(run, "tuning_cache", default=None, metavar="FILE_OR_FOLDER",
+         help="where forward and hvp auto keep what they timed on this machine, so that a run's numbers do not "
+              "depend on the load at its start: a .json file, a folder (one file per machine in it), or none "
+              "(time in every run). Default: $IMAML_TUNING_CACHE, else the tuning folder of the image cache "
+              "($IMAML_CACHE, else ~/.cache/imaml_ext)")
     _add(run, "on_nonfinite", default="error", choices=("error", "skip-task"),
          help="a task with a non-finite loss or meta-gradient is always left out of theta's update; "
               "error: stop at the next log step, naming it; skip-task: count it in the log and go on")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
 
 from .._device import check_device
+from ..batched import forwards
 from ..data import NUM_DRAWERS, split_classes
 from .errors import RunError
 
@@ -28,7 +30,7 @@ ALGOS = ("imaml", "maml", "fomaml")
 ADDED_OPTION_DEFAULTS = {"precision": "fp32", "model": "conv4", "hvp": "auto", "tf32": "torch"}
 # (--preset only names defaults: the values it resolved to are what a run records and compares.)
 RUNTIME_KEYS = ("out", "resume", "progress", "tensorboard", "data", "download", "stop_after", "on_nonfinite",
-                "evaluate", "undamped", "preset", "time_budget")
+                "evaluate", "undamped", "preset", "time_budget", "tuning_cache")
 # What only the final evaluation reads: may change on --resume (and --steps may grow, extending the run).
 EVALUATION_KEYS = ("eval_tasks", "eval_batch", "baseline", "eval_lam", "eval_query")
 # What --evaluate RUN_FOLDER accepts beside it; the rest comes from the run's checkpoint.
@@ -40,7 +42,8 @@ AUTHORS_DAMPING = {"cg_damping": 1.0, "lam_damping": 10.0}
 IMAML_ONLY = ("lam", "reg", "cg_iterations", "cg_damping", "lam_damping", "undamped", "hvp")
 # The forwards with a forward-mode derivative of their convolutions under bfloat16 autocast in torch
 # 2.14 (grouped, im2col, or Conv4's fused runs); a dense convolution's mixes the dtypes.
-BF16_JVP_FORWARDS = ("vmap", "im2col", "vmap+fused", "im2col+fused")
+BF16_JVP_FORWARDS = tuple(name for name in forwards.names()
+                          if name != forwards.AUTO and forwards.parse(name).forward.bf16_forward_mode)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -99,6 +102,7 @@ class RunConfig:
     baseline: bool
     stop_after: Optional[int]
     time_budget: Optional[float]
+    tuning_cache: Optional[str]
     on_nonfinite: str
     tensorboard: bool
     progress: bool
@@ -171,6 +175,8 @@ def _check_training(cfg: RunConfig) -> None:
         raise RunError(f"--eval_batch must be >= 1; got {cfg.eval_batch}")
     if cfg.stop_after is not None and not 1 <= cfg.stop_after:
         raise RunError(f"--stop_after must be >= 1; got {cfg.stop_after}")
+    if cfg.tuning_cache is not None and Path(cfg.tuning_cache).suffix != ".json" and Path(cfg.tuning_cache).is_file():
+        raise RunError(f"--tuning_cache must name a .json file or a folder (or none); got {cfg.tuning_cache!r}, a file")
     if cfg.time_budget is not None and not (math.isfinite(cfg.time_budget) and cfg.time_budget > 0):
         raise RunError(f"--time_budget must be a number of seconds > 0; got {cfg.time_budget:g}")
     _check_eval_lam(cfg)

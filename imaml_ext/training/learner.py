@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Union
 
 import torch
 
 from ..batched import IMAML, MAML
+from ..batched.choice import TUNING_ENV, TuningCache, tuning_cache
+from ..data.cache import default_cache_dir
 from ..models import Conv4, ResNet12
 from .config import RunConfig
 from .tasks import input_shape
@@ -54,16 +57,26 @@ def _tf32(args: RunConfig):
     return TF32_OPTION[args.tf32]
 
 
+def tuning_cache_of(args: RunConfig) -> Optional[TuningCache]:
+    """--tuning_cache: a file or a folder, or none; by default $IMAML_TUNING_CACHE, else the image
+    cache's folder's tuning/ (batched/choice.py: "auto" keeps its choices there for this machine)."""
+    given = args.tuning_cache
+    if given is None:
+        given = os.environ.get(TUNING_ENV) or str(default_cache_dir() / "tuning")
+    return tuning_cache(given)
+
+
 def build_imaml(model, args: RunConfig) -> Union[IMAML, MAML]:
     """The learner of ``--algo``: IMAML, or MAML for maml / fomaml."""
-    tf32 = _tf32(args)
+    tf32, cache = _tf32(args), tuning_cache_of(args)
     if args.algo != "imaml":
         return MAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, first_order=args.algo == "fomaml",
-                    ways=args.ways, check_labels=False, forward=args.forward, tf32=tf32, nonfinite="skip")
+                    ways=args.ways, check_labels=False, forward=args.forward, tf32=tf32, nonfinite="skip",
+                    tuning_cache=cache)
     return IMAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, lam=args.lam,
                  cg_iterations=args.cg_iterations, ways=args.ways, check_labels=False, forward=args.forward,
                  cg_damping=args.cg_damping, lam_damping=args.lam_damping, nonfinite="skip",
-                 precision=args.precision, hvp=args.hvp, tf32=tf32)
+                 precision=args.precision, hvp=args.hvp, tf32=tf32, tuning_cache=cache)
 
 
 def evaluation_lam(args: RunConfig) -> float:
@@ -82,5 +95,5 @@ def build_evaluator(model, args: RunConfig) -> Union[IMAML, MAML]:
         return build_imaml(model, args)
     if lam == 0:
         return MAML(model, inner_steps=args.inner_steps, inner_lr=args.base_lr, first_order=True, ways=args.ways,
-                    check_labels=False, forward=args.forward, tf32=_tf32(args))
+                    check_labels=False, forward=args.forward, tf32=_tf32(args), tuning_cache=tuning_cache_of(args))
     return build_imaml(model, dataclasses.replace(args, lam=lam))
