@@ -76,12 +76,20 @@ def parameters(problem) -> str:
     return f"{hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]} {float(flat.sum()):.10g}"
 
 
+def say(line: str, stream=sys.stdout) -> None:
+    """One write a line: torchrun's ranks share the pipe and run unbuffered (python -u), where print's
+    text and newline are two writes and another rank's line can land between them; a write up to
+    PIPE_BUF (4096 bytes) is not split. The newline before ends a line the program left open."""
+    stream.write(f"\n{tag}{line}\n")
+    stream.flush()
+
+
 @atexit.register
 def report():
     for name, losses in history.items():
-        print(f"{tag}FINAL_LOSS {name} {float(losses[-1]):.6g}", flush=True)
-        print(f"{tag}LOSSES {name} " + ",".join(f"{float(loss):.7g}" for loss in losses), flush=True)
-        print(f"{tag}PARAMS {name} {parameters(problems[name])}", flush=True)
+        say(f"FINAL_LOSS {name} {float(losses[-1]):.6g}")
+        say(f"LOSSES {name} " + ",".join(f"{float(loss):.7g}" for loss in losses))
+        say(f"PARAMS {name} {parameters(problems[name])}")
 
 
 sys.argv = [program, *arguments]
@@ -90,6 +98,5 @@ try:
     runpy.run_path(program, run_name="__main__")
 except Exception as error:  # the error's own line, which torchrun's summary of the ranks would bury
     message = str(error).strip().splitlines()
-    print(f"{tag}RAISED {type(error).__name__}" + (f": {message[0]}" if message else ""), file=sys.stderr,
-          flush=True)
+    say(f"RAISED {type(error).__name__}" + (f": {message[0]}" if message else ""), sys.stderr)
     raise
