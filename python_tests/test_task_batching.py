@@ -653,3 +653,33 @@ def test_siblings_with_a_validation_inside_a_meta_step():
     assert batched.task_batching.active and len(seen_seq) == len(seen_bat) == 2
     assert relative_difference([torch.tensor(seen_seq)], [torch.tensor(seen_bat)]) < TOL
     assert_same_sibling_state(sequential, batched)
+
+
+def test_the_first_window_checks_leave_the_rng_and_the_buffers_as_they_were(monkeypatch):
+    """The checks call the user's training_step (under vmap; once to measure its graph): whatever it
+    draws or changes in the module's buffers is put back, so the run goes on as if they had not run."""
+    from imaml_ext.task_batching.runner import TaskBatcher
+
+    before, after = {}, {}
+    checks, first = TaskBatcher._run_first_window_checks, TaskBatcher._first_window_checks
+
+    def drawing_checks(self, tasks):
+        before.update(rng=torch.get_rng_state(), buffers={n: b.clone() for n, b in self.target.named_buffers()})
+        checks(self, tasks)
+        torch.rand(5)  # as a training_step with dropout would
+        with torch.no_grad():
+            for buffer in self.target.buffers():
+                buffer.add_(1.0)
+
+    def recording(self, tasks):
+        first(self, tasks)
+        after.update(rng=torch.get_rng_state(), buffers=dict(self.target.named_buffers()))
+
+    monkeypatch.setattr(TaskBatcher, "_run_first_window_checks", drawing_checks)
+    monkeypatch.setattr(TaskBatcher, "_first_window_checks", recording)
+    engine = build("on", meta_batch=4, inner_steps=1)
+    engine.lower.module.register_buffer("count", torch.zeros(3), persistent=False)  # a buffer of the lower's module
+    run_meta_steps(engine, 1)
+    assert torch.equal(after["rng"], before["rng"])
+    assert after["buffers"].keys() == before["buffers"].keys() and "count" in str(list(after["buffers"]))
+    assert all(torch.equal(after["buffers"][n], b) for n, b in before["buffers"].items())

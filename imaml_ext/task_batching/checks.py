@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from ..batched.memory import GraphSizeMeter, available_bytes
-from .calls import _first_line, _structure
+from ..batched.timing import rng_kept
+from .calls import _copies, _copy_into, _first_line, _structure
 from .plan import NotBatchable
 
 
@@ -18,6 +19,18 @@ class WindowChecks:
     """``TaskBatcher``'s checks (a mixin: they read the batcher's lower problem and weights)."""
 
     def _first_window_checks(self, tasks: List[dict]) -> None:
+        """The checks of the first window. They call the lower's training_step (under vmap, and once
+        to measure its graph) with the RNG states and the module's buffers put back after, so the
+        run draws and normalises as if they had not run."""
+        buffers = dict(self.target.named_buffers())
+        saved = _copies(buffers.items())
+        with rng_kept(self.device):
+            try:
+                self._run_first_window_checks(tasks)
+            finally:
+                _copy_into(buffers, saved)
+
+    def _run_first_window_checks(self, tasks: List[dict]) -> None:
         self._check_reset(self.lower, self.module_params)
         lower = self.lower
         # The lower's training_step must be a function of its batch and weights alone: vmap says so.
