@@ -178,15 +178,18 @@ class TaskBatchedModule:
         ``forwards.auto_plans`` timed fastest for this shape (see the class), or kept; where nothing
         is timed, ``forwards.UNTIMED_DEFAULT``."""
         device = x.device.type
-        plans = forwards.auto_plans(device, self.fused_model()[1] > 0, x.shape[0])
-        if not plans:
+        if not forwards.timed_on(device):
             return forwards.UNTIMED_DEFAULT
         grad = torch.is_grad_enabled()
         key = (tuple(x.shape), str(x.dtype).replace("torch.", ""), "grad" if grad else "no_grad",
                torch.get_num_threads(), torch.is_autocast_enabled(device))
         if device == "cuda":  # a CPU's keys stay as checkpoints of CPU runs hold them
             key += (str(x.device),)
-        if key not in self.forward_choices and device == "cuda" and torch.cuda.is_current_stream_capturing():
+        kept = self.forward_choices.get(key)
+        if kept is not None:  # every call after a shape's first
+            return kept["forward"]
+        plans = forwards.auto_plans(device, self.fused_model()[1] > 0, x.shape[0])
+        if device == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 'forward="auto" times its choice at the first call of an input shape, which cannot run inside '
                 "a CUDA-graph capture; run the step once eagerly first (IMAML.capture's warm-up does) or pass "

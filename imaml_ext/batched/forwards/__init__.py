@@ -140,6 +140,11 @@ def auto_plans(device_type: str, fusable: bool, num_tasks: int, chunks: bool = T
     return plans
 
 
+def timed_on(device_type: str) -> bool:
+    """Whether "auto" times anything on this device type (else it runs UNTIMED_DEFAULT)."""
+    return any(device_type in f.auto_on for f in _REGISTRY.values())
+
+
 def describe() -> str:
     """Every forward, its "+fused" forms and what "auto" times, from the registry: --help's text."""
     rows = [f"{f.name}: {f.summary}" for f in _REGISTRY.values()]
@@ -152,5 +157,5 @@ def describe() -> str:
 
 from . import builtin  # noqa: E402,F401  (registers loop, vmap, stacked, im2col, channels_last)
 
-__all__ = ["Forward", "Plan", "register", "registered", "names", "check", "parse", "auto_plans", "describe", "FUSED",
+__all__ = ["Forward", "Plan", "register", "registered", "names", "check", "parse", "auto_plans", "timed_on", "describe", "FUSED",
            "AUTO", "CHUNKS", "UNTIMED_DEFAULT"]
