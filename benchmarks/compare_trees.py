@@ -32,20 +32,21 @@ def _config_name(entry: dict) -> str:
     return ", ".join(parts)
 
 
-def medians(result: dict) -> Dict[Tuple[str, str], float]:
-    """(configuration, variant) -> median ms, from either benchmark's JSON."""
+def figures(result: dict, statistic: str = "median") -> Dict[Tuple[str, str], float]:
+    """(configuration, variant) -> its median (or min) ms, from either benchmark's JSON."""
     entries = result.get("rows") or result.get("configs") or []
-    return {(_config_name(e), variant): v["median_ms"] for e in entries for variant, v in e["variants"].items()
-            if isinstance(v, dict) and "median_ms" in v}
+    field = f"{statistic}_ms"
+    return {(_config_name(e), variant): v[field] for e in entries for variant, v in e["variants"].items()
+            if isinstance(v, dict) and field in v}
 
 
-def run_once(tree: Path, script: str, args: Sequence[str], python: str) -> Dict[Tuple[str, str], float]:
+def run_once(tree: Path, script: str, args: Sequence[str], python: str, statistic: str) -> Dict[Tuple[str, str], float]:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "result.json"
         env = {**os.environ, "PYTHONPATH": str(tree)}
         subprocess.run([python, str(tree / "benchmarks" / script), *args, "--out", str(out)], cwd=tree, env=env,
                        check=True, stdout=subprocess.DEVNULL)
-        return medians(json.loads(out.read_text()))
+        return figures(json.loads(out.read_text()), statistic)
 
 
 def main(argv=None) -> int:
@@ -54,6 +55,8 @@ def main(argv=None) -> int:
     parser.add_argument("--after", type=Path, required=True, help="the source tree with it")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--statistic", default="median", choices=("median", "min"),
+                        help="each run's figure: the median of its samples, or the fastest (steadier beside other load)")
     parser.add_argument("--out", type=Path, required=True, help="JSON path; a .md table is written beside it")
     parser.add_argument("benchmark", nargs=argparse.REMAINDER, help="-- SCRIPT [its arguments] (in benchmarks/)")
     args = parser.parse_args(argv)
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     for r in range(args.rounds):
         for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-            samples[name].append(run_once(trees[name], bench[0], bench[1:], args.python))
+            samples[name].append(run_once(trees[name], bench[0], bench[1:], args.python, args.statistic))
             print(f"round {r + 1}, {name}: " + ", ".join(f"{k[0]} {k[1]} {v:.0f} ms" for k, v in samples[name][-1].items()),
                   flush=True)
     keys = sorted(set.intersection(*(set(s) for runs in samples.values() for s in runs)))
@@ -79,21 +82,25 @@ def main(argv=None) -> int:
         per = {name: [s[key] for s in runs] for name, runs in samples.items()}
         before, after = statistics.median(per["before"]), statistics.median(per["after"])
         rows.append({"config": key[0], "variant": key[1], "before_ms": per["before"], "after_ms": per["after"],
-                     "before_median_ms": before, "after_median_ms": after, "after_over_before": after / before})
+                     "before_median_ms": before, "after_median_ms": after, "after_over_before": after / before,
+                     "paired_after_over_before": [a / b for a, b in zip(per["after"], per["before"])]})
     meta = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "benchmark": bench, "rounds": args.rounds,
+            "cores": os.cpu_count(), "benchmark": bench, "rounds": args.rounds, "statistic": args.statistic,
             "trees": {k: str(v) for k, v in trees.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# {' '.join(bench)}: before / after, alternated ({meta['date']})", "",
              f"{meta['machine']}, {meta['cores']} cores; {args.rounds} rounds, each tree once per round, order swapped "
-             "every round; medians over rounds of each run's median.", "",
-             "| configuration | variant | before ms | after ms | after / before | each round, before | each round, after |",
-             "|---|---|---|---|---|---|---|"]
+             f"every round; medians over rounds of each run's {args.statistic}; the last column, each round's after / "
+             "before (the pairs ran one after the other).", "",
+             "| configuration | variant | before ms | after ms | after / before | each round, before | each round, after "
+             "| each round, after / before |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['config']} | {row['variant']} | {row['before_median_ms']:.0f} | {row['after_median_ms']:.0f} "
                      f"| {row['after_over_before']:.3f} | {', '.join(f'{v:.0f}' for v in row['before_ms'])} "
-                     f"| {', '.join(f'{v:.0f}' for v in row['after_ms'])} |")
+                     f"| {', '.join(f'{v:.0f}' for v in row['after_ms'])} "
+                     f"| {', '.join(f'{a / b:.3f}' for a, b in zip(row['after_ms'], row['before_ms']))} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]))
     return 0
