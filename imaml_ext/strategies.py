@@ -18,7 +18,9 @@ optimizer's state sharded over the ranks at rest (``FullyShardedDataParallel`` b
 wraps the module in FSDP1, whose flattened parameters are why it drops ``param_groups()`` there;
 FSDP2 keeps each parameter, so the optimizer's param groups keep their settings.
 
-"cpu" and "gpu" (Betty 0.2) only pick the device. "accelerate" is refused with its cause.
+"accelerate": Betty 0.2's, through Hugging Face's accelerate (``Accelerate`` below).
+
+"cpu" and "gpu" (Betty 0.2) only pick the device.
 """
 
 from __future__ import annotations
@@ -223,6 +225,66 @@ class FullyShardedDataParallel(DataParallel):
         problem.module.unshard()
 
 
+class Accelerate(DataParallel):
+    """"accelerate": an ``accelerate.Accelerator`` sets up the processes (torchrun's, or this one
+    alone) and the device, and ``prepare``s each problem's optimizer, scheduler and DataLoaders, as
+    Betty 0.2 does. The module goes to the accelerator's device with rank 0's parameters but is not
+    wrapped in DistributedDataParallel: the gradients come from ``torch.autograd.grad``, which DDP's
+    hooks never see, and programs read the module's attributes (``self.upper.module.w``); they are
+    averaged over the processes before each optimizer step, as under "distributed". The scheduler
+    steps once per optimizer step (``step_scheduler_with_optimizer=False``): accelerate would step
+    it once per process, which only equals one process's schedule when each batch is split.
+    Another iterable of batches than a DataLoader is sharded as under "distributed"."""
+
+    def __init__(self, world: int, rank: int, local_rank: int):
+        super().__init__("accelerate", "gloo", world, rank, local_rank)
+        self.accelerator = None
+
+    def start(self, device: torch.device) -> None:
+        from accelerate import Accelerator
+
+        before = dist.is_initialized()  # the program set up its own process group
+        # cpu=True is how accelerate runs torchrun's processes on CPUs (gloo)
+        self.accelerator = Accelerator(cpu=device.type == "cpu", step_scheduler_with_optimizer=False)
+        self.started = dist.is_initialized() and not before
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if self.accelerator.device.type != device.type:
+            raise ValueError(f'EngineConfig(strategy="accelerate"): the Accelerator runs on {self.accelerator.device}, '
+                             f"the Engine on {device}; set EngineConfig(device=...) to match")
+
+    def shard_loaders(self, loaders):
+        if isinstance(loaders, tuple):
+            return tuple(self.shard_loaders(loader) for loader in loaders)
+        if isinstance(loaders, torch.utils.data.DataLoader):
+            return self.accelerator.prepare_data_loader(loaders, device_placement=False)
+        return shard(loaders, self.world, self.rank)
+
+    def prepare(self, problem) -> None:
+        if self.world > 1:
+            super().prepare(problem)  # rank 0's parameters everywhere, as DDP's construction does
+        if problem.optimizer is not None:
+            problem.optimizer = self.accelerator.prepare_optimizer(problem.optimizer, device_placement=False)
+        if problem.scheduler is not None:
+            problem.scheduler = self.accelerator.prepare_scheduler(problem.scheduler)
+
+    def reduce_gradients(self, params: List[torch.Tensor]) -> None:
+        if self.world > 1:
+            super().reduce_gradients(params)
+
+    def average(self, tensors: List[torch.Tensor]) -> None:
+        if self.world > 1:
+            super().average(tensors)
+
+    def stop(self) -> None:
+        from accelerate.state import AcceleratorState, GradientState
+
+        super().stop()
+        if self.accelerator is not None:  # the next Engine in this process builds its own Accelerator
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+            self.accelerator = None
+
+
 def make_strategy(config) -> Single:
     """The strategy that ``EngineConfig`` names, checked before anything is set up."""
     name = config.strategy
@@ -233,12 +295,11 @@ def make_strategy(config) -> Single:
     if name in ("cpu", "gpu"):
         return DevicePick(name)
     if name == "accelerate":
-        # not built: accelerate cannot be installed where imaml_ext is developed, so it could not be tested
-        found = importlib.util.find_spec("accelerate") is not None
-        where = "is installed here" if found else "is not installed here (pip install accelerate)"
-        raise ValueError(f'EngineConfig(strategy="accelerate") runs through Hugging Face\'s package accelerate, '
-                         f"which {where}; imaml_ext does not run this strategy, with accelerate or without: use "
-                         'strategy="distributed", "zero" or "fsdp", launched with torchrun')
+        if importlib.util.find_spec("accelerate") is None:
+            raise ValueError('EngineConfig(strategy="accelerate") runs through Hugging Face\'s package accelerate, '
+                             'which is not installed here: pip install accelerate, or use strategy="distributed"')
+        world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        return Accelerate(world, rank, int(os.environ.get("LOCAL_RANK", rank)))
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         which = "distributed=True" if config.distributed else f'strategy="{name}"'
         raise ValueError(f"EngineConfig({which}) runs one process per rank: launch the program with torchrun "

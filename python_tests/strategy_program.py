@@ -52,12 +52,16 @@ def run(strategy: str, hypergradient: str, batch: int, optimizer: str = "adam", 
     x, y = torch.randn(ROWS, D, dtype=torch.float64), torch.randn(ROWS, D, dtype=torch.float64) + 1
     lower_m, upper_m = Vector(), Vector()
     make = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    # seeded loaders: accelerate's sampler keeps one generator over the epochs, so the order must not
+    # hang on whoever else draws from the global RNG (one process's loader draws a seed each epoch)
+    lower_loader, upper_loader = (DataLoader(TensorDataset(t), batch_size=batch, shuffle=True,
+                                             generator=torch.Generator().manual_seed(seed))
+                                  for t, seed in ((x, 1), (y, 2)))
     lower = Lower("lower", Config(type=hypergradient, unroll_steps=2, cg_iterations=3), lower_m,
-                  torch.optim.SGD(lower_m.parameters(), lr=0.3),
-                  None, DataLoader(TensorDataset(x), batch_size=batch, shuffle=True))
+                  torch.optim.SGD(lower_m.parameters(), lr=0.3), None, lower_loader)
     upper_opt = make(upper_m.parameters(), lr=0.05)
     upper = Upper("upper", Config(), upper_m, upper_opt, torch.optim.lr_scheduler.StepLR(upper_opt, 2, 0.5),
-                  DataLoader(TensorDataset(y), batch_size=batch, shuffle=True))
+                  upper_loader)
     config = EngineConfig(train_iters=STEPS, strategy=strategy, backend="gloo", device="cpu", roll_back=roll_back)
     Engine([upper, lower], config, dependencies={"l2u": {lower: [upper]}, "u2l": {upper: [lower]}}).run()
     # what this rank's optimizer steps: the upper's parameter and its first moment (a shard under fsdp)

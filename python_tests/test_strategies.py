@@ -27,11 +27,14 @@ TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or sh
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this python")
 @pytest.mark.parametrize("strategy, hypergradient, roll_back", [
-    ("distributed", "cg", False), ("zero", "darts", False), ("fsdp", "cg", True),
+    ("distributed", "cg", False), ("zero", "darts", False), ("fsdp", "cg", True), ("accelerate", "cg", True),
 ])
 def test_two_processes_equal_one_on_the_global_batch(tmp_path, strategy, hypergradient, roll_back):
+    if strategy == "accelerate":
+        pytest.importorskip("accelerate")
     out = tmp_path / "result.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    paths = [str(HERE.parent), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths)}
     subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(HERE / "strategy_program.py"), strategy,
                     hypergradient, "4", str(out)] + ["roll_back"] * roll_back, check=True, env=env, timeout=240,
                    capture_output=True)
@@ -82,20 +85,35 @@ def test_a_strategy_that_cannot_run_is_one_error(monkeypatch, options, message):
     assert not dist.is_initialized()
 
 
-@pytest.mark.parametrize("installed", [False, True])
-def test_accelerate_names_the_package_installed_or_not(monkeypatch, installed):
+def test_accelerate_not_installed_is_one_error_naming_the_package(monkeypatch):
     import importlib.util
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "accelerate" and installed else find_spec(name, *a))
-    if not installed and find_spec("accelerate") is not None:
-        pytest.skip("accelerate is installed here")
-    where = "is installed here" if installed else r"is not installed here \(pip install accelerate\)"
+                        lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
     problems, dependencies = tiny()
     with pytest.raises(ValueError, match=r'EngineConfig\(strategy="accelerate"\) runs through Hugging Face\'s '
-                                         rf"package accelerate, which {where}; imaml_ext does not run this strategy"):
+                                         r"package accelerate, which is not installed here: pip install accelerate"):
         Engine(problems, EngineConfig(train_iters=1, strategy="accelerate"), dependencies=dependencies)
+    assert not dist.is_initialized()
+
+
+def test_accelerate_prepares_the_optimizer_scheduler_and_loader_in_one_process(monkeypatch):
+    pytest.importorskip("accelerate")
+    from accelerate.data_loader import DataLoaderShard
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.scheduler import AcceleratedScheduler
+
+    single = strategy_program.run("default", "cg", 8)
+    engines = []
+    monkeypatch.setattr(strategy_program, "Engine", lambda *a, **k: engines.append(Engine(*a, **k)) or engines[-1])
+    prepared = strategy_program.run("accelerate", "cg", 8)
+    upper = engines[0].upper
+    assert isinstance(upper.optimizer, AcceleratedOptimizer) and isinstance(upper.scheduler, AcceleratedScheduler)
+    loaders = upper.train_data_loader if isinstance(upper.train_data_loader, tuple) else (upper.train_data_loader,)
+    assert all(isinstance(loader, DataLoaderShard) for loader in loaders)
+    for name in ("lower", "upper"):  # one process: the same run, the scheduler stepped once a step
+        torch.testing.assert_close(prepared[name], single[name], rtol=0, atol=0)
     assert not dist.is_initialized()
 
 
