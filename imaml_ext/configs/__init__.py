@@ -22,7 +22,7 @@ from ..batched import forwards
 HYPERGRADIENT_TYPES = ("cg", "darts", "neumann")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOGGER_TYPES = ("none", "tensorboard")
-# Betty's names; "accelerate" is refused by the Engine with its cause (imaml_ext/strategies.py)
+# Betty's names (imaml_ext/strategies.py): the scale-out ones on torch.distributed, "accelerate" through HF accelerate
 STRATEGIES = ("default", "distributed", "zero", "fsdp", "accelerate", "cpu", "gpu")
 
 
@@ -289,7 +289,8 @@ class EngineConfig:
     runs/<time>). ``strategy``: Betty's scale-out strategies, "distributed"
     and "zero" data parallel over the processes torchrun starts (and Betty
     0.1.1's ``distributed=True``), "fsdp" the same with each module's
-    parameters and optimizer state sharded at rest (FSDP2), "cpu" / "gpu" the
+    parameters and optimizer state sharded at rest (FSDP2), "accelerate" the
+    same through HF accelerate where it is installed, "cpu" / "gpu" the
     device; see imaml_ext/strategies.py.
     """
 
