@@ -225,7 +225,10 @@ def test_a_damaged_checkpoint_without_a_previous_one_says_what_to_do(tmp_path, c
 
 # Runs imaml-train with one function made to wait (after writing a marker file) for the test's SIGINT.
 DRIVER = textwrap.dedent("""
-    import pathlib, sys, time
+    import pathlib, signal, sys, time
+    # a shell's background job starts with SIGINT ignored, and Python then raises no KeyboardInterrupt:
+    # what Ctrl-C does is tested however the test runner was started
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from imaml_ext import IMAML, train
     from imaml_ext.training import evaluation, loop
     marker, phase = pathlib.Path(sys.argv[1]), sys.argv[2]

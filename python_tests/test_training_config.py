@@ -70,17 +70,24 @@ def test_a_recorded_option_this_command_line_lacks_is_named():
 
 
 def test_a_run_checkpointed_before_the_run_config_resumes_and_evaluates(tmp_path, data_root, capsys):
-    """The fixture's checkpoint resumes to the uninterrupted run's rows and results (the new code's,
-    bit for bit), and --evaluate reads it."""
+    """The fixture's checkpoint resumes to the uninterrupted run's rows and results, and --evaluate
+    reads it. The fixture's first two steps ran on the machine that wrote it: another CPU or thread
+    count rounds them differently (bit-for-bit resume within one machine is test_train's), so the
+    rows are compared to float32 rounding, the rows it kept exactly."""
     resumed = tmp_path / "resumed"
     shutil.copytree(FIXTURE, resumed)
+    kept = rows_without_timing(resumed)
     assert checkpoint(resumed)["config"] == train_cli.parse_args(FIXTURE_ARGV).recorded()
     assert train_cli.main([*FIXTURE_ARGV, "--data", data_root, "--out", str(resumed), "--resume"]) == 0
     fresh = tmp_path / "fresh"
     assert train_cli.main([*FIXTURE_ARGV, "--data", data_root, "--out", str(fresh)]) == 0
-    assert rows_without_timing(resumed) == rows_without_timing(fresh)
+    rows, expected = rows_without_timing(resumed), rows_without_timing(fresh)
+    assert rows[:len(kept)] == kept and [r["step"] for r in rows] == [r["step"] for r in expected] == [2, 4]
+    for row, want in zip(rows, expected):
+        assert row.keys() == want.keys()
+        assert all(row[k] == (pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v) for k, v in want.items())
     a, b = (json.loads((out / "results.json").read_text()) for out in (resumed, fresh))
-    assert a["test"]["accuracy"] == b["test"]["accuracy"] and a["baseline"] == b["baseline"]
+    assert a["test"]["accuracy"] == pytest.approx(b["test"]["accuracy"], abs=1e-6) and a["baseline"] == b["baseline"]
     evaluated = tmp_path / "evaluated"
     shutil.copytree(FIXTURE, evaluated)
     assert train_cli.main(["--evaluate", str(evaluated), "--eval_tasks", "4", "--data", data_root,
