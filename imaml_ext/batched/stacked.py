@@ -145,18 +145,15 @@ def _accept_max_pool2d(a) -> bool:
 
 
 _REQUIRED = object()
+_CONV2D_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV2D_DEFAULTS = (_REQUIRED, _REQUIRED, None, 1, 0, 1, 1)
 
 
 # kind: (rule, acceptance test, argument names, their defaults)
 _RULES = {
-    "conv2d": (_conv2d_rule, _accept_conv2d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-               (_REQUIRED, _REQUIRED, None, 1, 0, 1, 1)),
-    "conv2d_channels_last": (_conv2d_channels_last_rule, _accept_conv2d,
-                             ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-                             (_REQUIRED, _REQUIRED, None, 1, 0, 1, 1)),
-    "conv2d_im2col": (_conv2d_im2col_rule, _accept_conv2d_im2col,
-                      ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-                      (_REQUIRED, _REQUIRED, None, 1, 0, 1, 1)),
+    "conv2d": (_conv2d_rule, _accept_conv2d, _CONV2D_ARGUMENTS, _CONV2D_DEFAULTS),
+    "conv2d_channels_last": (_conv2d_channels_last_rule, _accept_conv2d, _CONV2D_ARGUMENTS, _CONV2D_DEFAULTS),
+    "conv2d_im2col": (_conv2d_im2col_rule, _accept_conv2d_im2col, _CONV2D_ARGUMENTS, _CONV2D_DEFAULTS),
     "batch_norm": (_batch_norm_rule, _accept_batch_norm, ("input", "running_mean", "running_var", "weight", "bias",
                                                          "training", "momentum", "eps"),
                    (_REQUIRED, _REQUIRED, _REQUIRED, None, None, False, 0.1, 1e-5)),
@@ -236,9 +233,6 @@ _RULES["batch_norm_relu_max_pool2d"] = (_batch_norm_relu_max_pool2d_rule, lambda
                                         ("input", "weight", "bias", "eps"), (_REQUIRED, None, None, 1e-5))
 
 
-_CONV2D_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-
-
 def add_conv2d_rule(kind: str, rule: Callable, accepts: Callable[[list], bool]) -> None:
     """A new stacked 2-d convolution rule for a forward's ``conv2d_rules``: ``rule(T, in_dims, input,
     weight, bias, stride, padding, dilation, groups)`` returns (output as [B, T, O, H', W'], 1), the
@@ -247,4 +241,4 @@ def add_conv2d_rule(kind: str, rule: Callable, accepts: Callable[[list], bool]) 
     ops, so IMAML's double backward and forward-mode products apply to it."""
     if not kind.startswith("conv2d") or kind in _RULES:
         raise ValueError(f"add_conv2d_rule: kind must be a new name starting with 'conv2d'; got {kind!r}")
-    _RULES[kind] = (rule, accepts, _CONV2D_ARGUMENTS, (_REQUIRED, _REQUIRED, None, 1, 0, 1, 1))
+    _RULES[kind] = (rule, accepts, _CONV2D_ARGUMENTS, _CONV2D_DEFAULTS)

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..batched import IMAML
+from ..batched.choice import key_text
 from ..data import NUM_DRAWERS, TaskIndices, TaskSampler
 from ..logging import to_json
 from .arguments import recorded_run
@@ -168,8 +169,7 @@ def final_evaluation(args: RunConfig, model: torch.nn.Module, test_sampler: Task
 def readable_choices(choices: dict) -> Dict[str, Dict[str, str]]:
     """IMAML.timed_choices() as JSON: per kind ("forward", "hvp"), each key's fields joined into one
     string (shape, dtype, grad mode, ...) and the mode chosen for it."""
-    return {kind: {", ".join(map(str, key)): choice[kind] for key, choice in timed.items()}
-            for kind, timed in choices.items()}
+    return {kind: {key_text(key): choice[kind] for key, choice in timed.items()} for kind, timed in choices.items()}
 
 
 def _machine(device: str) -> str:

@@ -71,11 +71,6 @@ class Plan:
         chunk = "" if self.chunk is None else f"/{self.chunk}"
         return f"{self.forward.name}{chunk}{FUSED if self.fused else ''}"
 
-    @property
-    def name(self) -> str:
-        """The forward's name with "+fused" (what a user passes), without the chunking."""
-        return self.forward.name + (FUSED if self.fused else "")
-
 
 CHUNKS = (8, 4)
 _REGISTRY: Dict[str, Forward] = {}
