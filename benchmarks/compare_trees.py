@@ -40,13 +40,28 @@ def figures(result: dict, statistic: str = "median") -> Dict[Tuple[str, str], fl
             if isinstance(v, dict) and field in v}
 
 
+class BenchmarkFailed(Exception):
+    """A benchmark run that exited with an error or wrote no figures: printed as one line."""
+
+
 def run_once(tree: Path, script: str, args: Sequence[str], python: str, statistic: str) -> Dict[Tuple[str, str], float]:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "result.json"
         env = {**os.environ, "PYTHONPATH": str(tree)}
-        subprocess.run([python, str(tree / "benchmarks" / script), *args, "--out", str(out)], cwd=tree, env=env,
-                       check=True, stdout=subprocess.DEVNULL)
-        return figures(json.loads(out.read_text()), statistic)
+        done = subprocess.run([python, str(tree / "benchmarks" / script), *args, "--out", str(out)], cwd=tree,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+            raise BenchmarkFailed(f"{script} in {tree} exited with {done.returncode}: {last}")
+        try:
+            found = figures(json.loads(out.read_text()), statistic)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise BenchmarkFailed(f"{script} in {tree} wrote no readable result JSON to --out "
+                                  f"({type(error).__name__}: {error})") from None
+        if not found:
+            raise BenchmarkFailed(f"{script} in {tree} wrote no {statistic}_ms figures (its JSON has no "
+                                  '"rows" or "configs" with variants)')
+        return found
 
 
 def main(argv=None) -> int:
@@ -65,6 +80,8 @@ def main(argv=None) -> int:
         parser.error("name the benchmark after --, e.g. -- bench_meta_step.py --configs 16x5x3")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1; got {args.rounds}")
+    if args.out.exists():  # a result is never overwritten
+        parser.error(f"--out {args.out} exists; name another file or remove it")
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     for name, tree in trees.items():
         if not (tree / "benchmarks" / bench[0]).is_file():
@@ -73,10 +90,19 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     for r in range(args.rounds):
         for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-            samples[name].append(run_once(trees[name], bench[0], bench[1:], args.python, args.statistic))
+            try:
+                samples[name].append(run_once(trees[name], bench[0], bench[1:], args.python, args.statistic))
+            except BenchmarkFailed as error:
+                print(f"compare_trees.py: error: --{name}: {error}", file=sys.stderr)
+                return 1
             print(f"round {r + 1}, {name}: " + ", ".join(f"{k[0]} {k[1]} {v:.0f} ms" for k, v in samples[name][-1].items()),
                   flush=True)
     keys = sorted(set.intersection(*(set(s) for runs in samples.values() for s in runs)))
+    if not keys:
+        named = {name: sorted({k for s in runs for k in s}) for name, runs in samples.items()}
+        print(f"compare_trees.py: error: no (configuration, variant) ran in every round of both trees; "
+              f"before: {named['before']}, after: {named['after']}", file=sys.stderr)
+        return 1
     rows = []
     for key in keys:
         per = {name: [s[key] for s in runs] for name, runs in samples.items()}
