@@ -80,8 +80,9 @@ def main(argv=None) -> int:
         parser.error("name the benchmark after --, e.g. -- bench_meta_step.py --configs 16x5x3")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1; got {args.rounds}")
-    if args.out.exists():  # a result is never overwritten
-        parser.error(f"--out {args.out} exists; name another file or remove it")
+    for written in (args.out, args.out.with_suffix(".md")):  # a result is never overwritten
+        if written.exists():
+            parser.error(f"--out {args.out}: {written} exists; name another file or remove it")
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     for name, tree in trees.items():
         if not (tree / "benchmarks" / bench[0]).is_file():

@@ -30,6 +30,9 @@ if figure is None:
     sys.exit("boom: the benchmark failed")
 if figure == "no file":
     sys.exit(0)
+if figure == "other variant":
+    out.write_text(json.dumps({"configs": [{"tasks": 16, "inner_steps": 5, "variants": {"theirs": {"median_ms": 1.0}}}]}))
+    sys.exit(0)
 if figure == "no figures":
     out.write_text(json.dumps({"configs": []}))
     sys.exit(0)
@@ -88,13 +91,14 @@ def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     assert not (tmp_path / "c.json").exists() and not (tmp_path / "order.log").exists()
 
 
-def test_an_existing_out_is_refused_and_kept(tmp_path):
+@pytest.mark.parametrize("existing", ["c.json", "c.md"])
+def test_an_existing_result_is_refused_and_kept(tmp_path, existing):
     before, after = tree(tmp_path, "old", [1.0]), tree(tmp_path, "new", [1.0])
     out = tmp_path / "c.json"
-    out.write_text("earlier results")
+    (tmp_path / existing).write_text("earlier results")
     done = compare(tmp_path, "--before", str(before), "--after", str(after), "--out", str(out), "--", "bench_fake.py")
-    assert done.returncode == 2 and f"--out {out} exists" in done.stderr
-    assert out.read_text() == "earlier results" and not (tmp_path / "order.log").exists()
+    assert done.returncode == 2 and f"--out {out}: {tmp_path / existing} exists" in done.stderr
+    assert (tmp_path / existing).read_text() == "earlier results" and not (tmp_path / "order.log").exists()
 
 
 def test_a_failing_benchmark_names_the_tree_and_its_last_error_line(tmp_path):
@@ -115,3 +119,13 @@ def test_a_benchmark_without_figures_is_an_error(tmp_path, figure, message):
                    "--out", str(tmp_path / "c.json"), "--", "bench_fake.py")
     assert done.returncode == 1 and f"--before: bench_fake.py in {before} {message}" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "c.json").exists()
+
+
+def test_trees_without_a_common_row_are_an_error(tmp_path):
+    before, after = tree(tmp_path, "old", [100.0]), tree(tmp_path, "new", ["other variant"])
+    out = tmp_path / "c.json"
+    done = compare(tmp_path, "--before", str(before), "--after", str(after), "--rounds", "1", "--out", str(out),
+                   "--", "bench_fake.py")
+    assert done.returncode == 1 and "no (configuration, variant) ran in every round of both trees" in done.stderr
+    assert "('T 16, 5 inner, 3 CG', 'ours')" in done.stderr and "('T 16, 5 inner', 'theirs')" in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
