@@ -1,5 +1,5 @@
 """Run folder RUN's checkpoint adapted with other test-time inner steps and lambdas, on N validation tasks:
-    python test_time_steps.py RUN N STEPS,STEPS LAM,LAM   (lambda 0: plain SGD from theta)"""
+    python adaptation_steps.py RUN N STEPS,STEPS LAM,LAM   (lambda 0: plain SGD from theta)"""
 import sys, dataclasses, torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[4]))  # the repository root
 torch.set_num_threads(1)
