@@ -38,3 +38,13 @@ def devices():
     if torch.cuda.is_available():
         out.append("cuda")
     return out
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Forwards and stacked conv2d rules registered in a test (or a docs snippet it runs) are gone
+    after it: the registries are process-wide, and a later test's expected name lists are the built-ins'."""
+    from imaml_ext.batched import forwards, stacked
+
+    monkeypatch.setattr(forwards, "_REGISTRY", dict(forwards._REGISTRY))
+    monkeypatch.setattr(stacked, "_RULES", dict(stacked._RULES))

@@ -20,13 +20,6 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "batched-imaml.md"
 f64 = torch.float64
 
 
-@pytest.fixture
-def scratch_registry(monkeypatch):
-    """Registrations made in a test are gone after it."""
-    monkeypatch.setattr(forwards, "_REGISTRY", dict(forwards._REGISTRY))
-    monkeypatch.setattr(stacked, "_RULES", dict(stacked._RULES))
-
-
 def test_names_labels_and_the_one_auto_table():
     assert forwards.names() == ("auto", "vmap", "loop", "stacked", "im2col", "channels_last", "loop+fused",
                                 "vmap+fused", "stacked+fused", "im2col+fused")

@@ -84,7 +84,7 @@ def test_every_block_runs_or_says_why_not(where, language, code, reason):
 
 
 @pytest.mark.parametrize("where, snippet, reason", python_snippets(), ids=[s[0] for s in python_snippets()])
-def test_python_snippet_runs(where, snippet, reason):
+def test_python_snippet_runs(where, snippet, reason, scratch_registry):  # docs/batched-imaml.md registers a forward
     if reason:
         pytest.skip(f"{where}: not run: {reason}")
     for written, shorter in SHORTER:
