@@ -458,14 +458,18 @@ def test_batched_example_learns_on_omniglot():
     spec = importlib.util.spec_from_file_location("imaml_batched_example", ROOT / "examples/implicit_maml/batched.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    # With the authors' damping. Undamped (lambda 0.5), CG broke down in a quarter of the meta-steps and
+    # a hypergradient's norm reached 6.7 times the query gradient's (0.5 to 0.6 damped, no breakdown in
+    # 160 meta-steps); one CI run of 40 meta-steps learnt nothing (73.4 % -> 73.5 %), its query loss rising.
     engine = example.build(["--meta_batch_size", "8", "--hidden_size", "32", "--meta_lr", "3e-3", "--device", "cpu",
                             "--query", "5", "--train_iters", str(5 * 40), "--valid_step", "0", "--valid_tasks", "160",
-                            "--seed", str(torch.initial_seed() % 2**31)])
+                            "--cg_damping", "1", "--lam_damping", "10", "--seed", str(torch.initial_seed() % 2**31)])
     before = engine.validation()["acc"]  # on a fixed set of test tasks
     engine.run()
     after = engine.validation()["acc"]
     assert engine.upper.count == 40
-    assert after > before + 2, f"adapted accuracy {before:.1f} % -> {after:.1f} %"
+    assert engine.lower.cg_breakdowns == 0
+    assert after > before + 5, f"adapted accuracy {before:.1f} % -> {after:.1f} %"  # 9 to 14 points in 4 seeds
 
 
 # ----- CUDA: vmap on the GPU, and the captured meta-step equal to eager -----

@@ -43,6 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--reg", type=float, default=0.25)
     parser.add_argument("--cg_iterations", type=int, default=3)
+    parser.add_argument("--cg_damping", type=float, default=0.0,
+                        help="CG solves ((1 + cg_damping) I + H / (lambda + lam_damping)) x = v; the iMAML authors' code: 1")
+    parser.add_argument("--lam_damping", type=float, default=0.0, help="see --cg_damping; the iMAML authors' code: 10")
     parser.add_argument("--meta_lr", type=float, default=3e-4)
     parser.add_argument("--base_lr", type=float, default=1e-1)
     parser.add_argument("--train_iters", type=int, default=None, help="global steps; inner_steps of them make a meta-step (default: 1000 meta-steps)")
@@ -119,7 +122,7 @@ def build(argv=None):
         module=child_module,
         optimizer=optim.SGD(child_module.parameters(), lr=args.base_lr),
         config=Config(type="cg", unroll_steps=args.inner_steps, cg_iterations=args.cg_iterations,
-                      proximal_lambda=2 * args.reg),
+                      proximal_lambda=2 * args.reg, cg_damping=args.cg_damping, lam_damping=args.lam_damping),
     )
 
     class MAMLEngine(Engine):
