@@ -10,6 +10,7 @@ float64 at a random theta or at a run's checkpoint (--checkpoint RUN_FOLDER/chec
 """
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,11 @@ def main(argv=None):
     p.add_argument("--lanczos", type=int, default=60, help="Lanczos iterations per task")
     p.add_argument("--checkpoint", default=None, help="a run's checkpoint.pt: theta from its model state")
     args = p.parse_args(argv)
+    for name in ("tasks", "hidden", "lanczos"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be a positive integer; got {getattr(args, name)}")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        p.error(f"--checkpoint must be a run's checkpoint.pt file; got {args.checkpoint!r}, which is not a file")
     torch.manual_seed(args.seed)
     model = Conv4(5, args.hidden).double()
     where = "a random theta"

@@ -4,6 +4,7 @@ dense float64 Hessian and its exact eigenvalues."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -46,3 +47,11 @@ def test_task_hvp_is_the_support_loss_hessian_and_its_extremes_are_found():
     exact = torch.linalg.eigvalsh(dense)
     low, high = hessian_spectrum.lanczos_extremes(hvp, flat.numel(), flat.numel(), torch.Generator().manual_seed(0))
     assert abs(low - exact[0].item()) < 1e-7 and abs(high - exact[-1].item()) < 1e-7
+
+
+@pytest.mark.parametrize("argv, named", [(["--tasks", "0"], "--tasks"), (["--lanczos", "-1"], "--lanczos"),
+                                         (["--checkpoint", "no/such/checkpoint.pt"], "--checkpoint")])
+def test_bad_arguments_end_in_one_line_naming_the_option(argv, named, capsys):
+    with pytest.raises(SystemExit) as stop:
+        hessian_spectrum.main(argv)
+    assert stop.value.code == 2 and named in capsys.readouterr().err
